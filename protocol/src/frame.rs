@@ -1,0 +1,284 @@
+//! Frame values and their encoding.
+
+use bytes::Bytes;
+
+use crate::control::{decode_bincode, encode_bincode};
+use crate::header::{FrameKind, Header, HEADER_LEN};
+use crate::{ControlMsg, DecodeError, Hello, CONTROL_ENVELOPE_VERSION, PROTOCOL_VERSION};
+
+/// How far a peer has taken a write or flush when it acknowledges it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum AckLevel {
+    /// In the peer's memory (`memory` mode completes here).
+    Received,
+    /// On the peer's disk: written for a data frame, flushed for a flush frame.
+    Durable,
+}
+
+/// One block write in the change stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DataFrame {
+    /// Position in the resource's change stream; overlapping writes apply in this order.
+    pub seq: u64,
+    /// Byte offset in the volume.
+    pub offset: u64,
+    /// Reserved; must be zero in protocol version 1.
+    pub flags: u8,
+    /// [`crate::block_checksum`] of the payload, computed by the primary.
+    pub checksum: u32,
+    pub payload: Bytes,
+}
+
+impl DataFrame {
+    /// Fixed part of the data body: seq, offset, length, checksum.
+    pub const FIXED_LEN: usize = 8 + 8 + 4 + 4;
+
+    /// The header and fixed fields; the payload is sent after it without copying.
+    pub fn encode_head(&self) -> [u8; HEADER_LEN + Self::FIXED_LEN] {
+        let mut b = [0u8; HEADER_LEN + Self::FIXED_LEN];
+        let body_len = Self::FIXED_LEN + self.payload.len();
+        let h = Header { kind: FrameKind::Data, flags: self.flags, body_len: body_len as u32 };
+        b[..HEADER_LEN].copy_from_slice(&h.encode());
+        let f = &mut b[HEADER_LEN..];
+        f[0..8].copy_from_slice(&self.seq.to_le_bytes());
+        f[8..16].copy_from_slice(&self.offset.to_le_bytes());
+        f[16..20].copy_from_slice(&(self.payload.len() as u32).to_le_bytes());
+        f[20..24].copy_from_slice(&self.checksum.to_le_bytes());
+        b
+    }
+
+    /// Whether the payload still matches the checksum the primary computed.
+    pub fn checksum_ok(&self) -> bool {
+        crate::block_checksum(&self.payload) == self.checksum
+    }
+
+    pub fn end(&self) -> u64 {
+        self.offset + self.payload.len() as u64
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Frame {
+    Data(DataFrame),
+    /// A barrier: closes the current epoch. Acked `Durable` once every earlier write is on
+    /// the peer's stable storage.
+    Flush { seq: u64 },
+    /// Zero (deallocate) a byte range, ordered like a write.
+    Discard { seq: u64, offset: u64, len: u64 },
+    Ack { seq: u64, level: AckLevel },
+    /// Liveness probe; the receiver answers with `reply: true` and the same nonce.
+    Heartbeat { nonce: u64, reply: bool },
+    /// Handshake. `body` is only decoded (with [`Frame::hello_body`]) when `version` is ours.
+    Hello { version: u32, body: Bytes },
+    Control(ControlMsg),
+}
+
+const ACK_RECEIVED: u8 = 1;
+const ACK_DURABLE: u8 = 2;
+const HEARTBEAT_REPLY: u8 = 1;
+
+impl Frame {
+    /// A hello frame of this build's protocol version.
+    pub fn hello(h: &Hello) -> Self {
+        let mut body = Vec::new();
+        encode_bincode(h, &mut body);
+        Frame::Hello { version: PROTOCOL_VERSION, body: body.into() }
+    }
+
+    /// Decodes the body of a hello frame of our protocol version.
+    pub fn hello_body(body: &[u8]) -> Result<Hello, DecodeError> {
+        decode_bincode(body)
+    }
+
+    pub fn kind(&self) -> FrameKind {
+        match self {
+            Frame::Data(_) => FrameKind::Data,
+            Frame::Flush { .. } => FrameKind::Flush,
+            Frame::Discard { .. } => FrameKind::Discard,
+            Frame::Ack { .. } => FrameKind::Ack,
+            Frame::Heartbeat { .. } => FrameKind::Heartbeat,
+            Frame::Hello { .. } => FrameKind::Hello,
+            Frame::Control(_) => FrameKind::Control,
+        }
+    }
+
+    /// Encodes the frame as one or two chunks ready for a stream: the head, and for data
+    /// frames the payload (shared, not copied).
+    pub fn encode_chunks(&self) -> (Bytes, Option<Bytes>) {
+        match self {
+            Frame::Data(d) => (Bytes::copy_from_slice(&d.encode_head()), Some(d.payload.clone())),
+            other => (Bytes::from(other.encode_small()), None),
+        }
+    }
+
+    /// Encodes the whole frame into one buffer (copies a data payload).
+    pub fn encode_to_vec(&self) -> Vec<u8> {
+        match self {
+            Frame::Data(d) => {
+                let mut v = Vec::with_capacity(HEADER_LEN + DataFrame::FIXED_LEN + d.payload.len());
+                v.extend_from_slice(&d.encode_head());
+                v.extend_from_slice(&d.payload);
+                v
+            }
+            other => other.encode_small(),
+        }
+    }
+
+    fn encode_small(&self) -> Vec<u8> {
+        let mut body = Vec::with_capacity(32);
+        let flags = match self {
+            Frame::Data(_) => unreachable!("data frames are encoded by encode_head"),
+            Frame::Flush { seq } => {
+                body.extend_from_slice(&seq.to_le_bytes());
+                0
+            }
+            Frame::Discard { seq, offset, len } => {
+                body.extend_from_slice(&seq.to_le_bytes());
+                body.extend_from_slice(&offset.to_le_bytes());
+                body.extend_from_slice(&len.to_le_bytes());
+                0
+            }
+            Frame::Ack { seq, level } => {
+                body.extend_from_slice(&seq.to_le_bytes());
+                match level {
+                    AckLevel::Received => ACK_RECEIVED,
+                    AckLevel::Durable => ACK_DURABLE,
+                }
+            }
+            Frame::Heartbeat { nonce, reply } => {
+                body.extend_from_slice(&nonce.to_le_bytes());
+                if *reply {
+                    HEARTBEAT_REPLY
+                } else {
+                    0
+                }
+            }
+            Frame::Hello { version, body: b } => {
+                body.extend_from_slice(&version.to_le_bytes());
+                body.extend_from_slice(b);
+                0
+            }
+            Frame::Control(msg) => {
+                body.push(CONTROL_ENVELOPE_VERSION);
+                encode_bincode(msg, &mut body);
+                0
+            }
+        };
+        let h = Header { kind: self.kind(), flags, body_len: body.len() as u32 };
+        let mut out = Vec::with_capacity(HEADER_LEN + body.len());
+        out.extend_from_slice(&h.encode());
+        out.extend_from_slice(&body);
+        out
+    }
+}
+
+fn le_u64(b: &[u8]) -> u64 {
+    let mut a = [0u8; 8];
+    a.copy_from_slice(&b[..8]);
+    u64::from_le_bytes(a)
+}
+
+fn le_u32(b: &[u8]) -> u32 {
+    let mut a = [0u8; 4];
+    a.copy_from_slice(&b[..4]);
+    u32::from_le_bytes(a)
+}
+
+fn exact(kind: FrameKind, body: &[u8], need: usize) -> Result<(), DecodeError> {
+    if body.len() != need {
+        return Err(DecodeError::WrongLength { kind: kind.name(), len: body.len(), need });
+    }
+    Ok(())
+}
+
+fn no_flags(kind: FrameKind, flags: u8) -> Result<(), DecodeError> {
+    if flags != 0 {
+        return Err(DecodeError::UnknownFlags { kind: kind.name(), flags });
+    }
+    Ok(())
+}
+
+/// Decodes a frame body whose header has been validated and whose length is within limits.
+/// `body` is handed in as `Bytes` so a data payload is a slice of it, not a copy.
+pub(crate) fn decode_body(h: Header, body: Bytes) -> Result<Frame, DecodeError> {
+    let kind = h.kind;
+    Ok(match kind {
+        FrameKind::Data => {
+            if body.len() < DataFrame::FIXED_LEN {
+                return Err(DecodeError::TooShort {
+                    kind: kind.name(),
+                    len: body.len(),
+                    need: DataFrame::FIXED_LEN,
+                });
+            }
+            no_flags(kind, h.flags)?;
+            let seq = le_u64(&body[0..]);
+            let offset = le_u64(&body[8..]);
+            let declared = le_u32(&body[16..]);
+            let checksum = le_u32(&body[20..]);
+            let payload = body.slice(DataFrame::FIXED_LEN..);
+            if payload.len() != declared as usize {
+                return Err(DecodeError::LengthMismatch { declared, actual: payload.len() });
+            }
+            if payload.is_empty() {
+                return Err(DecodeError::EmptyPayload);
+            }
+            if offset.checked_add(declared as u64).is_none() {
+                return Err(DecodeError::RangeOverflow { offset, len: declared as u64 });
+            }
+            Frame::Data(DataFrame { seq, offset, flags: h.flags, checksum, payload })
+        }
+        FrameKind::Flush => {
+            exact(kind, &body, 8)?;
+            no_flags(kind, h.flags)?;
+            Frame::Flush { seq: le_u64(&body) }
+        }
+        FrameKind::Discard => {
+            exact(kind, &body, 24)?;
+            no_flags(kind, h.flags)?;
+            let (seq, offset, len) = (le_u64(&body), le_u64(&body[8..]), le_u64(&body[16..]));
+            if offset.checked_add(len).is_none() {
+                return Err(DecodeError::RangeOverflow { offset, len });
+            }
+            Frame::Discard { seq, offset, len }
+        }
+        FrameKind::Ack => {
+            exact(kind, &body, 8)?;
+            let level = match h.flags {
+                ACK_RECEIVED => AckLevel::Received,
+                ACK_DURABLE => AckLevel::Durable,
+                flags => return Err(DecodeError::UnknownFlags { kind: kind.name(), flags }),
+            };
+            Frame::Ack { seq: le_u64(&body), level }
+        }
+        FrameKind::Heartbeat => {
+            exact(kind, &body, 8)?;
+            let reply = match h.flags {
+                0 => false,
+                HEARTBEAT_REPLY => true,
+                flags => return Err(DecodeError::UnknownFlags { kind: kind.name(), flags }),
+            };
+            Frame::Heartbeat { nonce: le_u64(&body), reply }
+        }
+        FrameKind::Hello => {
+            if body.len() < 4 {
+                return Err(DecodeError::TooShort { kind: kind.name(), len: body.len(), need: 4 });
+            }
+            no_flags(kind, h.flags)?;
+            Frame::Hello { version: le_u32(&body), body: body.slice(4..) }
+        }
+        FrameKind::Control => {
+            if body.is_empty() {
+                return Err(DecodeError::TooShort { kind: kind.name(), len: 0, need: 1 });
+            }
+            no_flags(kind, h.flags)?;
+            if body[0] != CONTROL_ENVELOPE_VERSION {
+                return Err(DecodeError::EnvelopeVersion {
+                    found: body[0],
+                    supported: CONTROL_ENVELOPE_VERSION,
+                });
+            }
+            Frame::Control(decode_bincode(&body[1..])?)
+        }
+    })
+}
