@@ -73,11 +73,16 @@ pub enum ControlMsg {
     /// The sender's view of the receiver's copy.
     PeerView(PeerView),
     /// First frame on a new stream.
-    OpenStream { resource: String, purpose: StreamPurpose },
+    OpenStream {
+        resource: String,
+        purpose: StreamPurpose,
+    },
 }
 
 fn config() -> impl bincode::config::Config {
-    bincode::config::standard().with_little_endian().with_limit::<MAX_CONTROL_BODY>()
+    bincode::config::standard()
+        .with_little_endian()
+        .with_limit::<MAX_CONTROL_BODY>()
 }
 
 pub(crate) fn encode_bincode<T: Encode>(v: &T, out: &mut Vec<u8>) {

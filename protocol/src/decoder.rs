@@ -36,7 +36,12 @@ impl Default for FrameDecoder {
 
 impl FrameDecoder {
     pub fn new(max_payload: usize) -> Self {
-        Self { buf: BytesMut::new(), max_payload, pending: None, failed: None }
+        Self {
+            buf: BytesMut::new(),
+            max_payload,
+            pending: None,
+            failed: None,
+        }
     }
 
     /// Appends bytes received from the stream.
@@ -106,7 +111,13 @@ mod tests {
     #[test]
     fn oversize_is_refused_before_buffering() {
         let mut d = FrameDecoder::new(4096);
-        let mut h = Header { kind: FrameKind::Data, flags: 0, body_len: u32::MAX }.encode().to_vec();
+        let mut h = Header {
+            kind: FrameKind::Data,
+            flags: 0,
+            body_len: u32::MAX,
+        }
+        .encode()
+        .to_vec();
         h.extend_from_slice(&[0; 16]);
         d.push(&h);
         assert!(matches!(d.next_frame(), Err(DecodeError::TooLarge { .. })));

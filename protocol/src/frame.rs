@@ -22,7 +22,7 @@ pub struct DataFrame {
     pub seq: u64,
     /// Byte offset in the volume.
     pub offset: u64,
-    /// Reserved; must be zero in protocol version 1.
+    /// [`FLAG_ACK_RECEIVED`] or zero.
     pub flags: u8,
     /// [`crate::block_checksum`] of the payload, computed by the primary.
     pub checksum: u32,
@@ -37,7 +37,11 @@ impl DataFrame {
     pub fn encode_head(&self) -> [u8; HEADER_LEN + Self::FIXED_LEN] {
         let mut b = [0u8; HEADER_LEN + Self::FIXED_LEN];
         let body_len = Self::FIXED_LEN + self.payload.len();
-        let h = Header { kind: FrameKind::Data, flags: self.flags, body_len: body_len as u32 };
+        let h = Header {
+            kind: FrameKind::Data,
+            flags: self.flags,
+            body_len: body_len as u32,
+        };
         b[..HEADER_LEN].copy_from_slice(&h.encode());
         let f = &mut b[HEADER_LEN..];
         f[0..8].copy_from_slice(&self.seq.to_le_bytes());
@@ -45,6 +49,10 @@ impl DataFrame {
         f[16..20].copy_from_slice(&(self.payload.len() as u32).to_le_bytes());
         f[20..24].copy_from_slice(&self.checksum.to_le_bytes());
         b
+    }
+
+    pub fn wants_received_ack(&self) -> bool {
+        self.flags & FLAG_ACK_RECEIVED != 0
     }
 
     /// Whether the payload still matches the checksum the primary computed.
@@ -62,16 +70,37 @@ pub enum Frame {
     Data(DataFrame),
     /// A barrier: closes the current epoch. Acked `Durable` once every earlier write is on
     /// the peer's stable storage.
-    Flush { seq: u64 },
+    Flush {
+        seq: u64,
+        flags: u8,
+    },
     /// Zero (deallocate) a byte range, ordered like a write.
-    Discard { seq: u64, offset: u64, len: u64 },
-    Ack { seq: u64, level: AckLevel },
+    Discard {
+        seq: u64,
+        offset: u64,
+        len: u64,
+        flags: u8,
+    },
+    Ack {
+        seq: u64,
+        level: AckLevel,
+    },
     /// Liveness probe; the receiver answers with `reply: true` and the same nonce.
-    Heartbeat { nonce: u64, reply: bool },
+    Heartbeat {
+        nonce: u64,
+        reply: bool,
+    },
     /// Handshake. `body` is only decoded (with [`Frame::hello_body`]) when `version` is ours.
-    Hello { version: u32, body: Bytes },
+    Hello {
+        version: u32,
+        body: Bytes,
+    },
     Control(ControlMsg),
 }
+
+/// On data, flush and discard frames: the sender also wants an [`AckLevel::Received`] ack
+/// as soon as the frame arrives (`memory` mode). A `Durable` ack is always sent.
+pub const FLAG_ACK_RECEIVED: u8 = 1;
 
 const ACK_RECEIVED: u8 = 1;
 const ACK_DURABLE: u8 = 2;
@@ -82,7 +111,10 @@ impl Frame {
     pub fn hello(h: &Hello) -> Self {
         let mut body = Vec::new();
         encode_bincode(h, &mut body);
-        Frame::Hello { version: PROTOCOL_VERSION, body: body.into() }
+        Frame::Hello {
+            version: PROTOCOL_VERSION,
+            body: body.into(),
+        }
     }
 
     /// Decodes the body of a hello frame of our protocol version.
@@ -106,7 +138,10 @@ impl Frame {
     /// frames the payload (shared, not copied).
     pub fn encode_chunks(&self) -> (Bytes, Option<Bytes>) {
         match self {
-            Frame::Data(d) => (Bytes::copy_from_slice(&d.encode_head()), Some(d.payload.clone())),
+            Frame::Data(d) => (
+                Bytes::copy_from_slice(&d.encode_head()),
+                Some(d.payload.clone()),
+            ),
             other => (Bytes::from(other.encode_small()), None),
         }
     }
@@ -128,15 +163,20 @@ impl Frame {
         let mut body = Vec::with_capacity(32);
         let flags = match self {
             Frame::Data(_) => unreachable!("data frames are encoded by encode_head"),
-            Frame::Flush { seq } => {
+            Frame::Flush { seq, flags } => {
                 body.extend_from_slice(&seq.to_le_bytes());
-                0
+                *flags
             }
-            Frame::Discard { seq, offset, len } => {
+            Frame::Discard {
+                seq,
+                offset,
+                len,
+                flags,
+            } => {
                 body.extend_from_slice(&seq.to_le_bytes());
                 body.extend_from_slice(&offset.to_le_bytes());
                 body.extend_from_slice(&len.to_le_bytes());
-                0
+                *flags
             }
             Frame::Ack { seq, level } => {
                 body.extend_from_slice(&seq.to_le_bytes());
@@ -164,7 +204,11 @@ impl Frame {
                 0
             }
         };
-        let h = Header { kind: self.kind(), flags, body_len: body.len() as u32 };
+        let h = Header {
+            kind: self.kind(),
+            flags,
+            body_len: body.len() as u32,
+        };
         let mut out = Vec::with_capacity(HEADER_LEN + body.len());
         out.extend_from_slice(&h.encode());
         out.extend_from_slice(&body);
@@ -186,14 +230,25 @@ fn le_u32(b: &[u8]) -> u32 {
 
 fn exact(kind: FrameKind, body: &[u8], need: usize) -> Result<(), DecodeError> {
     if body.len() != need {
-        return Err(DecodeError::WrongLength { kind: kind.name(), len: body.len(), need });
+        return Err(DecodeError::WrongLength {
+            kind: kind.name(),
+            len: body.len(),
+            need,
+        });
     }
     Ok(())
 }
 
 fn no_flags(kind: FrameKind, flags: u8) -> Result<(), DecodeError> {
-    if flags != 0 {
-        return Err(DecodeError::UnknownFlags { kind: kind.name(), flags });
+    only_flags(kind, flags, 0)
+}
+
+fn only_flags(kind: FrameKind, flags: u8, allowed: u8) -> Result<(), DecodeError> {
+    if flags & !allowed != 0 {
+        return Err(DecodeError::UnknownFlags {
+            kind: kind.name(),
+            flags,
+        });
     }
     Ok(())
 }
@@ -211,65 +266,112 @@ pub(crate) fn decode_body(h: Header, body: Bytes) -> Result<Frame, DecodeError> 
                     need: DataFrame::FIXED_LEN,
                 });
             }
-            no_flags(kind, h.flags)?;
+            only_flags(kind, h.flags, FLAG_ACK_RECEIVED)?;
             let seq = le_u64(&body[0..]);
             let offset = le_u64(&body[8..]);
             let declared = le_u32(&body[16..]);
             let checksum = le_u32(&body[20..]);
             let payload = body.slice(DataFrame::FIXED_LEN..);
             if payload.len() != declared as usize {
-                return Err(DecodeError::LengthMismatch { declared, actual: payload.len() });
+                return Err(DecodeError::LengthMismatch {
+                    declared,
+                    actual: payload.len(),
+                });
             }
             if payload.is_empty() {
                 return Err(DecodeError::EmptyPayload);
             }
             if offset.checked_add(declared as u64).is_none() {
-                return Err(DecodeError::RangeOverflow { offset, len: declared as u64 });
+                return Err(DecodeError::RangeOverflow {
+                    offset,
+                    len: declared as u64,
+                });
             }
-            Frame::Data(DataFrame { seq, offset, flags: h.flags, checksum, payload })
+            Frame::Data(DataFrame {
+                seq,
+                offset,
+                flags: h.flags,
+                checksum,
+                payload,
+            })
         }
         FrameKind::Flush => {
             exact(kind, &body, 8)?;
-            no_flags(kind, h.flags)?;
-            Frame::Flush { seq: le_u64(&body) }
+            only_flags(kind, h.flags, FLAG_ACK_RECEIVED)?;
+            Frame::Flush {
+                seq: le_u64(&body),
+                flags: h.flags,
+            }
         }
         FrameKind::Discard => {
             exact(kind, &body, 24)?;
-            no_flags(kind, h.flags)?;
+            only_flags(kind, h.flags, FLAG_ACK_RECEIVED)?;
             let (seq, offset, len) = (le_u64(&body), le_u64(&body[8..]), le_u64(&body[16..]));
             if offset.checked_add(len).is_none() {
                 return Err(DecodeError::RangeOverflow { offset, len });
             }
-            Frame::Discard { seq, offset, len }
+            Frame::Discard {
+                seq,
+                offset,
+                len,
+                flags: h.flags,
+            }
         }
         FrameKind::Ack => {
             exact(kind, &body, 8)?;
             let level = match h.flags {
                 ACK_RECEIVED => AckLevel::Received,
                 ACK_DURABLE => AckLevel::Durable,
-                flags => return Err(DecodeError::UnknownFlags { kind: kind.name(), flags }),
+                flags => {
+                    return Err(DecodeError::UnknownFlags {
+                        kind: kind.name(),
+                        flags,
+                    })
+                }
             };
-            Frame::Ack { seq: le_u64(&body), level }
+            Frame::Ack {
+                seq: le_u64(&body),
+                level,
+            }
         }
         FrameKind::Heartbeat => {
             exact(kind, &body, 8)?;
             let reply = match h.flags {
                 0 => false,
                 HEARTBEAT_REPLY => true,
-                flags => return Err(DecodeError::UnknownFlags { kind: kind.name(), flags }),
+                flags => {
+                    return Err(DecodeError::UnknownFlags {
+                        kind: kind.name(),
+                        flags,
+                    })
+                }
             };
-            Frame::Heartbeat { nonce: le_u64(&body), reply }
+            Frame::Heartbeat {
+                nonce: le_u64(&body),
+                reply,
+            }
         }
         FrameKind::Hello => {
             if body.len() < 4 {
-                return Err(DecodeError::TooShort { kind: kind.name(), len: body.len(), need: 4 });
+                return Err(DecodeError::TooShort {
+                    kind: kind.name(),
+                    len: body.len(),
+                    need: 4,
+                });
             }
             no_flags(kind, h.flags)?;
-            Frame::Hello { version: le_u32(&body), body: body.slice(4..) }
+            Frame::Hello {
+                version: le_u32(&body),
+                body: body.slice(4..),
+            }
         }
         FrameKind::Control => {
             if body.is_empty() {
-                return Err(DecodeError::TooShort { kind: kind.name(), len: 0, need: 1 });
+                return Err(DecodeError::TooShort {
+                    kind: kind.name(),
+                    len: 0,
+                    need: 1,
+                });
             }
             no_flags(kind, h.flags)?;
             if body[0] != CONTROL_ENVELOPE_VERSION {

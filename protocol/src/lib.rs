@@ -18,11 +18,12 @@ pub mod header;
 
 pub use checksum::block_checksum;
 pub use control::{
-    ControlMsg, DiskState, Hello, PeerView, ResourceHello, Role, StreamPurpose, CONTROL_ENVELOPE_VERSION,
+    ControlMsg, DiskState, Hello, PeerView, ResourceHello, Role, StreamPurpose,
+    CONTROL_ENVELOPE_VERSION,
 };
 pub use decoder::FrameDecoder;
 pub use error::DecodeError;
-pub use frame::{AckLevel, DataFrame, Frame};
+pub use frame::{AckLevel, DataFrame, Frame, FLAG_ACK_RECEIVED};
 pub use header::{FrameKind, HEADER_LEN, MAGIC};
 
 /// The replication protocol version this build speaks. Peers exchange it in [`Hello`];

@@ -1,1 +1,31 @@
+//! Tandem's replication engine, independent of how blocks reach it and how frames travel.
+//!
+//! - [`Volume`]: the primary's side of a resource — admission, ordering, local I/O, fan-out
+//!   to peers, ack accounting per mode, dirty tracking when a peer is absent or lost.
+//! - [`Applier`]: the standby's side — checks, orders and applies the change stream epoch by
+//!   epoch, and acknowledges it.
+//! - [`BlockStore`] and [`Link`] are the seams: the agent plugs in a file and QUIC; tests plug
+//!   in [`MemStore`] and [`sim`].
 
+mod bitmap;
+mod error;
+mod inflight;
+mod io;
+mod latch;
+mod link;
+mod mode;
+mod peer;
+mod primary;
+mod secondary;
+pub mod sim;
+mod stats;
+mod store;
+
+pub use bitmap::DirtyBitmap;
+pub use error::{ApplyError, AttachError, VolumeError};
+pub use link::{Link, LINK_CAPACITY};
+pub use mode::Mode;
+pub use primary::{PeerConfig, PeerHandle, PeerReplication, Volume};
+pub use secondary::Applier;
+pub use stats::{ApplierStats, Counter, VolumeStats};
+pub use store::{BlockStore, MemStore};

@@ -1,0 +1,391 @@
+//! The primary's engine for one resource: admission, local I/O and fan-out to peers.
+//!
+//! Admission happens synchronously in the caller (the FUSE request thread), under one short
+//! lock: the request gets its sequence number, is registered with the in-flight ranges so
+//! overlapping requests apply in sequence order, and its frame is queued to every live peer
+//! — so every peer sees the change stream in sequence order. Completion is a future the
+//! caller spawns: it performs the local I/O and waits for the peers the mode requires.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use tandem_protocol::{block_checksum, DataFrame, Frame};
+use tokio::sync::oneshot;
+
+use crate::bitmap::DirtyBitmap;
+use crate::error::{AttachError, VolumeError};
+use crate::inflight::InflightRanges;
+use crate::io::StoreIo;
+use crate::link::Link;
+use crate::mode::Mode;
+use crate::peer::{Enqueued, PeerSession};
+use crate::stats::VolumeStats;
+use crate::store::BlockStore;
+
+/// A configured peer of the resource, connected or not.
+pub struct PeerConfig {
+    pub name: String,
+    pub mode: Mode,
+    /// Blocks this peer is missing. Shared with the agent, which persists it.
+    pub bitmap: Arc<Mutex<DirtyBitmap>>,
+}
+
+struct PeerSlot {
+    mode: Mode,
+    bitmap: Arc<Mutex<DirtyBitmap>>,
+    session: Option<Arc<PeerSession>>,
+    last_error: Option<String>,
+}
+
+struct Core {
+    next_seq: u64,
+    inflight: InflightRanges,
+    peers: BTreeMap<String, PeerSlot>,
+}
+
+/// The acks one request waits for.
+struct PeerWaits(Vec<oneshot::Receiver<bool>>);
+
+impl PeerWaits {
+    async fn wait(self) {
+        for rx in self.0 {
+            // false (peer lost) needs no action here: the session marked the range.
+            let _ = rx.await;
+        }
+    }
+}
+
+impl Core {
+    fn fan_out(
+        &mut self,
+        seq: u64,
+        range: Option<(u64, u64)>,
+        frame: impl Fn(u8) -> Frame,
+    ) -> PeerWaits {
+        let mut waits = Vec::new();
+        for slot in self.peers.values_mut() {
+            match &slot.session {
+                Some(s) => match s.enqueue(seq, frame(slot.mode.frame_flags()), range) {
+                    Enqueued::Wait(rx) => waits.push(rx),
+                    Enqueued::NoWait | Enqueued::Lost => {}
+                },
+                None => {
+                    if let Some((off, len)) = range {
+                        slot.bitmap.lock().unwrap().set_range(off, len);
+                    }
+                }
+            }
+        }
+        PeerWaits(waits)
+    }
+
+    fn take_seq(&mut self) -> u64 {
+        let s = self.next_seq;
+        self.next_seq += 1;
+        s
+    }
+}
+
+/// A peer as the primary sees it, for status.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerReplication {
+    pub name: String,
+    pub mode: Mode,
+    pub connected: bool,
+    pub out_of_sync_bytes: u64,
+    pub pending_requests: usize,
+    pub last_error: Option<String>,
+}
+
+pub struct Volume {
+    io: StoreIo,
+    size: u64,
+    core: Mutex<Core>,
+    timeout: Duration,
+    pub stats: VolumeStats,
+}
+
+impl Volume {
+    /// `first_seq` continues the resource's change stream; `timeout` is how long a peer may
+    /// leave a request unacknowledged before it is declared disconnected.
+    pub fn new(
+        store: Arc<dyn BlockStore>,
+        peers: Vec<PeerConfig>,
+        first_seq: u64,
+        timeout: Duration,
+    ) -> Arc<Self> {
+        let size = store.size();
+        let peers = peers
+            .into_iter()
+            .map(|p| {
+                (
+                    p.name,
+                    PeerSlot {
+                        mode: p.mode,
+                        bitmap: p.bitmap,
+                        session: None,
+                        last_error: None,
+                    },
+                )
+            })
+            .collect();
+        Arc::new(Self {
+            io: StoreIo::new(store),
+            size,
+            core: Mutex::new(Core {
+                next_seq: first_seq.max(1),
+                inflight: InflightRanges::default(),
+                peers,
+            }),
+            timeout,
+            stats: VolumeStats::default(),
+        })
+    }
+
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// The sequence number the next request will get.
+    pub fn next_seq(&self) -> u64 {
+        self.core.lock().unwrap().next_seq
+    }
+
+    fn check_range(&self, offset: u64, len: u64) -> Result<(), VolumeError> {
+        match offset.checked_add(len) {
+            Some(end) if end <= self.size => Ok(()),
+            _ => Err(VolumeError::OutOfRange {
+                offset,
+                len,
+                size: self.size,
+            }),
+        }
+    }
+
+    /// Admits a write of `data` at `offset`. `data` must already be the request's own copy
+    /// (the one copy out of the kernel's buffer): it is checksummed, written locally and sent
+    /// to every peer from this buffer. The returned future completes the request; it
+    /// resolves to the request's sequence number.
+    pub fn submit_write(
+        self: &Arc<Self>,
+        offset: u64,
+        data: Bytes,
+    ) -> Result<impl Future<Output = Result<u64, VolumeError>> + Send + 'static, VolumeError> {
+        let len = data.len() as u64;
+        if len == 0 {
+            return Err(VolumeError::Empty);
+        }
+        self.check_range(offset, len)?;
+        let checksum = block_checksum(&data);
+        let (seq, admitted, waits) = {
+            let mut core = self.core.lock().unwrap();
+            let seq = core.take_seq();
+            let admitted = core.inflight.admit(seq, offset, offset + len);
+            let waits = core.fan_out(seq, Some((offset, len)), |flags| {
+                Frame::Data(DataFrame {
+                    seq,
+                    offset,
+                    flags,
+                    checksum,
+                    payload: data.clone(),
+                })
+            });
+            (seq, admitted, waits)
+        };
+        let this = self.clone();
+        Ok(async move {
+            for dep in admitted.wait_for {
+                dep.wait().await;
+            }
+            let local = this.io.write(offset, data).await;
+            this.core.lock().unwrap().inflight.finish(seq);
+            waits.wait().await;
+            this.stats.writes.inc();
+            this.stats.write_bytes.add(len);
+            this.local_result(local)?;
+            Ok(seq)
+        })
+    }
+
+    /// Admits a discard (zeroing) of a range, ordered like a write.
+    pub fn submit_discard(
+        self: &Arc<Self>,
+        offset: u64,
+        len: u64,
+    ) -> Result<impl Future<Output = Result<u64, VolumeError>> + Send + 'static, VolumeError> {
+        if len == 0 {
+            return Err(VolumeError::Empty);
+        }
+        self.check_range(offset, len)?;
+        let (seq, admitted, waits) = {
+            let mut core = self.core.lock().unwrap();
+            let seq = core.take_seq();
+            let admitted = core.inflight.admit(seq, offset, offset + len);
+            let waits = core.fan_out(seq, Some((offset, len)), |flags| Frame::Discard {
+                seq,
+                offset,
+                len,
+                flags,
+            });
+            (seq, admitted, waits)
+        };
+        let this = self.clone();
+        Ok(async move {
+            for dep in admitted.wait_for {
+                dep.wait().await;
+            }
+            let local = this.io.discard(offset, len).await;
+            this.core.lock().unwrap().inflight.finish(seq);
+            waits.wait().await;
+            this.stats.discards.inc();
+            this.local_result(local)?;
+            Ok(seq)
+        })
+    }
+
+    /// Admits a flush: a barrier that closes the current epoch. It completes once every
+    /// request admitted before it is on stable storage locally and, per mode, on the peers.
+    pub fn submit_flush(
+        self: &Arc<Self>,
+    ) -> impl Future<Output = Result<u64, VolumeError>> + Send + 'static {
+        let (seq, earlier, waits) = {
+            let mut core = self.core.lock().unwrap();
+            let seq = core.take_seq();
+            let earlier = core.inflight.all();
+            let waits = core.fan_out(seq, None, |flags| Frame::Flush { seq, flags });
+            (seq, earlier, waits)
+        };
+        let this = self.clone();
+        async move {
+            for dep in earlier {
+                dep.wait().await;
+            }
+            let local = this.io.flush().await;
+            waits.wait().await;
+            this.stats.flushes.inc();
+            this.local_result(local)?;
+            Ok(seq)
+        }
+    }
+
+    pub async fn read(&self, offset: u64, len: u64) -> Result<Vec<u8>, VolumeError> {
+        self.check_range(offset, len)?;
+        let r = self.io.read(offset, len as usize).await;
+        self.stats.reads.inc();
+        self.stats.read_bytes.add(len);
+        self.local_result(r)
+    }
+
+    fn local_result<T>(&self, r: std::io::Result<T>) -> Result<T, VolumeError> {
+        r.map_err(|e| {
+            self.stats.local_io_errors.inc();
+            tracing::error!("local I/O error on the primary's image: {e}");
+            VolumeError::Io(e)
+        })
+    }
+
+    /// Starts replicating to `peer` over `link`. New requests are sent to it from the next
+    /// sequence number on; requests admitted earlier stay marked out of sync for it.
+    /// The returned handle resolves when the connection ends.
+    pub fn attach_peer(
+        self: &Arc<Self>,
+        peer: &str,
+        link: Link,
+    ) -> Result<PeerHandle, AttachError> {
+        let session = {
+            let mut core = self.core.lock().unwrap();
+            let slot = core
+                .peers
+                .get_mut(peer)
+                .ok_or_else(|| AttachError::UnknownPeer(peer.to_string()))?;
+            if slot.session.as_ref().is_some_and(|s| !s.is_closed()) {
+                return Err(AttachError::AlreadyConnected(peer.to_string()));
+            }
+            let s = PeerSession::start(
+                peer.to_string(),
+                slot.mode,
+                slot.bitmap.clone(),
+                link,
+                self.timeout,
+            );
+            slot.session = Some(s.clone());
+            slot.last_error = None;
+            s
+        };
+        // Detach the session from the slot once it ends, so later requests go to the bitmap.
+        let this = self.clone();
+        let s = session.clone();
+        let name = peer.to_string();
+        let (done_tx, done_rx) = tokio::sync::watch::channel(None);
+        tokio::spawn(async move {
+            let reason = s.closed().await;
+            {
+                let mut core = this.core.lock().unwrap();
+                if let Some(slot) = core.peers.get_mut(&name) {
+                    if slot
+                        .session
+                        .as_ref()
+                        .is_some_and(|cur| Arc::ptr_eq(cur, &s))
+                    {
+                        slot.session = None;
+                        slot.last_error = Some(reason.clone());
+                    }
+                }
+            }
+            this.stats.peer_disconnects.inc();
+            done_tx.send_replace(Some(reason));
+        });
+        Ok(PeerHandle {
+            session,
+            done: done_rx,
+        })
+    }
+
+    pub fn peers(&self) -> Vec<PeerReplication> {
+        let core = self.core.lock().unwrap();
+        core.peers
+            .iter()
+            .map(|(name, slot)| PeerReplication {
+                name: name.clone(),
+                mode: slot.mode,
+                connected: slot.session.as_ref().is_some_and(|s| !s.is_closed()),
+                out_of_sync_bytes: slot.bitmap.lock().unwrap().dirty_bytes(),
+                pending_requests: slot.session.as_ref().map_or(0, |s| s.pending_count()),
+                last_error: slot
+                    .session
+                    .as_ref()
+                    .and_then(|s| s.close_reason())
+                    .or_else(|| slot.last_error.clone()),
+            })
+            .collect()
+    }
+
+    /// Requests admitted and not yet complete locally.
+    pub fn inflight(&self) -> usize {
+        self.core.lock().unwrap().inflight.len()
+    }
+}
+
+/// A live replication connection from the primary to one peer.
+pub struct PeerHandle {
+    session: Arc<PeerSession>,
+    done: tokio::sync::watch::Receiver<Option<String>>,
+}
+
+impl PeerHandle {
+    /// Ends the connection (the peer becomes out of sync for anything unacknowledged).
+    pub fn close(&self, reason: &str) {
+        self.session.close(reason);
+    }
+
+    /// Resolves with the reason once the connection has ended and the volume has let go of it.
+    pub async fn closed(&mut self) -> String {
+        match self.done.wait_for(|d| d.is_some()).await {
+            Ok(r) => r.clone().unwrap_or_default(),
+            Err(_) => "volume dropped".to_string(),
+        }
+    }
+}

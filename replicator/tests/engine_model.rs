@@ -1,0 +1,448 @@
+//! Deterministic engine harness: a primary [`Volume`] and a standby [`Applier`] on in-memory
+//! disks, joined by a simulated link, driven with random writes, overlaps, discards and
+//! flushes, and checked against a model that applies the same requests in sequence order.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use proptest::prelude::*;
+use tandem_replicator::sim::{sim_pair, SimControl, SimOptions};
+use tandem_replicator::*;
+
+const BLOCK: u64 = 4096;
+const BLOCKS: u64 = 64;
+const SIZE: u64 = BLOCK * BLOCKS;
+
+#[derive(Debug, Clone)]
+enum Op {
+    /// Write `len` blocks at block `at`, filled with a pattern derived from `tag`.
+    Write {
+        at: u64,
+        len: u64,
+        tag: u8,
+    },
+    Discard {
+        at: u64,
+        len: u64,
+    },
+    Flush,
+}
+
+fn arb_op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        6 => (0..BLOCKS, 1u64..5, any::<u8>()).prop_map(|(at, len, tag)| Op::Write { at: at.min(BLOCKS - len), len, tag }),
+        1 => (0..BLOCKS, 1u64..4).prop_map(|(at, len)| Op::Discard { at: at.min(BLOCKS - len), len }),
+        2 => Just(Op::Flush),
+    ]
+}
+
+/// Block content that records its own offset, the op's tag and the op's index.
+fn payload(at: u64, len: u64, tag: u8, index: usize) -> Bytes {
+    let mut v = vec![tag; (len * BLOCK) as usize];
+    for b in 0..len {
+        let o = (b * BLOCK) as usize;
+        v[o..o + 8].copy_from_slice(&((at + b) * BLOCK).to_le_bytes());
+        v[o + 8..o + 16].copy_from_slice(&(index as u64).to_le_bytes());
+    }
+    Bytes::from(v)
+}
+
+struct Pair {
+    primary_disk: Arc<MemStore>,
+    standby_disk: Arc<MemStore>,
+    volume: Arc<Volume>,
+    bitmap: Arc<Mutex<DirtyBitmap>>,
+    ctl: Arc<SimControl>,
+    applier: tokio::task::JoinHandle<Result<(), ApplyError>>,
+    applier_stats: Arc<ApplierStats>,
+    peer: PeerHandle,
+}
+
+fn pair(mode: Mode, latency: Duration, timeout: Duration) -> Pair {
+    let primary_disk = Arc::new(MemStore::new(SIZE));
+    let standby_disk = Arc::new(MemStore::new(SIZE));
+    let bitmap = Arc::new(Mutex::new(DirtyBitmap::new(SIZE, BLOCK)));
+    let volume = Volume::new(
+        primary_disk.clone(),
+        vec![PeerConfig {
+            name: "beta".into(),
+            mode,
+            bitmap: bitmap.clone(),
+        }],
+        1,
+        timeout,
+    );
+    let (a, b, ctl) = sim_pair(SimOptions { latency });
+    let applier_stats = Arc::new(ApplierStats::default());
+    let applier = Applier::new(standby_disk.clone(), applier_stats.clone());
+    let applier = tokio::spawn(async move { applier.run(b).await });
+    let peer = volume.attach_peer("beta", a).unwrap();
+    Pair {
+        primary_disk,
+        standby_disk,
+        volume,
+        bitmap,
+        ctl,
+        applier,
+        applier_stats,
+        peer,
+    }
+}
+
+/// Submits `ops` with up to `window` requests in flight; returns (seq, op index) per request.
+async fn drive(volume: &Arc<Volume>, ops: &[Op], base: usize, window: usize) -> Vec<(u64, usize)> {
+    let mut done = Vec::new();
+    let mut running = tokio::task::JoinSet::new();
+    for (i, op) in ops.iter().enumerate() {
+        let i = i + base;
+        while running.len() >= window {
+            done.push(running.join_next().await.unwrap().unwrap());
+        }
+        match op {
+            Op::Write { at, len, tag } => {
+                let f = volume
+                    .submit_write(at * BLOCK, payload(*at, *len, *tag, i))
+                    .unwrap();
+                running.spawn(async move { (f.await.unwrap(), i) });
+            }
+            Op::Discard { at, len } => {
+                let f = volume.submit_discard(at * BLOCK, len * BLOCK).unwrap();
+                running.spawn(async move { (f.await.unwrap(), i) });
+            }
+            Op::Flush => {
+                let f = volume.submit_flush();
+                running.spawn(async move { (f.await.unwrap(), i) });
+            }
+        }
+    }
+    while let Some(r) = running.join_next().await {
+        done.push(r.unwrap());
+    }
+    done
+}
+
+/// The image after applying `ops` in sequence order.
+fn model(ops: &[Op], order: &[(u64, usize)]) -> Vec<u8> {
+    let mut order = order.to_vec();
+    order.sort();
+    let mut img = vec![0u8; SIZE as usize];
+    for (_, i) in order {
+        match &ops[i] {
+            Op::Write { at, len, tag } => {
+                let o = (at * BLOCK) as usize;
+                img[o..o + (len * BLOCK) as usize].copy_from_slice(&payload(*at, *len, *tag, i));
+            }
+            Op::Discard { at, len } => {
+                let o = (at * BLOCK) as usize;
+                img[o..o + (len * BLOCK) as usize].fill(0);
+            }
+            Op::Flush => {}
+        }
+    }
+    img
+}
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+fn differing_blocks(a: &[u8], b: &[u8]) -> Vec<u64> {
+    (0..BLOCKS)
+        .filter(|blk| {
+            let r = (*blk * BLOCK) as usize..((*blk + 1) * BLOCK) as usize;
+            a[r.clone()] != b[r]
+        })
+        .collect()
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(48))]
+
+    /// Connected sync pair: primary and standby both equal the sequence-order model, and the
+    /// standby has missed nothing.
+    #[test]
+    fn sync_standby_equals_model(ops in proptest::collection::vec(arb_op(), 1..80),
+                                 window in 1usize..24, latency_us in 0u64..800) {
+        rt().block_on(async {
+            let p = pair(Mode::Sync, Duration::from_micros(latency_us), Duration::from_secs(30));
+            let order = drive(&p.volume, &ops, 0, window).await;
+            let want = model(&ops, &order);
+            let prim = p.primary_disk.snapshot();
+            let stby = p.standby_disk.snapshot();
+            prop_assert!(differing_blocks(&prim, &want).is_empty(), "primary differs from model");
+            prop_assert!(differing_blocks(&stby, &want).is_empty(), "standby differs from model");
+            prop_assert_eq!(p.bitmap.lock().unwrap().count(), 0);
+            prop_assert_eq!(p.applier_stats.checksum_errors.get(), 0);
+            Ok(())
+        })?;
+    }
+
+    /// The link is cut at a random point while requests are in flight: the primary completes
+    /// everything alone, and the peer's dirty bitmap covers every block where the two images
+    /// differ (nothing the standby is missing goes untracked).
+    #[test]
+    fn cut_link_bitmap_covers_every_difference(ops in proptest::collection::vec(arb_op(), 1..80),
+                                              cut_after in 0usize..80, window in 1usize..16) {
+        rt().block_on(async {
+            let p = pair(Mode::Sync, Duration::from_micros(200), Duration::from_secs(30));
+            let cut_at = cut_after.min(ops.len());
+            let mut order = drive(&p.volume, &ops[..cut_at], 0, window).await;
+            p.ctl.cut();
+            // Requests after the cut, some racing the session's teardown.
+            order.extend(drive(&p.volume, &ops[cut_at..], cut_at, window).await);
+            let _ = p.applier.await;
+            let want = model(&ops, &order);
+            let prim = p.primary_disk.snapshot();
+            prop_assert!(differing_blocks(&prim, &want).is_empty(), "primary differs at {:?}; order {:?}", differing_blocks(&prim, &want), order);
+            let stby = p.standby_disk.snapshot();
+            let bm = p.bitmap.lock().unwrap();
+            for blk in differing_blocks(&prim, &stby) {
+                prop_assert!(bm.is_set(blk), "block {} differs but is not marked out of sync", blk);
+            }
+            Ok(())
+        })?;
+    }
+}
+
+/// A store that records the order in which operations reach it.
+struct RecordingStore {
+    inner: MemStore,
+    log: Mutex<Vec<Event>>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Event {
+    /// A write carrying the index of the op that produced it.
+    Write(u64),
+    Flush,
+}
+
+impl BlockStore for RecordingStore {
+    fn size(&self) -> u64 {
+        self.inner.size()
+    }
+    fn write_at(&self, offset: u64, data: &[u8]) -> std::io::Result<()> {
+        let idx = u64::from_le_bytes(data[8..16].try_into().unwrap());
+        // Widen the window in which a reordering would show.
+        std::thread::sleep(Duration::from_micros(50 + (idx % 7) * 30));
+        self.inner.write_at(offset, data)?;
+        self.log.lock().unwrap().push(Event::Write(idx));
+        Ok(())
+    }
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        self.inner.read_at(offset, buf)
+    }
+    fn flush(&self) -> std::io::Result<()> {
+        self.log.lock().unwrap().push(Event::Flush);
+        Ok(())
+    }
+    fn discard(&self, offset: u64, len: u64) -> std::io::Result<()> {
+        self.inner.discard(offset, len)
+    }
+}
+
+/// On the standby, no write of epoch k+1 reaches the disk before every write of epoch k and
+/// the flush closing it: the standby image is always crash-consistent.
+#[test]
+fn standby_applies_epochs_in_order() {
+    rt().block_on(async {
+        let primary_disk = Arc::new(MemStore::new(SIZE));
+        let standby = Arc::new(RecordingStore {
+            inner: MemStore::new(SIZE),
+            log: Mutex::new(Vec::new()),
+        });
+        let bitmap = Arc::new(Mutex::new(DirtyBitmap::new(SIZE, BLOCK)));
+        // async mode: the primary does not wait, so several epochs are in flight at once.
+        let volume = Volume::new(
+            primary_disk,
+            vec![PeerConfig {
+                name: "beta".into(),
+                mode: Mode::Async,
+                bitmap,
+            }],
+            1,
+            Duration::from_secs(30),
+        );
+        let (a, b, _ctl) = sim_pair(SimOptions::default());
+        let applier = Applier::new(standby.clone(), Arc::new(ApplierStats::default()));
+        let applier = tokio::spawn(async move { applier.run(b).await });
+        let _peer = volume.attach_peer("beta", a).unwrap();
+        // epoch e: 8 writes to distinct blocks, then a flush.
+        let mut epoch_of = std::collections::HashMap::new();
+        let mut futs = Vec::new();
+        let mut idx = 0u64;
+        for e in 0..10u64 {
+            for w in 0..8u64 {
+                idx += 1;
+                epoch_of.insert(idx, e);
+                let at = (e * 8 + w) % BLOCKS;
+                futs.push(tokio::spawn(
+                    volume
+                        .submit_write(at * BLOCK, payload(at, 1, 1, idx as usize))
+                        .unwrap(),
+                ));
+            }
+            futs.push(tokio::spawn(volume.submit_flush()));
+        }
+        for f in futs {
+            f.await.unwrap().unwrap();
+        }
+        // Wait until the standby has applied everything (async mode did not wait for it).
+        for _ in 0..500 {
+            if standby
+                .log
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|e| **e == Event::Flush)
+                .count()
+                == 10
+            {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        drop(volume);
+        let log = standby.log.lock().unwrap().clone();
+        assert_eq!(
+            log.iter().filter(|e| **e == Event::Flush).count(),
+            10,
+            "log: {log:?}"
+        );
+        let mut flushes_seen = 0u64;
+        for ev in &log {
+            match ev {
+                Event::Flush => flushes_seen += 1,
+                Event::Write(i) => assert_eq!(
+                    epoch_of[i], flushes_seen,
+                    "write {i} applied in the wrong epoch: {log:?}"
+                ),
+            }
+        }
+        applier.abort();
+    });
+}
+
+/// A peer that stops answering holds sync writes until the timeout, then is dropped: the
+/// write completes, the peer is disconnected and the write is tracked as out of sync.
+#[test]
+fn frozen_peer_times_out_and_primary_continues() {
+    rt().block_on(async {
+        let timeout = Duration::from_millis(400);
+        let p = pair(Mode::Sync, Duration::ZERO, timeout);
+        // Connected and healthy first.
+        p.volume
+            .submit_write(0, payload(0, 1, 9, 0))
+            .unwrap()
+            .await
+            .unwrap();
+        assert_eq!(p.bitmap.lock().unwrap().count(), 0);
+        p.ctl.freeze();
+        let start = tokio::time::Instant::now();
+        let w = tokio::spawn(p.volume.submit_write(BLOCK, payload(1, 1, 9, 1)).unwrap());
+        tokio::time::sleep(timeout / 2).await;
+        assert!(
+            !w.is_finished(),
+            "a sync write completed while the peer was frozen"
+        );
+        w.await.unwrap().unwrap();
+        assert!(
+            start.elapsed() >= timeout,
+            "completed after {:?}",
+            start.elapsed()
+        );
+        let peers = p.volume.peers();
+        assert!(!peers[0].connected);
+        assert!(
+            peers[0]
+                .last_error
+                .as_deref()
+                .unwrap()
+                .contains("no acknowledgement"),
+            "{peers:?}"
+        );
+        assert!(p.bitmap.lock().unwrap().is_set(1));
+        // Later writes complete at once and are tracked.
+        let t = tokio::time::Instant::now();
+        p.volume
+            .submit_write(2 * BLOCK, payload(2, 1, 9, 2))
+            .unwrap()
+            .await
+            .unwrap();
+        assert!(t.elapsed() < timeout);
+        assert!(p.bitmap.lock().unwrap().is_set(2));
+        assert_eq!(p.volume.peers()[0].out_of_sync_bytes, 2 * BLOCK);
+    });
+}
+
+/// A data frame corrupted in flight is never written; the standby counts it and drops the
+/// stream with the reason; the primary marks the block out of sync.
+#[test]
+fn corrupted_block_is_not_written() {
+    rt().block_on(async {
+        let mut p = pair(Mode::Sync, Duration::ZERO, Duration::from_secs(30));
+        p.volume
+            .submit_write(0, payload(0, 1, 1, 0))
+            .unwrap()
+            .await
+            .unwrap();
+        p.ctl.corrupt_next_data();
+        p.volume
+            .submit_write(BLOCK, payload(1, 1, 2, 1))
+            .unwrap()
+            .await
+            .unwrap();
+        let r = p.applier.await.unwrap();
+        assert!(
+            matches!(r, Err(ApplyError::ChecksumMismatch { offset, .. }) if offset == BLOCK),
+            "{r:?}"
+        );
+        assert_eq!(p.applier_stats.checksum_errors.get(), 1);
+        let stby = p.standby_disk.snapshot();
+        assert!(
+            stby[BLOCK as usize..2 * BLOCK as usize]
+                .iter()
+                .all(|b| *b == 0),
+            "corrupt block reached the disk"
+        );
+        assert_eq!(&stby[..BLOCK as usize], &payload(0, 1, 1, 0)[..]);
+        let reason = p.peer.closed().await;
+        assert!(reason.contains("checksum mismatch"), "{reason}");
+        assert!(p.bitmap.lock().unwrap().is_set(1));
+    });
+}
+
+/// Memory mode completes on receipt; a failing standby disk drops the connection and the
+/// write is tracked as out of sync rather than lost.
+#[test]
+fn standby_disk_failure_drops_connection_and_tracks_block() {
+    rt().block_on(async {
+        let p = pair(Mode::Memory, Duration::ZERO, Duration::from_secs(30));
+        p.volume
+            .submit_write(0, payload(0, 1, 1, 0))
+            .unwrap()
+            .await
+            .unwrap();
+        p.standby_disk.set_failing(Some(5));
+        p.volume
+            .submit_write(BLOCK, payload(1, 1, 1, 1))
+            .unwrap()
+            .await
+            .unwrap();
+        let r = p.applier.await.unwrap();
+        assert!(matches!(r, Err(ApplyError::Io(_))), "{r:?}");
+        for _ in 0..100 {
+            if !p.volume.peers()[0].connected {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(!p.volume.peers()[0].connected);
+        assert!(p.bitmap.lock().unwrap().is_set(1));
+    });
+}
