@@ -1,1 +1,137 @@
-fn main() {}
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context, Result};
+use clap::Parser;
+use tandem_agent::cli::{Cli, Command};
+use tandem_agent::config::Config;
+use tandem_agent::control::{self, Request};
+use tandem_agent::{daemon, demo, sysutil, tls};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,quinn=warn,rustls=warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn node_name(cli: &Cli, cfg: &Config) -> Result<String> {
+    if let Some(n) = &cli.node {
+        cfg.node(n)?;
+        return Ok(n.clone());
+    }
+    let host = nix::unistd::gethostname()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .unwrap_or_default();
+    let short = host.split('.').next().unwrap_or_default().to_string();
+    if cfg.node(&short).is_ok() {
+        return Ok(short);
+    }
+    bail!(
+        "no --node given and the host name {host:?} is not a node in {}",
+        cfg.path.display()
+    )
+}
+
+fn call(cli: &Cli, req: Request) -> Result<control::Response> {
+    let cfg = Config::load(&cli.config)?;
+    let node = node_name(cli, &cfg)?;
+    let socket = cfg.node(&node)?.control.clone();
+    // Promotion mounts and attaches devices; give it time.
+    control::call(&socket, &req, Duration::from_secs(120))
+}
+
+fn run(cli: Cli) -> Result<ExitCode> {
+    match &cli.cmd {
+        Command::Agent => {
+            let cfg = Config::load(&cli.config)?;
+            let node = node_name(&cli, &cfg)?;
+            cfg.node(&node)?;
+            sysutil::harden_for_block_io();
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .thread_name("tandem")
+                .enable_all()
+                .build()
+                .context("cannot start the runtime")?;
+            rt.block_on(async move {
+                let agent = daemon::Agent::new(cfg, &node)?;
+                agent.run().await
+            })?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Keygen { name, out, force } => {
+            let (crt, key) = tls::keygen(name, out, *force)?;
+            let cert = tls::load_certs(&crt)?;
+            println!("wrote {} and {}", crt.display(), key.display());
+            println!("fingerprint {}", tls::fingerprint(&cert[0]));
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Status { json } => {
+            let resp = call(&cli, Request::Status)?;
+            let status = resp
+                .status
+                .ok_or_else(|| anyhow!(resp.error.unwrap_or_else(|| "no status".into())))?;
+            if *json {
+                println!("{}", serde_json::to_string_pretty(&status)?);
+            } else {
+                print!("{}", status.render());
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Promote { resource, force } => verb(call(
+            &cli,
+            Request::Promote {
+                resource: resource.clone(),
+                force: *force,
+            },
+        )?),
+        Command::Demote { resource } => verb(call(
+            &cli,
+            Request::Demote {
+                resource: resource.clone(),
+            },
+        )?),
+        Command::Demo {
+            messages,
+            size,
+            keep,
+            workdir,
+        } => {
+            let ok = demo::run(&demo::DemoOptions {
+                messages: *messages,
+                size: tandem_agent::config::parse_size(size).map_err(|e| anyhow!(e))?,
+                keep: *keep,
+                parent: workdir.clone(),
+            })?;
+            Ok(if ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            })
+        }
+    }
+}
+
+fn verb(resp: control::Response) -> Result<ExitCode> {
+    if resp.ok {
+        println!("{}", resp.message.unwrap_or_default());
+        Ok(ExitCode::SUCCESS)
+    } else {
+        eprintln!("error: {}", resp.error.unwrap_or_else(|| "failed".into()));
+        Ok(ExitCode::from(1))
+    }
+}

@@ -150,7 +150,11 @@ impl PeerSession {
                 }
             }
         }
-        warn!(peer = %self.name, unacknowledged_bytes = lost, "replication to peer ended: {reason}");
+        if lost > 0 {
+            warn!(peer = %self.name, unacknowledged_bytes = lost, "replication to peer ended: {reason}");
+        } else {
+            tracing::info!(peer = %self.name, "replication to peer ended: {reason}");
+        }
         // Publish the reason before releasing the requests, so anyone woken sees why.
         self.closed.send_replace(Some(reason.to_string()));
         for (_, e) in drained {

@@ -370,6 +370,7 @@ impl Volume {
 }
 
 /// A live replication connection from the primary to one peer.
+#[derive(Clone)]
 pub struct PeerHandle {
     session: Arc<PeerSession>,
     done: tokio::sync::watch::Receiver<Option<String>>,
@@ -382,10 +383,12 @@ impl PeerHandle {
     }
 
     /// Resolves with the reason once the connection has ended and the volume has let go of it.
-    pub async fn closed(&mut self) -> String {
-        match self.done.wait_for(|d| d.is_some()).await {
+    pub async fn closed(&self) -> String {
+        let mut done = self.done.clone();
+        let r = match done.wait_for(|d| d.is_some()).await {
             Ok(r) => r.clone().unwrap_or_default(),
             Err(_) => "volume dropped".to_string(),
-        }
+        };
+        r
     }
 }

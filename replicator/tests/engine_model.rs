@@ -385,7 +385,7 @@ fn frozen_peer_times_out_and_primary_continues() {
 #[test]
 fn corrupted_block_is_not_written() {
     rt().block_on(async {
-        let mut p = pair(Mode::Sync, Duration::ZERO, Duration::from_secs(30));
+        let p = pair(Mode::Sync, Duration::ZERO, Duration::from_secs(30));
         p.volume
             .submit_write(0, payload(0, 1, 1, 0))
             .unwrap()

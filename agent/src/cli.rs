@@ -1,0 +1,73 @@
+//! Command-line interface: every argument of every verb is defined here.
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "tandem",
+    version,
+    about = "Block-level, real-time replication of mail volumes over QUIC"
+)]
+pub struct Cli {
+    /// Cluster configuration file.
+    #[arg(
+        short = 'c',
+        long,
+        global = true,
+        env = "TANDEM_CONFIG",
+        default_value = "/etc/tandem/tandem.toml"
+    )]
+    pub config: PathBuf,
+    /// This node's name in the configuration (default: the host name).
+    #[arg(short = 'n', long, global = true, env = "TANDEM_NODE")]
+    pub node: Option<String>,
+    #[command(subcommand)]
+    pub cmd: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the node's daemon in the foreground (logs to stderr; RUST_LOG sets the level).
+    Agent,
+    /// Generate a node's key and self-signed certificate: DIR/NAME.crt and DIR/NAME.key.
+    Keygen {
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        out: PathBuf,
+        /// Replace existing files.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Show roles, disk states, peers and replication.
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Make this node primary for RESOURCE and expose its block device.
+    Promote {
+        resource: String,
+        /// Promote even if the local disk is not up to date (peers then need a full resync).
+        #[arg(long)]
+        force: bool,
+    },
+    /// Remove the device and make this node secondary for RESOURCE.
+    Demote { resource: String },
+    /// Run a complete two-node replication on this machine and verify it.
+    Demo {
+        /// Mail messages to deliver into the replicated Maildir.
+        #[arg(long, default_value_t = 600)]
+        messages: usize,
+        /// Size of the replicated volume.
+        #[arg(long, default_value = "256MiB")]
+        size: String,
+        /// Keep the working directory (keys, config, images, logs) afterwards.
+        #[arg(long)]
+        keep: bool,
+        /// Parent directory for the working directory.
+        #[arg(long, default_value = "/var/tmp")]
+        workdir: PathBuf,
+    },
+}

@@ -1,0 +1,468 @@
+//! The cluster configuration file (TOML): nodes, resources, disks, options.
+//!
+//! Parsing is strict (unknown keys are errors) and every check names the offending item, so
+//! a typo is found when the agent starts, not when a failover needs it.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use tandem_replicator::Mode;
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    #[error("cannot read config {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("config: {0}")]
+    Invalid(String),
+}
+
+fn invalid(msg: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid(msg.into())
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    cluster: String,
+    #[serde(default)]
+    options: FileOptions,
+    #[serde(default)]
+    node: Vec<FileNode>,
+    #[serde(default)]
+    resource: Vec<FileResource>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileOptions {
+    timeout: Option<String>,
+    heartbeat_interval: Option<String>,
+    connect_retry: Option<String>,
+    stream_window: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileNode {
+    name: String,
+    address: String,
+    control: PathBuf,
+    run_dir: PathBuf,
+    cert: PathBuf,
+    key: PathBuf,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileResource {
+    name: String,
+    size: String,
+    #[serde(default)]
+    mode: Option<String>,
+    #[serde(default)]
+    timeout: Option<String>,
+    #[serde(default)]
+    bitmap_granularity: Option<String>,
+    #[serde(default)]
+    disk: BTreeMap<String, FileDisk>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileDisk {
+    image: PathBuf,
+    meta: PathBuf,
+}
+
+#[derive(Debug, Clone)]
+pub struct Node {
+    pub name: String,
+    pub address: SocketAddr,
+    pub control: PathBuf,
+    pub run_dir: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+#[derive(Debug, Clone)]
+pub struct Disk {
+    pub image: PathBuf,
+    pub meta: PathBuf,
+}
+
+#[derive(Debug, Clone)]
+pub struct Resource {
+    pub name: String,
+    pub size: u64,
+    pub mode: Mode,
+    /// How long a peer may leave a request unanswered before it is declared disconnected.
+    pub timeout: Duration,
+    pub bitmap_granularity: u64,
+    /// Nodes holding a copy, by name.
+    pub disks: BTreeMap<String, Disk>,
+}
+
+impl Resource {
+    /// Nodes other than `me` with a disk for this resource.
+    pub fn peers_of(&self, me: &str) -> Vec<String> {
+        self.disks
+            .keys()
+            .filter(|n| n.as_str() != me)
+            .cloned()
+            .collect()
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub timeout: Duration,
+    pub heartbeat_interval: Duration,
+    pub connect_retry: Duration,
+    pub stream_window: u64,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            timeout: Duration::from_secs(5),
+            heartbeat_interval: Duration::from_secs(1),
+            connect_retry: Duration::from_secs(1),
+            stream_window: 16 << 20,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub path: PathBuf,
+    pub cluster: String,
+    pub options: Options,
+    pub nodes: Vec<Node>,
+    pub resources: Vec<Resource>,
+}
+
+/// Parses "512MiB", "1GiB", "4096", "4k" (binary units; bytes if no unit).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size (e.g. 512MiB)"))?;
+    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kib" | "kb" => 1 << 10,
+        "m" | "mib" | "mb" => 1 << 20,
+        "g" | "gib" | "gb" => 1 << 30,
+        "t" | "tib" | "tb" => 1 << 40,
+        other => return Err(format!("unknown size unit {other:?} in {s:?}")),
+    };
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("size {s:?} overflows"))
+}
+
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s.trim())
+        .map_err(|e| format!("{s:?} is not a duration (e.g. 5s, 500ms): {e}"))
+}
+
+fn valid_name(kind: &str, n: &str) -> Result<(), ConfigError> {
+    if n.is_empty()
+        || n.len() > 63
+        || !n
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+    {
+        return Err(invalid(format!(
+            "{kind} name {n:?} must be 1-63 characters of letters, digits, '-' or '_'"
+        )));
+    }
+    Ok(())
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::parse(&text, path)
+    }
+
+    pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        let f: FileConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })?;
+        valid_name("cluster", &f.cluster)?;
+        let mut options = Options::default();
+        let dur = |what: &str, v: &Option<String>, d: Duration| -> Result<Duration, ConfigError> {
+            match v {
+                None => Ok(d),
+                Some(s) => parse_duration(s).map_err(|e| invalid(format!("options.{what}: {e}"))),
+            }
+        };
+        options.timeout = dur("timeout", &f.options.timeout, options.timeout)?;
+        options.heartbeat_interval = dur(
+            "heartbeat_interval",
+            &f.options.heartbeat_interval,
+            options.heartbeat_interval,
+        )?;
+        options.connect_retry = dur(
+            "connect_retry",
+            &f.options.connect_retry,
+            options.connect_retry,
+        )?;
+        if let Some(w) = &f.options.stream_window {
+            options.stream_window =
+                parse_size(w).map_err(|e| invalid(format!("options.stream_window: {e}")))?;
+        }
+        if options.heartbeat_interval >= options.timeout {
+            return Err(invalid(format!(
+                "options.heartbeat_interval ({:?}) must be shorter than options.timeout ({:?})",
+                options.heartbeat_interval, options.timeout
+            )));
+        }
+        if options.stream_window < (1 << 20) {
+            return Err(invalid("options.stream_window must be at least 1MiB"));
+        }
+
+        let mut nodes = Vec::new();
+        let mut names = BTreeSet::new();
+        let mut addrs = BTreeSet::new();
+        for n in f.node {
+            valid_name("node", &n.name)?;
+            if !names.insert(n.name.clone()) {
+                return Err(invalid(format!("node {:?} is defined twice", n.name)));
+            }
+            let address: SocketAddr = n.address.parse().map_err(|_| {
+                invalid(format!(
+                    "node {}: address {:?} is not IP:port (e.g. 192.0.2.1:7789)",
+                    n.name, n.address
+                ))
+            })?;
+            if !addrs.insert(address) {
+                return Err(invalid(format!(
+                    "node {}: address {address} is used by another node",
+                    n.name
+                )));
+            }
+            nodes.push(Node {
+                name: n.name,
+                address,
+                control: n.control,
+                run_dir: n.run_dir,
+                cert: n.cert,
+                key: n.key,
+            });
+        }
+        if nodes.is_empty() {
+            return Err(invalid("no [[node]] defined"));
+        }
+
+        let mut resources = Vec::new();
+        let mut rnames = BTreeSet::new();
+        for r in f.resource {
+            valid_name("resource", &r.name)?;
+            if !rnames.insert(r.name.clone()) {
+                return Err(invalid(format!("resource {:?} is defined twice", r.name)));
+            }
+            let ctx = |m: String| invalid(format!("resource {}: {m}", r.name));
+            let size = parse_size(&r.size).map_err(|e| ctx(format!("size: {e}")))?;
+            if size == 0 || size % 4096 != 0 {
+                return Err(ctx(format!(
+                    "size {} must be a positive multiple of 4KiB",
+                    r.size
+                )));
+            }
+            let mode = match &r.mode {
+                None => Mode::Sync,
+                Some(m) => m.parse().map_err(|e: String| ctx(format!("mode: {e}")))?,
+            };
+            let timeout = match &r.timeout {
+                None => options.timeout,
+                Some(t) => parse_duration(t).map_err(|e| ctx(format!("timeout: {e}")))?,
+            };
+            let bitmap_granularity = match &r.bitmap_granularity {
+                None => 4096,
+                Some(g) => parse_size(g).map_err(|e| ctx(format!("bitmap_granularity: {e}")))?,
+            };
+            if !bitmap_granularity.is_power_of_two()
+                || !(4096..=(1 << 20)).contains(&bitmap_granularity)
+            {
+                return Err(ctx(
+                    "bitmap_granularity must be a power of two from 4KiB to 1MiB".into(),
+                ));
+            }
+            let mut disks = BTreeMap::new();
+            for (node, d) in r.disk {
+                if !names.contains(&node) {
+                    return Err(ctx(format!(
+                        "disk for unknown node {node:?} (nodes: {})",
+                        names.iter().cloned().collect::<Vec<_>>().join(", ")
+                    )));
+                }
+                if d.image == d.meta {
+                    return Err(ctx(format!(
+                        "node {node}: image and meta are the same file"
+                    )));
+                }
+                disks.insert(
+                    node,
+                    Disk {
+                        image: d.image,
+                        meta: d.meta,
+                    },
+                );
+            }
+            if disks.is_empty() {
+                return Err(ctx("no [resource.disk.NODE] entries".into()));
+            }
+            resources.push(Resource {
+                name: r.name,
+                size,
+                mode,
+                timeout,
+                bitmap_granularity,
+                disks,
+            });
+        }
+        Ok(Config {
+            path: path.to_path_buf(),
+            cluster: f.cluster,
+            options,
+            nodes,
+            resources,
+        })
+    }
+
+    pub fn node(&self, name: &str) -> Result<&Node, ConfigError> {
+        self.nodes.iter().find(|n| n.name == name).ok_or_else(|| {
+            invalid(format!(
+                "node {name:?} is not defined in {} (nodes: {})",
+                self.path.display(),
+                self.nodes
+                    .iter()
+                    .map(|n| n.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ))
+        })
+    }
+
+    /// Resources with a disk on `node`.
+    pub fn resources_of(&self, node: &str) -> Vec<&Resource> {
+        self.resources
+            .iter()
+            .filter(|r| r.disks.contains_key(node))
+            .collect()
+    }
+
+    /// Nodes that share at least one resource with `node`.
+    pub fn peers_of(&self, node: &str) -> Vec<&Node> {
+        let mut set = BTreeSet::new();
+        for r in self.resources_of(node) {
+            set.extend(r.peers_of(node));
+        }
+        self.nodes
+            .iter()
+            .filter(|n| set.contains(&n.name))
+            .collect()
+    }
+
+    pub fn resource(&self, name: &str) -> Option<&Resource> {
+        self.resources.iter().find(|r| r.name == name)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+cluster = "mail"
+[[node]]
+name = "alpha"
+address = "127.0.0.1:7789"
+control = "/run/tandem/alpha.sock"
+run_dir = "/run/tandem/alpha"
+cert = "/etc/tandem/alpha.crt"
+key = "/etc/tandem/alpha.key"
+[[node]]
+name = "beta"
+address = "127.0.0.1:7790"
+control = "/run/tandem/beta.sock"
+run_dir = "/run/tandem/beta"
+cert = "/etc/tandem/beta.crt"
+key = "/etc/tandem/beta.key"
+[[resource]]
+name = "mailstore"
+size = "512MiB"
+mode = "sync"
+[resource.disk.alpha]
+image = "/var/lib/tandem/alpha/mailstore.img"
+meta = "/var/lib/tandem/alpha/mailstore.meta"
+[resource.disk.beta]
+image = "/var/lib/tandem/beta/mailstore.img"
+meta = "/var/lib/tandem/beta/mailstore.meta"
+"#;
+
+    fn parse(s: &str) -> Result<Config, ConfigError> {
+        Config::parse(s, Path::new("test.toml"))
+    }
+
+    #[test]
+    fn the_documented_example_parses() {
+        let c = parse(GOOD).unwrap();
+        assert_eq!(c.resources[0].size, 512 << 20);
+        assert_eq!(c.resources[0].mode, Mode::Sync);
+        assert_eq!(c.peers_of("alpha").len(), 1);
+        assert_eq!(c.resources[0].peers_of("beta"), vec!["alpha".to_string()]);
+    }
+
+    #[test]
+    fn errors_name_the_problem() {
+        let e = parse(&GOOD.replace("[resource.disk.beta]", "[resource.disk.gamma]"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("unknown node \"gamma\""), "{e}");
+        let e = parse(&GOOD.replace("512MiB", "512 parsecs"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("mailstore") && e.contains("size"), "{e}");
+        let e = parse(&GOOD.replace("mode = \"sync\"", "mode = \"fast\""))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("unknown replication mode"), "{e}");
+        let e = parse(&GOOD.replace("127.0.0.1:7790", "localhost"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("beta") && e.contains("address"), "{e}");
+        let e = parse(&GOOD.replace("cluster = \"mail\"", "cluster = \"mail\"\ncolor = 1"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("unknown field"), "{e}");
+        let c = parse(GOOD).unwrap();
+        let e = c.node("gamma").unwrap_err().to_string();
+        assert!(e.contains("gamma") && e.contains("alpha, beta"), "{e}");
+    }
+
+    #[test]
+    fn sizes_and_durations() {
+        assert_eq!(parse_size("4k").unwrap(), 4096);
+        assert_eq!(parse_size("1GiB").unwrap(), 1 << 30);
+        assert_eq!(parse_size("123").unwrap(), 123);
+        assert!(parse_size("12XB").is_err());
+        assert!(parse_size("99999999999999TiB").is_err());
+        assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
+    }
+}

@@ -1,0 +1,75 @@
+//! The local control socket: one JSON request per line, one JSON response per line.
+//! The admin verbs of the `tandem` CLI are clients of it.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{anyhow, Context, Result};
+use serde::{Deserialize, Serialize};
+
+use crate::status::NodeStatus;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "cmd", rename_all = "snake_case")]
+pub enum Request {
+    Status,
+    Promote { resource: String, force: bool },
+    Demote { resource: String },
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Response {
+    pub ok: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub status: Option<NodeStatus>,
+}
+
+impl Response {
+    pub fn ok(message: impl Into<String>) -> Self {
+        Self {
+            ok: true,
+            message: Some(message.into()),
+            ..Default::default()
+        }
+    }
+    pub fn err(e: impl std::fmt::Display) -> Self {
+        Self {
+            ok: false,
+            error: Some(e.to_string()),
+            ..Default::default()
+        }
+    }
+}
+
+/// Sends one request to the agent listening on `socket`.
+pub fn call(socket: &Path, req: &Request, timeout: Duration) -> Result<Response> {
+    let mut s = UnixStream::connect(socket).with_context(|| {
+        format!(
+            "cannot reach the agent at {} (is `tandem agent` running for this node?)",
+            socket.display()
+        )
+    })?;
+    s.set_read_timeout(Some(timeout))?;
+    s.set_write_timeout(Some(timeout))?;
+    let mut line = serde_json::to_string(req)?;
+    line.push('\n');
+    s.write_all(line.as_bytes())?;
+    let mut resp = String::new();
+    BufReader::new(&s)
+        .read_line(&mut resp)
+        .with_context(|| format!("no answer from the agent at {}", socket.display()))?;
+    if resp.is_empty() {
+        return Err(anyhow!(
+            "the agent at {} closed the connection without answering",
+            socket.display()
+        ));
+    }
+    serde_json::from_str(&resp)
+        .with_context(|| format!("unreadable answer from the agent: {resp:?}"))
+}

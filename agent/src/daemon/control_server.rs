@@ -1,0 +1,112 @@
+//! Serves the control socket: status and role changes for the CLI.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+use tracing::warn;
+
+use super::Agent;
+use crate::control::{Request, Response};
+
+pub struct ControlServer {
+    listener: UnixListener,
+    path: PathBuf,
+}
+
+impl ControlServer {
+    pub fn bind(path: &Path) -> Result<Self> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)
+                .with_context(|| format!("cannot create {}", dir.display()))?;
+        }
+        if path.exists() {
+            // A live agent answers on it; a dead one left the file behind.
+            if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                anyhow::bail!("another agent is already listening on {}", path.display());
+            }
+            std::fs::remove_file(path)
+                .with_context(|| format!("cannot remove stale {}", path.display()))?;
+        }
+        let listener = UnixListener::bind(path)
+            .with_context(|| format!("cannot listen on control socket {}", path.display()))?;
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+        Ok(Self {
+            listener,
+            path: path.to_path_buf(),
+        })
+    }
+
+    pub async fn serve(self, agent: Arc<Agent>) {
+        loop {
+            tokio::select! {
+                r = self.listener.accept() => match r {
+                    Ok((s, _)) => { tokio::spawn(handle(agent.clone(), s)); }
+                    Err(e) => warn!(socket = %self.path.display(), "control socket accept failed: {e}"),
+                },
+                _ = agent.shutdown.cancelled() => return,
+            }
+        }
+    }
+}
+
+async fn handle(agent: Arc<Agent>, s: UnixStream) {
+    let (r, mut w) = s.into_split();
+    let mut lines = BufReader::new(r).lines();
+    while let Ok(Some(line)) = lines.next_line().await {
+        let resp = match serde_json::from_str::<Request>(&line) {
+            Ok(req) => dispatch(&agent, req).await,
+            Err(e) => Response::err(format!("malformed request: {e}")),
+        };
+        let mut out = serde_json::to_string(&resp)
+            .unwrap_or_else(|e| format!("{{\"ok\":false,\"error\":\"{e}\"}}"));
+        out.push('\n');
+        if w.write_all(out.as_bytes()).await.is_err() {
+            return;
+        }
+    }
+}
+
+async fn dispatch(agent: &Arc<Agent>, req: Request) -> Response {
+    let resource = |name: &str| {
+        agent.resources.get(name).cloned().ok_or_else(|| {
+            format!(
+                "no resource {name:?} on node {} (resources: {})",
+                agent.me.name,
+                agent
+                    .resources
+                    .keys()
+                    .cloned()
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        })
+    };
+    match req {
+        Request::Status => Response {
+            ok: true,
+            status: Some(agent.status()),
+            ..Default::default()
+        },
+        Request::Promote {
+            resource: name,
+            force,
+        } => match resource(&name) {
+            Ok(r) => match r.promote(force).await {
+                Ok(m) => Response::ok(m),
+                Err(e) => Response::err(format!("{e:#}")),
+            },
+            Err(e) => Response::err(e),
+        },
+        Request::Demote { resource: name } => match resource(&name) {
+            Ok(r) => match r.demote().await {
+                Ok(m) => Response::ok(m),
+                Err(e) => Response::err(format!("{e:#}")),
+            },
+            Err(e) => Response::err(e),
+        },
+    }
+}

@@ -1,0 +1,153 @@
+//! `tandem agent`: the daemon of one node.
+
+pub mod control_server;
+pub mod peer_link;
+pub mod resource;
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+
+use anyhow::{Context, Result};
+use quinn::Connection;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info};
+
+use crate::config::{Config, Node};
+use crate::status::NodeStatus;
+use crate::tls::Identity;
+use crate::transport::{pin_peers, Transport, TransportSettings};
+use resource::Resource;
+
+pub struct Agent {
+    pub cfg: Config,
+    pub me: Node,
+    pub transport: Transport,
+    pub resources: BTreeMap<String, Arc<Resource>>,
+    connections: Mutex<HashMap<String, Connection>>,
+    pub shutdown: CancellationToken,
+}
+
+impl Agent {
+    /// Loads everything the node needs and fails with a message naming the problem if
+    /// anything is missing or inconsistent: keys, certificates, images, metadata.
+    pub fn new(cfg: Config, node: &str) -> Result<Arc<Self>> {
+        let me = cfg.node(node)?.clone();
+        let identity = Identity::load(&me.cert, &me.key)
+            .with_context(|| format!("node {node}'s own identity"))?;
+        let pinned = pin_peers(&cfg, node)?;
+        if cfg.resources_of(node).is_empty() {
+            anyhow::bail!(
+                "node {node} has no disk in any resource of {}",
+                cfg.path.display()
+            );
+        }
+        let rt = tokio::runtime::Handle::current();
+        let mut resources = BTreeMap::new();
+        for r in cfg.resources_of(node) {
+            resources.insert(
+                r.name.clone(),
+                Resource::open(&cfg.cluster, node, &me.run_dir, r, rt.clone())?,
+            );
+        }
+        let transport = Transport::bind(
+            identity,
+            pinned,
+            TransportSettings::from_config(&cfg),
+            me.address,
+        )?;
+        Ok(Arc::new(Self {
+            cfg,
+            me,
+            transport,
+            resources,
+            connections: Mutex::new(HashMap::new()),
+            shutdown: CancellationToken::new(),
+        }))
+    }
+
+    pub fn stopping(&self) -> bool {
+        self.shutdown.is_cancelled()
+    }
+
+    /// Records the live connection to `node`, returning one it replaces.
+    pub fn register_connection(&self, node: &str, conn: Connection) -> Option<Connection> {
+        self.connections
+            .lock()
+            .unwrap()
+            .insert(node.to_string(), conn)
+    }
+
+    pub fn unregister_connection(&self, node: &str, conn: &Connection) {
+        let mut c = self.connections.lock().unwrap();
+        if c.get(node)
+            .is_some_and(|x| x.stable_id() == conn.stable_id())
+        {
+            c.remove(node);
+        }
+    }
+
+    pub fn status(&self) -> NodeStatus {
+        NodeStatus {
+            node: self.me.name.clone(),
+            cluster: self.cfg.cluster.clone(),
+            resources: self.resources.values().map(|r| r.status()).collect(),
+        }
+    }
+
+    /// Runs until SIGTERM/SIGINT, then shuts down cleanly.
+    pub async fn run(self: Arc<Self>) -> Result<()> {
+        let control = control_server::ControlServer::bind(&self.me.control)?;
+        info!(node = %self.me.name, address = %self.me.address, control = %self.me.control.display(),
+              resources = ?self.resources.keys().collect::<Vec<_>>(), "agent started");
+        let mut tasks = tokio::task::JoinSet::new();
+        tasks.spawn(control.serve(self.clone()));
+        for peer in self.cfg.peers_of(&self.me.name) {
+            if peer_link::dials(&self.me.name, &peer.name) {
+                tasks.spawn(peer_link::dial_loop(self.clone(), peer.clone()));
+            }
+        }
+        let acceptor = self.clone();
+        tasks.spawn(async move {
+            loop {
+                tokio::select! {
+                    inc = acceptor.transport.accept() => match inc {
+                        Some(i) => { tokio::spawn(peer_link::accept(acceptor.clone(), i)); }
+                        None => return,
+                    },
+                    _ = acceptor.shutdown.cancelled() => return,
+                }
+            }
+        });
+        wait_for_signal().await;
+        info!("shutting down");
+        self.shutdown.cancel();
+        for r in self.resources.values() {
+            r.shutdown().await;
+        }
+        self.transport.close();
+        let _ = tokio::time::timeout(
+            std::time::Duration::from_secs(2),
+            self.transport.wait_idle(),
+        )
+        .await;
+        tasks.abort_all();
+        let _ = std::fs::remove_file(&self.me.control);
+        info!("agent stopped");
+        Ok(())
+    }
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            error!("cannot install SIGTERM handler: {e}");
+            return std::future::pending().await;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}

@@ -1,0 +1,413 @@
+//! One QUIC connection to a peer node: handshake, heartbeats, control messages, and the
+//! streams each resource opens on it.
+//!
+//! The node whose name sorts first dials; the other accepts. The dialer opens the control
+//! stream; both send a hello at once and check the other's: protocol version, cluster, the
+//! node named by the certificate, and for every shared resource its size and block size.
+//! Any mismatch is refused with a reason both logs show.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Result};
+use quinn::{Connection, VarInt};
+use tandem_protocol::{ControlMsg, Frame, Hello, StreamPurpose, PROTOCOL_VERSION};
+use tandem_replicator::Link;
+use tokio::sync::mpsc;
+use tracing::{error, info, warn};
+
+use super::Agent;
+use crate::config::Node;
+use crate::transport::framed::{spawn_link, FrameReader, FrameWriter};
+use crate::transport::{close_code, describe_close, peer_node};
+
+/// A handle on a live connection that resources use.
+#[derive(Clone)]
+pub struct PeerConn {
+    pub node: String,
+    conn: Connection,
+    control: mpsc::Sender<Frame>,
+}
+
+impl PeerConn {
+    pub fn id(&self) -> usize {
+        self.conn.stable_id()
+    }
+
+    pub fn send_control(&self, msg: ControlMsg) {
+        if self.control.try_send(Frame::Control(msg)).is_err() {
+            warn!(peer = %self.node, "control channel full or closed; message dropped");
+        }
+    }
+
+    pub fn close(&self, code: u32, reason: &str) {
+        self.conn.close(VarInt::from_u32(code), reason.as_bytes());
+    }
+
+    /// Opens a replication stream for `resource`.
+    pub async fn open_replication(&self, resource: &str) -> Result<Link> {
+        let (send, recv) = self.conn.open_bi().await?;
+        let mut w = FrameWriter::new(send);
+        w.send(&Frame::Control(ControlMsg::OpenStream {
+            resource: resource.to_string(),
+            purpose: StreamPurpose::Replication,
+        }))
+        .await?;
+        Ok(spawn_link(
+            self.conn.clone(),
+            w,
+            FrameReader::new(recv),
+            self.node.clone(),
+        ))
+    }
+}
+
+/// Whether `me` dials `peer` (the lower name dials).
+pub fn dials(me: &str, peer: &str) -> bool {
+    me < peer
+}
+
+/// Dials `peer` for as long as the agent runs, re-establishing lost connections.
+pub async fn dial_loop(agent: Arc<Agent>, peer: Node) {
+    let retry = agent.cfg.options.connect_retry;
+    let mut backoff = retry;
+    loop {
+        if agent.stopping() {
+            return;
+        }
+        match agent.transport.connect(&peer).await {
+            Ok(conn) => match serve(agent.clone(), conn, &peer.name, true).await {
+                Ok(()) => backoff = retry,
+                Err(e) => {
+                    // A refused handshake will be refused again: back off harder.
+                    warn!(peer = %peer.name, "connection refused: {e:#}");
+                    backoff = (backoff * 2).min(Duration::from_secs(30));
+                }
+            },
+            Err(e) => {
+                tracing::debug!(peer = %peer.name, "connect failed: {e:#}");
+                backoff = retry;
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(backoff) => {}
+            _ = agent.shutdown.cancelled() => return,
+        }
+    }
+}
+
+/// Handles an incoming connection attempt.
+pub async fn accept(agent: Arc<Agent>, incoming: quinn::Incoming) {
+    let from = incoming.remote_address();
+    let conn = match incoming.await {
+        Ok(c) => c,
+        Err(e) => {
+            warn!(%from, "refused connection: TLS handshake failed: {e}");
+            return;
+        }
+    };
+    let Some(node) = peer_node(&conn, agent.transport.pinned()) else {
+        warn!(%from, "refused connection: peer certificate not configured");
+        conn.close(
+            VarInt::from_u32(close_code::HANDSHAKE_REFUSED),
+            b"certificate not configured",
+        );
+        return;
+    };
+    if !dials(&node, &agent.me.name) {
+        let reason = format!("{} dials {node}, not the other way round", agent.me.name);
+        warn!(%from, "refused connection from {node}: {reason}");
+        conn.close(
+            VarInt::from_u32(close_code::HANDSHAKE_REFUSED),
+            reason.as_bytes(),
+        );
+        return;
+    }
+    if let Err(e) = serve(agent, conn, &node, false).await {
+        warn!(peer = %node, "connection refused: {e:#}");
+    }
+}
+
+async fn read_hello(r: &mut FrameReader, timeout: Duration) -> Result<Hello> {
+    let f = tokio::time::timeout(timeout, r.next())
+        .await
+        .map_err(|_| anyhow!("no hello within {timeout:?}"))??
+        .ok_or_else(|| anyhow!("stream closed before hello"))?;
+    match f {
+        Frame::Hello { version, body } => {
+            if version != PROTOCOL_VERSION {
+                bail!(
+                    "peer speaks protocol version {version}, this node speaks version {PROTOCOL_VERSION}; \
+                     run the same tandem version on both nodes"
+                );
+            }
+            Ok(Frame::hello_body(&body)?)
+        }
+        Frame::Control(ControlMsg::Refuse { reason }) => {
+            bail!("peer refused the handshake: {reason}")
+        }
+        other => bail!("expected hello, got a {} frame", other.kind().name()),
+    }
+}
+
+/// Checks the peer's hello against our configuration; returns the reason to refuse.
+fn check_hello(agent: &Agent, node: &str, h: &Hello) -> Result<(), String> {
+    if h.cluster != agent.cfg.cluster {
+        return Err(format!(
+            "peer is in cluster {:?}, this node in {:?}",
+            h.cluster, agent.cfg.cluster
+        ));
+    }
+    if h.node != node {
+        return Err(format!(
+            "peer says it is node {:?} but presented the certificate of {node:?}",
+            h.node
+        ));
+    }
+    for r in agent.resources.values().filter(|r| r.has_peer(node)) {
+        let Some(theirs) = h.resources.iter().find(|x| x.name == r.name) else {
+            continue;
+        };
+        let mine = r.hello();
+        if theirs.size != mine.size {
+            return Err(format!(
+                "resource {}: size mismatch: {} has {} bytes, {} has {} bytes",
+                r.name, agent.me.name, mine.size, node, theirs.size
+            ));
+        }
+        if theirs.block_size != mine.block_size {
+            return Err(format!(
+                "resource {}: block size mismatch: {} uses {}, {} uses {}",
+                r.name, agent.me.name, mine.block_size, node, theirs.block_size
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Runs a connection from handshake to its end. `Err` means the handshake was refused.
+async fn serve(agent: Arc<Agent>, conn: Connection, node: &str, dialed: bool) -> Result<()> {
+    let timeout = agent.cfg.options.timeout;
+    let shared: Vec<_> = agent
+        .resources
+        .values()
+        .filter(|r| r.has_peer(node))
+        .cloned()
+        .collect();
+    let hello = Hello {
+        cluster: agent.cfg.cluster.clone(),
+        node: agent.me.name.clone(),
+        resources: shared.iter().map(|r| r.hello()).collect(),
+    };
+    let (send, recv) = if dialed {
+        conn.open_bi().await?
+    } else {
+        tokio::time::timeout(timeout, conn.accept_bi())
+            .await
+            .map_err(|_| anyhow!("no control stream"))??
+    };
+    let (mut w, mut r) = (FrameWriter::new(send), FrameReader::new(recv));
+    w.send(&Frame::hello(&hello)).await?;
+    let checked = match read_hello(&mut r, timeout).await {
+        Ok(h) => check_hello(&agent, node, &h).map(|_| h),
+        Err(e) => Err(format!("{e:#}")),
+    };
+    let theirs = match checked {
+        Ok(h) => h,
+        Err(why) => {
+            let reason = format!("handshake with {node} refused: {why}");
+            error!("{reason}");
+            for res in &shared {
+                res.peer_refused(node, &reason);
+            }
+            let _ = w
+                .send(&Frame::Control(ControlMsg::Refuse { reason: why }))
+                .await;
+            // Give the refusal a moment to reach the peer before closing.
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            conn.close(
+                VarInt::from_u32(close_code::HANDSHAKE_REFUSED),
+                reason.as_bytes(),
+            );
+            bail!(reason);
+        }
+    };
+    if let Some(old) = agent.register_connection(node, conn.clone()) {
+        old.close(
+            VarInt::from_u32(close_code::DUPLICATE),
+            b"replaced by a newer connection",
+        );
+    }
+    info!(peer = %node, remote = %conn.remote_address(), "connected");
+
+    let (control_tx, mut control_rx) = mpsc::channel::<Frame>(1024);
+    let pc = PeerConn {
+        node: node.to_string(),
+        conn: conn.clone(),
+        control: control_tx.clone(),
+    };
+    let remote: BTreeMap<String, _> = theirs
+        .resources
+        .into_iter()
+        .map(|r| (r.name.clone(), r))
+        .collect();
+    for res in &shared {
+        if let Some(rh) = remote.get(&res.name) {
+            res.peer_connected(pc.clone(), rh.clone());
+        } else {
+            warn!(resource = %res.name, peer = %node, "peer does not configure this resource");
+        }
+    }
+
+    let started = Instant::now();
+    let last_heard = Arc::new(AtomicU64::new(0));
+    let heard = || started.elapsed().as_millis() as u64;
+    let writer = async {
+        while let Some(f) = control_rx.recv().await {
+            if w.send(&f).await.is_err() {
+                break;
+            }
+        }
+    };
+    let heartbeat = async {
+        let mut nonce = 0u64;
+        loop {
+            tokio::time::sleep(agent.cfg.options.heartbeat_interval).await;
+            nonce += 1;
+            if control_tx
+                .send(Frame::Heartbeat {
+                    nonce,
+                    reply: false,
+                })
+                .await
+                .is_err()
+            {
+                return;
+            }
+        }
+    };
+    let reader = async {
+        loop {
+            let f = match r.next().await {
+                Ok(Some(f)) => f,
+                Ok(None) => return "control stream closed".to_string(),
+                Err(e) => {
+                    let reason = format!("control stream from {node}: {e}");
+                    conn.close(
+                        VarInt::from_u32(close_code::PROTOCOL_ERROR),
+                        reason.as_bytes(),
+                    );
+                    return reason;
+                }
+            };
+            last_heard.store(heard(), Ordering::Relaxed);
+            match f {
+                Frame::Heartbeat {
+                    nonce,
+                    reply: false,
+                } => {
+                    let _ = control_tx.try_send(Frame::Heartbeat { nonce, reply: true });
+                }
+                Frame::Heartbeat { reply: true, .. } => {}
+                Frame::Control(ControlMsg::ResourceState(rh)) => {
+                    if let Some(res) = agent.resources.get(&rh.name) {
+                        res.on_remote_state(node, rh);
+                    }
+                }
+                Frame::Control(ControlMsg::PeerView(v)) => {
+                    if let Some(res) = agent.resources.get(&v.resource) {
+                        res.on_peer_view(node, v);
+                    }
+                }
+                Frame::Control(ControlMsg::Error { reason }) => {
+                    return format!("peer reported: {reason}")
+                }
+                other => {
+                    let reason = format!(
+                        "unexpected {} frame on the control stream",
+                        other.kind().name()
+                    );
+                    conn.close(
+                        VarInt::from_u32(close_code::PROTOCOL_ERROR),
+                        reason.as_bytes(),
+                    );
+                    return reason;
+                }
+            }
+        }
+    };
+    let watchdog = async {
+        loop {
+            tokio::time::sleep(agent.cfg.options.heartbeat_interval / 2).await;
+            let silent = heard().saturating_sub(last_heard.load(Ordering::Relaxed));
+            if silent > timeout.as_millis() as u64 {
+                let reason = format!(
+                    "no heartbeat from {node} for {:.1}s",
+                    silent as f64 / 1000.0
+                );
+                conn.close(VarInt::from_u32(close_code::TIMEOUT), reason.as_bytes());
+                return reason;
+            }
+        }
+    };
+    let streams = async {
+        loop {
+            let (send, recv) = match conn.accept_bi().await {
+                Ok(s) => s,
+                Err(e) => return describe_close(&e),
+            };
+            let (agent, pc, node) = (agent.clone(), pc.clone(), node.to_string());
+            tokio::spawn(async move {
+                let mut r = FrameReader::new(recv);
+                match tokio::time::timeout(Duration::from_secs(10), r.next()).await {
+                    Ok(Ok(Some(Frame::Control(ControlMsg::OpenStream {
+                        resource,
+                        purpose: StreamPurpose::Replication,
+                    })))) => {
+                        match agent
+                            .resources
+                            .get(&resource)
+                            .filter(|res| res.has_peer(&node))
+                        {
+                            Some(res) => {
+                                let link = spawn_link(
+                                    pc.conn.clone(),
+                                    FrameWriter::new(send),
+                                    r,
+                                    node.clone(),
+                                );
+                                res.accept_replication(&node, pc, link);
+                            }
+                            None => {
+                                warn!(peer = %node, "stream for unknown resource {resource:?} ignored")
+                            }
+                        }
+                    }
+                    other => {
+                        warn!(peer = %node, "stream without a valid opening frame ignored: {other:?}")
+                    }
+                }
+            });
+        }
+    };
+    let reason = tokio::select! {
+        _ = writer => "control writer ended".to_string(),
+        _ = heartbeat => "heartbeat ended".to_string(),
+        r = reader => r,
+        r = watchdog => r,
+        r = streams => r,
+        e = conn.closed() => describe_close(&e),
+        _ = agent.shutdown.cancelled() => "agent shutting down".to_string(),
+    };
+    if conn.close_reason().is_none() {
+        conn.close(VarInt::from_u32(close_code::SHUTDOWN), reason.as_bytes());
+    }
+    agent.unregister_connection(node, &conn);
+    warn!(peer = %node, "disconnected: {reason}");
+    for res in &shared {
+        res.peer_disconnected(node, pc.id(), &reason, false);
+    }
+    Ok(())
+}

@@ -1,0 +1,305 @@
+//! The FUSE half of the loop-over-FUSE frontend: one directory holding one file, `image`,
+//! whose reads and writes go to the primary's [`Volume`].
+//!
+//! Requests are decoded on fuser's thread; a write's data is copied once into an aligned
+//! buffer, admitted (sequence number, ordering, fan-out) right there so the change stream
+//! follows the kernel's order, and completed on the tokio runtime, which replies. FSYNC is
+//! the barrier; FALLOCATE punch-hole / zero-range is a replicated discard.
+
+use std::ffi::OsStr;
+use std::sync::Arc;
+use std::time::{Duration, UNIX_EPOCH};
+
+use fuser::{
+    Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, InitFlags,
+    KernelConfig, LockOwner, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyEmpty,
+    ReplyEntry, ReplyOpen, ReplyWrite, Request, WriteFlags,
+};
+use tandem_replicator::{Volume, VolumeError};
+use tokio::runtime::Handle;
+use tracing::{debug, warn};
+
+use crate::storage::AlignedBuf;
+
+pub const IMAGE_NAME: &str = "image";
+const IMAGE_INO: INodeNo = INodeNo(2);
+const TTL: Duration = Duration::from_secs(3600);
+
+pub struct ImageFs {
+    volume: Arc<Volume>,
+    rt: Handle,
+    size: u64,
+}
+
+impl ImageFs {
+    pub fn new(volume: Arc<Volume>, rt: Handle) -> Self {
+        let size = volume.size();
+        Self { volume, rt, size }
+    }
+
+    fn attr(&self, ino: INodeNo) -> FileAttr {
+        let dir = ino == INodeNo::ROOT;
+        FileAttr {
+            ino,
+            size: if dir { 0 } else { self.size },
+            blocks: if dir { 0 } else { self.size / 512 },
+            atime: UNIX_EPOCH,
+            mtime: UNIX_EPOCH,
+            ctime: UNIX_EPOCH,
+            crtime: UNIX_EPOCH,
+            kind: if dir {
+                FileType::Directory
+            } else {
+                FileType::RegularFile
+            },
+            perm: if dir { 0o700 } else { 0o600 },
+            nlink: if dir { 2 } else { 1 },
+            uid: 0,
+            gid: 0,
+            rdev: 0,
+            flags: 0,
+            blksize: 4096,
+        }
+    }
+}
+
+fn errno(e: &VolumeError) -> Errno {
+    Errno::from_i32(e.errno())
+}
+
+impl Filesystem for ImageFs {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        // 1 MiB writes (the kernel caps at fs.fuse.max_pages_limit), enough requests in
+        // flight for QD32, and asynchronous direct I/O so the loop device's requests are not
+        // serialised on the inode lock.
+        let _ = config.set_max_write(1 << 20);
+        let _ = config.set_max_background(128);
+        let _ = config.set_congestion_threshold(96);
+        if config.capabilities().contains(InitFlags::FUSE_ASYNC_DIO) {
+            let _ = config.add_capabilities(InitFlags::FUSE_ASYNC_DIO);
+        }
+        Ok(())
+    }
+
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        if parent == INodeNo::ROOT && name == IMAGE_NAME {
+            reply.entry(&TTL, &self.attr(IMAGE_INO), Generation(0));
+        } else {
+            reply.error(Errno::ENOENT);
+        }
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        if ino == INodeNo::ROOT || ino == IMAGE_INO {
+            reply.attr(&TTL, &self.attr(ino));
+        } else {
+            reply.error(Errno::ENOENT);
+        }
+    }
+
+    fn setattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _mode: Option<u32>,
+        _uid: Option<u32>,
+        _gid: Option<u32>,
+        size: Option<u64>,
+        _atime: Option<fuser::TimeOrNow>,
+        _mtime: Option<fuser::TimeOrNow>,
+        _ctime: Option<std::time::SystemTime>,
+        _fh: Option<FileHandle>,
+        _crtime: Option<std::time::SystemTime>,
+        _chgtime: Option<std::time::SystemTime>,
+        _bkuptime: Option<std::time::SystemTime>,
+        _flags: Option<fuser::BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        // The volume's size is fixed by the configuration; everything else is cosmetic.
+        if ino == IMAGE_INO && size.is_some_and(|s| s != self.size) {
+            reply.error(Errno::EPERM);
+            return;
+        }
+        reply.attr(&TTL, &self.attr(ino));
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        if ino != IMAGE_INO {
+            reply.error(Errno::EISDIR);
+            return;
+        }
+        // Direct I/O in the kernel: no page cache in front of the engine, so every write
+        // and every flush reaches us, and parallel direct writes are not serialised.
+        reply.opened(
+            FileHandle(1),
+            FopenFlags::FOPEN_DIRECT_IO | FopenFlags::FOPEN_PARALLEL_DIRECT_WRITES,
+        );
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        let len = (size as u64).min(self.size.saturating_sub(offset));
+        if len == 0 {
+            reply.data(&[]);
+            return;
+        }
+        let v = self.volume.clone();
+        self.rt.spawn(async move {
+            match v.read(offset, len).await {
+                Ok(buf) => reply.data(&buf),
+                Err(e) => reply.error(errno(&e)),
+            }
+        });
+    }
+
+    fn write(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        data: &[u8],
+        _wf: WriteFlags,
+        _flags: OpenFlags,
+        _lock: Option<LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        // The one copy out of the kernel's request buffer, before anything else sees it.
+        let buf = AlignedBuf::copy_from(data).into_bytes();
+        let len = data.len() as u32;
+        match self.volume.submit_write(offset, buf) {
+            Ok(done) => {
+                self.rt.spawn(async move {
+                    match done.await {
+                        Ok(_) => reply.written(len),
+                        Err(e) => reply.error(errno(&e)),
+                    }
+                });
+            }
+            Err(e) => {
+                debug!("write refused: {e}");
+                reply.error(errno(&e));
+            }
+        }
+    }
+
+    fn flush(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _lock: LockOwner,
+        reply: ReplyEmpty,
+    ) {
+        // close(2), not a durability request.
+        reply.ok();
+    }
+
+    fn fsync(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        let done = self.volume.submit_flush();
+        self.rt.spawn(async move {
+            match done.await {
+                Ok(_) => reply.ok(),
+                Err(e) => reply.error(errno(&e)),
+            }
+        });
+    }
+
+    fn fallocate(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        length: u64,
+        mode: i32,
+        reply: ReplyEmpty,
+    ) {
+        let punch = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+        let zero = libc::FALLOC_FL_ZERO_RANGE;
+        let zero_keep = libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE;
+        if mode == 0 || mode == libc::FALLOC_FL_KEEP_SIZE {
+            // Preallocation: the image is already fully sized.
+            reply.ok();
+            return;
+        }
+        if mode != punch && mode != zero && mode != zero_keep {
+            warn!(mode, "unsupported fallocate mode");
+            reply.error(Errno::EOPNOTSUPP);
+            return;
+        }
+        let length = length.min(self.size.saturating_sub(offset));
+        if length == 0 {
+            reply.ok();
+            return;
+        }
+        match self.volume.submit_discard(offset, length) {
+            Ok(done) => {
+                self.rt.spawn(async move {
+                    match done.await {
+                        Ok(_) => reply.ok(),
+                        Err(e) => reply.error(errno(&e)),
+                    }
+                });
+            }
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn getxattr(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _name: &OsStr,
+        _size: u32,
+        reply: fuser::ReplyXattr,
+    ) {
+        // No extended attributes; ENOSYS makes the kernel stop asking.
+        reply.error(Errno::ENOSYS);
+    }
+
+    fn listxattr(&self, _req: &Request, _ino: INodeNo, _size: u32, reply: fuser::ReplyXattr) {
+        reply.error(Errno::ENOSYS);
+    }
+
+    fn readdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
+        if ino != INodeNo::ROOT {
+            reply.error(Errno::ENOTDIR);
+            return;
+        }
+        let entries = [
+            (INodeNo::ROOT, FileType::Directory, "."),
+            (INodeNo::ROOT, FileType::Directory, ".."),
+            (IMAGE_INO, FileType::RegularFile, IMAGE_NAME),
+        ];
+        for (i, (ino, kind, name)) in entries.iter().enumerate().skip(offset as usize) {
+            if reply.add(*ino, (i + 1) as u64, *kind, name) {
+                break;
+            }
+        }
+        reply.ok();
+    }
+}

@@ -1,0 +1,418 @@
+//! A cluster of real agents on this machine, for `tandem demo` and the integration tests:
+//! keys, a config, agent processes, and cleanup of everything it created — processes,
+//! mounts, loop devices, files — even when the run fails or panics.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::net::UdpSocket;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+use crate::control::{self, Request, Response};
+use crate::status::{NodeStatus, ResourceStatus};
+
+pub struct LabNode {
+    pub name: String,
+    pub port: u16,
+    child: Option<Child>,
+}
+
+pub struct Lab {
+    pub dir: PathBuf,
+    pub config: PathBuf,
+    pub nodes: Vec<LabNode>,
+    pub resource: String,
+    exe: PathBuf,
+    keep: bool,
+    mounts: Vec<PathBuf>,
+    /// Loop devices the lab attached itself (not the agents').
+    loops: Vec<String>,
+}
+
+/// Finds a free UDP port on 127.0.0.1 (QUIC runs over UDP).
+pub fn free_udp_port() -> Result<u16> {
+    Ok(UdpSocket::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+pub fn run_cmd(cmd: &mut Command) -> Result<String> {
+    let out = cmd
+        .output()
+        .with_context(|| format!("cannot run {cmd:?}"))?;
+    if !out.status.success() {
+        bail!(
+            "{cmd:?} failed ({}): {}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim(),
+            String::from_utf8_lossy(&out.stdout).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).to_string())
+}
+
+/// Options for the lab's generated configuration.
+#[derive(Debug, Clone)]
+pub struct LabOptions {
+    pub size: u64,
+    pub mode: String,
+    pub timeout: Duration,
+    /// Extra lines appended to the `[options]` table.
+    pub extra_options: String,
+}
+
+impl Default for LabOptions {
+    fn default() -> Self {
+        Self {
+            size: 64 << 20,
+            mode: "sync".into(),
+            timeout: Duration::from_secs(3),
+            extra_options: String::new(),
+        }
+    }
+}
+
+impl Lab {
+    /// Creates keys and a config for `names` (one resource, "mail", on every node) in a new
+    /// directory under `parent`. `exe` is the `tandem` binary to run agents with.
+    pub fn new(parent: &Path, exe: &Path, names: &[&str], opts: &LabOptions) -> Result<Self> {
+        std::fs::create_dir_all(parent)?;
+        let dir = tempfile::Builder::new()
+            .prefix("tandem-lab-")
+            .tempdir_in(parent)?
+            .keep();
+        let mut nodes = Vec::new();
+        for n in names {
+            crate::tls::keygen(n, &dir.join("keys"), false)?;
+            nodes.push(LabNode {
+                name: n.to_string(),
+                port: free_udp_port()?,
+                child: None,
+            });
+        }
+        let lab = Lab {
+            config: dir.join("tandem.toml"),
+            dir,
+            nodes,
+            resource: "mail".into(),
+            exe: exe.to_path_buf(),
+            keep: false,
+            mounts: Vec::new(),
+            loops: Vec::new(),
+        };
+        let text = lab.config_text(opts);
+        std::fs::write(&lab.config, text)?;
+        Ok(lab)
+    }
+
+    pub fn config_text(&self, o: &LabOptions) -> String {
+        let d = self.dir.display();
+        let timeout_ms = o.timeout.as_millis();
+        let hb = (timeout_ms / 5).max(50);
+        let mut s = format!(
+            "cluster = \"lab\"\n\n[options]\ntimeout = \"{timeout_ms}ms\"\nheartbeat_interval = \"{hb}ms\"\n\
+             connect_retry = \"300ms\"\n{}\n",
+            o.extra_options
+        );
+        for n in &self.nodes {
+            let name = &n.name;
+            s += &format!(
+                "[[node]]\nname = \"{name}\"\naddress = \"127.0.0.1:{}\"\ncontrol = \"{d}/{name}/control.sock\"\n\
+                 run_dir = \"{d}/{name}/run\"\ncert = \"{d}/keys/{name}.crt\"\nkey = \"{d}/keys/{name}.key\"\n\n",
+                n.port
+            );
+        }
+        s += &format!(
+            "[[resource]]\nname = \"{}\"\nsize = \"{}\"\nmode = \"{}\"\n\n",
+            self.resource, o.size, o.mode
+        );
+        for n in &self.nodes {
+            let name = &n.name;
+            s += &format!(
+                "[resource.disk.{name}]\nimage = \"{d}/{name}/mail.img\"\nmeta = \"{d}/{name}/mail.meta\"\n\n"
+            );
+        }
+        s
+    }
+
+    /// Keep the directory after the lab is dropped (for inspection).
+    pub fn keep(&mut self, keep: bool) {
+        self.keep = keep;
+    }
+
+    fn node_mut(&mut self, name: &str) -> Result<&mut LabNode> {
+        self.nodes
+            .iter_mut()
+            .find(|n| n.name == name)
+            .ok_or_else(|| anyhow!("no lab node {name}"))
+    }
+
+    pub fn image(&self, node: &str) -> PathBuf {
+        self.dir.join(node).join("mail.img")
+    }
+
+    pub fn meta(&self, node: &str) -> PathBuf {
+        self.dir.join(node).join("mail.meta")
+    }
+
+    pub fn log(&self, node: &str) -> PathBuf {
+        self.dir.join(format!("{node}.log"))
+    }
+
+    pub fn log_text(&self, node: &str) -> String {
+        std::fs::read_to_string(self.log(node)).unwrap_or_default()
+    }
+
+    /// Starts `node`'s agent and waits until it answers on its control socket.
+    pub fn start(&mut self, node: &str) -> Result<()> {
+        std::fs::create_dir_all(self.dir.join(node))?;
+        let log = File::options()
+            .create(true)
+            .append(true)
+            .open(self.log(node))?;
+        let child = Command::new(&self.exe)
+            .args(["agent", "--config"])
+            .arg(&self.config)
+            .args(["--node", node])
+            .env(
+                "RUST_LOG",
+                std::env::var("TANDEM_LAB_LOG").unwrap_or_else(|_| "info,quinn=warn".into()),
+            )
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("cannot start {}", self.exe.display()))?;
+        self.node_mut(node)?.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if self.status(node).is_ok() {
+                return Ok(());
+            }
+            if let Some(c) = self.node_mut(node)?.child.as_mut() {
+                if let Some(st) = c.try_wait()? {
+                    bail!(
+                        "agent {node} exited at start ({st}); log:\n{}",
+                        self.log_text(node)
+                    );
+                }
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "agent {node} did not answer within 20s; log:\n{}",
+                    self.log_text(node)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn pid(&self, node: &str) -> Option<u32> {
+        self.nodes
+            .iter()
+            .find(|n| n.name == node)?
+            .child
+            .as_ref()
+            .map(|c| c.id())
+    }
+
+    /// Sends `sig` to `node`'s agent.
+    pub fn signal(&self, node: &str, sig: Signal) -> Result<()> {
+        let pid = self
+            .pid(node)
+            .ok_or_else(|| anyhow!("agent {node} is not running"))?;
+        kill(Pid::from_raw(pid as i32), sig)?;
+        Ok(())
+    }
+
+    /// SIGKILL, and reap.
+    pub fn kill9(&mut self, node: &str) -> Result<()> {
+        if let Some(mut c) = self.node_mut(node)?.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        Ok(())
+    }
+
+    /// SIGTERM and wait for a clean exit (SIGKILL after `grace`). Returns whether it exited
+    /// cleanly with status 0.
+    pub fn stop(&mut self, node: &str, grace: Duration) -> Result<bool> {
+        let Some(mut c) = self.node_mut(node)?.child.take() else {
+            return Ok(true);
+        };
+        let _ = kill(Pid::from_raw(c.id() as i32), Signal::SIGCONT);
+        let _ = kill(Pid::from_raw(c.id() as i32), Signal::SIGTERM);
+        let deadline = Instant::now() + grace;
+        loop {
+            if let Some(st) = c.try_wait()? {
+                return Ok(st.success());
+            }
+            if Instant::now() > deadline {
+                let _ = c.kill();
+                let _ = c.wait();
+                return Ok(false);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn socket(&self, node: &str) -> PathBuf {
+        self.dir.join(node).join("control.sock")
+    }
+
+    pub fn request(&self, node: &str, req: &Request) -> Result<Response> {
+        control::call(&self.socket(node), req, Duration::from_secs(120))
+    }
+
+    pub fn status(&self, node: &str) -> Result<NodeStatus> {
+        let r = self.request(node, &Request::Status)?;
+        r.status.ok_or_else(|| anyhow!("no status: {:?}", r.error))
+    }
+
+    pub fn resource_status(&self, node: &str) -> Result<ResourceStatus> {
+        let s = self.status(node)?;
+        s.resources
+            .into_iter()
+            .find(|r| r.name == self.resource)
+            .ok_or_else(|| anyhow!("no resource in status"))
+    }
+
+    /// Polls `node`'s status until `pred` holds.
+    pub fn wait_for(
+        &self,
+        node: &str,
+        what: &str,
+        timeout: Duration,
+        pred: impl Fn(&ResourceStatus) -> bool,
+    ) -> Result<ResourceStatus> {
+        let deadline = Instant::now() + timeout;
+        let mut last = None;
+        loop {
+            match self.resource_status(node) {
+                Ok(s) if pred(&s) => return Ok(s),
+                Ok(s) => last = Some(s),
+                Err(_) => {}
+            }
+            if Instant::now() > deadline {
+                bail!("timed out after {timeout:?} waiting for {node}: {what}; last status: {last:#?}");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Waits until every peer of `node` is connected.
+    pub fn wait_connected(&self, node: &str, timeout: Duration) -> Result<ResourceStatus> {
+        self.wait_for(node, "all peers connected", timeout, |r| {
+            r.peers.iter().all(|p| p.connection == "connected")
+        })
+    }
+
+    pub fn promote(&self, node: &str, force: bool) -> Result<Response> {
+        self.request(
+            node,
+            &Request::Promote {
+                resource: self.resource.clone(),
+                force,
+            },
+        )
+    }
+
+    pub fn demote(&self, node: &str) -> Result<Response> {
+        self.request(
+            node,
+            &Request::Demote {
+                resource: self.resource.clone(),
+            },
+        )
+    }
+
+    /// Mounts `dev` at `dir` (created), tracked for cleanup.
+    pub fn mount(&mut self, dev: &str, dir: &Path, opts: &str) -> Result<()> {
+        std::fs::create_dir_all(dir)?;
+        let mut c = Command::new("mount");
+        if !opts.is_empty() {
+            c.args(["-o", opts]);
+        }
+        run_cmd(c.arg(dev).arg(dir))?;
+        self.mounts.push(dir.to_path_buf());
+        Ok(())
+    }
+
+    pub fn umount(&mut self, dir: &Path) -> Result<()> {
+        run_cmd(Command::new("umount").arg(dir))?;
+        self.mounts.retain(|m| m != dir);
+        Ok(())
+    }
+
+    /// Attaches a read-only loop device to a file, tracked for cleanup.
+    pub fn attach_ro(&mut self, file: &Path) -> Result<String> {
+        let dev = run_cmd(
+            Command::new("losetup")
+                .args(["-f", "--show", "-r"])
+                .arg(file),
+        )?
+        .trim()
+        .to_string();
+        self.loops.push(dev.clone());
+        Ok(dev)
+    }
+
+    pub fn detach(&mut self, dev: &str) -> Result<()> {
+        run_cmd(Command::new("losetup").args(["-d", dev]))?;
+        self.loops.retain(|d| d != dev);
+        Ok(())
+    }
+
+    /// Stops every agent (cleanly if possible) and returns which exited cleanly.
+    pub fn stop_all(&mut self) -> BTreeMap<String, bool> {
+        let names: Vec<String> = self.nodes.iter().map(|n| n.name.clone()).collect();
+        names
+            .into_iter()
+            .map(|n| {
+                (
+                    n.clone(),
+                    self.stop(&n, Duration::from_secs(20)).unwrap_or(false),
+                )
+            })
+            .collect()
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        for m in self.mounts.drain(..).rev() {
+            let _ = Command::new("umount").arg(&m).status();
+            let _ = Command::new("umount")
+                .arg("-l")
+                .arg(&m)
+                .stderr(Stdio::null())
+                .status();
+        }
+        self.stop_all();
+        for d in self.loops.drain(..) {
+            let _ = Command::new("losetup").args(["-d", &d]).status();
+        }
+        // Whatever a killed agent left behind in our directory: loop devices on its FUSE
+        // image, then the FUSE mount itself.
+        if let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") {
+            let root = self.dir.to_string_lossy().to_string();
+            for mp in info
+                .lines()
+                .filter_map(|l| l.split(' ').nth(4))
+                .filter(|m| m.starts_with(&root))
+            {
+                let img = Path::new(mp).join(crate::frontend::fuse::IMAGE_NAME);
+                for dev in crate::frontend::loopdev::attached_to(&img) {
+                    let _ = Command::new("losetup").args(["-d", &dev]).status();
+                }
+                let _ = nix::mount::umount2(mp, nix::mount::MntFlags::MNT_DETACH);
+            }
+        }
+        if !self.keep {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}

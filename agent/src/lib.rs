@@ -1,0 +1,13 @@
+pub mod cli;
+pub mod config;
+pub mod control;
+pub mod daemon;
+pub mod demo;
+pub mod frontend;
+pub mod lab;
+pub mod meta;
+pub mod status;
+pub mod storage;
+pub mod sysutil;
+pub mod tls;
+pub mod transport;

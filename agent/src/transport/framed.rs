@@ -1,0 +1,137 @@
+//! Frames over QUIC streams: the encoder/decoder from `tandem-protocol` on quinn's chunks,
+//! and the pump that turns a bidirectional stream into a [`Link`] for the engine.
+
+use bytes::Bytes;
+use quinn::{Connection, RecvStream, SendStream, VarInt};
+use tandem_protocol::{DecodeError, Frame, FrameDecoder};
+use tandem_replicator::{Link, LINK_CAPACITY};
+use thiserror::Error;
+use tokio::sync::mpsc;
+use tracing::{debug, error};
+
+use super::close_code;
+
+#[derive(Debug, Error)]
+pub enum RecvError {
+    #[error("malformed frame: {0}")]
+    Malformed(#[from] DecodeError),
+    #[error("stream read failed: {0}")]
+    Read(#[from] quinn::ReadError),
+}
+
+pub struct FrameReader {
+    recv: RecvStream,
+    decoder: FrameDecoder,
+}
+
+impl FrameReader {
+    pub fn new(recv: RecvStream) -> Self {
+        Self {
+            recv,
+            decoder: FrameDecoder::default(),
+        }
+    }
+
+    /// The next frame; `Ok(None)` at the end of the stream.
+    pub async fn next(&mut self) -> Result<Option<Frame>, RecvError> {
+        loop {
+            if let Some(f) = self.decoder.next_frame()? {
+                return Ok(Some(f));
+            }
+            match self.recv.read_chunk(1 << 20, true).await? {
+                Some(chunk) => self.decoder.push(&chunk.bytes),
+                None => return Ok(None),
+            }
+        }
+    }
+}
+
+pub struct FrameWriter {
+    send: SendStream,
+    chunks: Vec<Bytes>,
+}
+
+impl FrameWriter {
+    pub fn new(send: SendStream) -> Self {
+        Self {
+            send,
+            chunks: Vec::new(),
+        }
+    }
+
+    fn push(&mut self, f: &Frame) {
+        let (head, payload) = f.encode_chunks();
+        self.chunks.push(head);
+        if let Some(p) = payload {
+            self.chunks.push(p);
+        }
+    }
+
+    pub async fn send(&mut self, f: &Frame) -> Result<(), quinn::WriteError> {
+        self.push(f);
+        self.flush().await
+    }
+
+    async fn flush(&mut self) -> Result<(), quinn::WriteError> {
+        let r = self.send.write_all_chunks(&mut self.chunks).await;
+        self.chunks.clear();
+        r
+    }
+
+    pub fn finish(&mut self) {
+        let _ = self.send.finish();
+    }
+}
+
+/// Pumps frames between a stream pair and the engine. A malformed frame closes the whole
+/// connection with the decoder's reason: the peer is broken or hostile, and nothing it sent
+/// after the bad frame can be trusted or even located.
+pub fn spawn_link(conn: Connection, mut w: FrameWriter, mut r: FrameReader, peer: String) -> Link {
+    let (to_net, mut from_engine) = mpsc::channel::<Frame>(LINK_CAPACITY);
+    let (to_engine, from_net) = mpsc::channel::<Frame>(LINK_CAPACITY);
+    tokio::spawn(async move {
+        while let Some(f) = from_engine.recv().await {
+            w.push(&f);
+            // Batch whatever else is ready into one write.
+            while w.chunks.len() < 128 {
+                match from_engine.try_recv() {
+                    Ok(f) => w.push(&f),
+                    Err(_) => break,
+                }
+            }
+            if w.flush().await.is_err() {
+                return;
+            }
+        }
+        w.finish();
+    });
+    tokio::spawn(async move {
+        loop {
+            match r.next().await {
+                Ok(Some(f)) => {
+                    if to_engine.send(f).await.is_err() {
+                        return;
+                    }
+                }
+                Ok(None) => return,
+                Err(RecvError::Malformed(e)) => {
+                    let reason = format!("malformed frame from {peer}: {e}");
+                    error!("{reason}; closing the connection");
+                    conn.close(
+                        VarInt::from_u32(close_code::PROTOCOL_ERROR),
+                        reason.as_bytes(),
+                    );
+                    return;
+                }
+                Err(RecvError::Read(e)) => {
+                    debug!(peer = %peer, "replication stream ended: {e}");
+                    return;
+                }
+            }
+        }
+    });
+    Link {
+        tx: to_net,
+        rx: from_net,
+    }
+}

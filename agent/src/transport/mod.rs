@@ -1,0 +1,160 @@
+//! QUIC transport: one endpoint per node, one connection per peer node, mutual TLS with
+//! pinned certificates, and streams carrying Tandem frames.
+
+pub mod framed;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{anyhow, Context, Result};
+use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
+use quinn::{Connection, Endpoint, IdleTimeout, TransportConfig, VarInt};
+use rustls::pki_types::CertificateDer;
+
+use crate::config::{Config, Node};
+use crate::tls::{self, Identity, PinnedPeers};
+
+/// QUIC application error codes used when closing a connection.
+pub mod close_code {
+    pub const SHUTDOWN: u32 = 0;
+    pub const HANDSHAKE_REFUSED: u32 = 1;
+    pub const PROTOCOL_ERROR: u32 = 2;
+    pub const TIMEOUT: u32 = 3;
+    pub const CHECKSUM: u32 = 4;
+    pub const DUPLICATE: u32 = 5;
+    pub const ROLE_CONFLICT: u32 = 6;
+}
+
+/// SNI for every connection: identity is established by the pinned certificate, not by name.
+const SERVER_NAME: &str = "tandem";
+
+#[derive(Debug, Clone)]
+pub struct TransportSettings {
+    pub stream_window: u64,
+    pub heartbeat_interval: Duration,
+    pub timeout: Duration,
+}
+
+impl TransportSettings {
+    pub fn from_config(c: &Config) -> Self {
+        Self {
+            stream_window: c.options.stream_window,
+            heartbeat_interval: c.options.heartbeat_interval,
+            timeout: c.options.timeout,
+        }
+    }
+
+    fn quinn(&self) -> Result<Arc<TransportConfig>> {
+        let mut t = TransportConfig::default();
+        let w = self.stream_window;
+        t.stream_receive_window(VarInt::from_u64(w).context("stream_window too large")?)
+            .receive_window(VarInt::from_u64(w * 4).context("stream_window too large")?)
+            .send_window(w * 4)
+            .max_concurrent_bidi_streams(VarInt::from_u32(256))
+            .max_concurrent_uni_streams(VarInt::from_u32(0))
+            // Our own heartbeats decide liveness; QUIC's idle timeout is the backstop.
+            .max_idle_timeout(Some(
+                IdleTimeout::try_from(self.timeout * 2).context("timeout too large")?,
+            ))
+            .keep_alive_interval(Some(self.heartbeat_interval));
+        Ok(Arc::new(t))
+    }
+}
+
+pub struct Transport {
+    endpoint: Endpoint,
+    identity: Identity,
+    pinned: PinnedPeers,
+    settings: TransportSettings,
+}
+
+/// Loads the certificates of every peer of `me` and pins them.
+pub fn pin_peers(cfg: &Config, me: &str) -> Result<PinnedPeers> {
+    let mut pinned = PinnedPeers::default();
+    for n in cfg.peers_of(me) {
+        let certs = tls::load_certs(&n.cert).with_context(|| format!("node {}", n.name))?;
+        pinned.insert(&n.name, &certs[0]);
+    }
+    Ok(pinned)
+}
+
+impl Transport {
+    /// Binds the node's QUIC endpoint on `bind`.
+    pub fn bind(
+        identity: Identity,
+        pinned: PinnedPeers,
+        settings: TransportSettings,
+        bind: SocketAddr,
+    ) -> Result<Self> {
+        let server_tls = tls::server_config(&identity, &pinned)?;
+        let mut server = quinn::ServerConfig::with_crypto(Arc::new(
+            QuicServerConfig::try_from(server_tls).map_err(|e| anyhow!("QUIC TLS setup: {e}"))?,
+        ));
+        server.transport_config(settings.quinn()?);
+        let endpoint =
+            Endpoint::server(server, bind).with_context(|| format!("cannot listen on {bind}"))?;
+        Ok(Self {
+            endpoint,
+            identity,
+            pinned,
+            settings,
+        })
+    }
+
+    pub fn local_addr(&self) -> Result<SocketAddr> {
+        Ok(self.endpoint.local_addr()?)
+    }
+
+    pub fn pinned(&self) -> &PinnedPeers {
+        &self.pinned
+    }
+
+    /// Connects to `peer`, which must present its configured certificate.
+    pub async fn connect(&self, peer: &Node) -> Result<Connection> {
+        let tls = tls::client_config(&self.identity, &self.pinned, &peer.name)?;
+        let mut client = quinn::ClientConfig::new(Arc::new(
+            QuicClientConfig::try_from(tls).map_err(|e| anyhow!("QUIC TLS setup: {e}"))?,
+        ));
+        client.transport_config(self.settings.quinn()?);
+        let connecting = self
+            .endpoint
+            .connect_with(client, peer.address, SERVER_NAME)?;
+        let conn = connecting.await.map_err(|e| anyhow!("{e}"))?;
+        Ok(conn)
+    }
+
+    pub async fn accept(&self) -> Option<quinn::Incoming> {
+        self.endpoint.accept().await
+    }
+
+    pub fn close(&self) {
+        self.endpoint.close(
+            VarInt::from_u32(close_code::SHUTDOWN),
+            b"agent shutting down",
+        );
+    }
+
+    pub async fn wait_idle(&self) {
+        self.endpoint.wait_idle().await
+    }
+}
+
+/// The node a connection's peer authenticated as, by its pinned certificate.
+pub fn peer_node(conn: &Connection, pinned: &PinnedPeers) -> Option<String> {
+    let id = conn.peer_identity()?;
+    let certs = id.downcast::<Vec<CertificateDer<'static>>>().ok()?;
+    pinned.node_of(certs.first()?).map(|s| s.to_string())
+}
+
+/// Human-readable reason a connection ended.
+pub fn describe_close(e: &quinn::ConnectionError) -> String {
+    match e {
+        quinn::ConnectionError::ApplicationClosed(c) => {
+            format!("closed by peer: {}", String::from_utf8_lossy(&c.reason))
+        }
+        quinn::ConnectionError::LocallyClosed => "closed locally".into(),
+        quinn::ConnectionError::TimedOut => "timed out (no packets from peer)".into(),
+        other => other.to_string(),
+    }
+}
