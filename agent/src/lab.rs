@@ -168,6 +168,13 @@ impl Lab {
 
     /// Starts `node`'s agent and waits until it answers on its control socket.
     pub fn start(&mut self, node: &str) -> Result<()> {
+        let config = self.config.clone();
+        self.start_with_config(node, &config)
+    }
+
+    /// Starts `node`'s agent with another config file (e.g. one that disagrees with the
+    /// peers' on purpose).
+    pub fn start_with_config(&mut self, node: &str, config: &Path) -> Result<()> {
         std::fs::create_dir_all(self.dir.join(node))?;
         let log = File::options()
             .create(true)
@@ -175,7 +182,7 @@ impl Lab {
             .open(self.log(node))?;
         let child = Command::new(&self.exe)
             .args(["agent", "--config"])
-            .arg(&self.config)
+            .arg(config)
             .args(["--node", node])
             .env(
                 "RUST_LOG",
@@ -257,6 +264,11 @@ impl Lab {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// The `tandem` binary the lab runs.
+    pub fn exe(&self) -> &Path {
+        &self.exe
     }
 
     fn socket(&self, node: &str) -> PathBuf {

@@ -82,11 +82,11 @@ impl Drop for AlignedBuf {
 }
 
 fn aligned(off: u64, len: usize) -> bool {
-    off % DIO_ALIGN as u64 == 0 && len % DIO_ALIGN == 0
+    off.is_multiple_of(DIO_ALIGN as u64) && len.is_multiple_of(DIO_ALIGN)
 }
 
 fn mem_aligned(p: &[u8]) -> bool {
-    (p.as_ptr() as usize) % DIO_ALIGN == 0
+    (p.as_ptr() as usize).is_multiple_of(DIO_ALIGN)
 }
 
 pub struct FileStore {
