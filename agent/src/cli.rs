@@ -5,11 +5,7 @@ use std::path::PathBuf;
 use clap::{Parser, Subcommand};
 
 #[derive(Debug, Parser)]
-#[command(
-    name = "tandem",
-    version,
-    about = "Block-level, real-time replication of mail volumes over QUIC"
-)]
+#[command(name = "tandem", version, about = "Block-level, real-time replication of mail volumes over QUIC")]
 pub struct Cli {
     /// Cluster configuration file.
     #[arg(

@@ -15,10 +15,7 @@ use thiserror::Error;
 #[derive(Debug, Error)]
 pub enum ConfigError {
     #[error("cannot read config {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Read { path: PathBuf, source: std::io::Error },
     #[error("config {path}: {message}")]
     Parse { path: PathBuf, message: String },
     #[error("config: {0}")]
@@ -48,6 +45,7 @@ struct FileOptions {
     heartbeat_interval: Option<String>,
     connect_retry: Option<String>,
     stream_window: Option<String>,
+    max_mtu: Option<u16>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -114,11 +112,7 @@ pub struct Resource {
 impl Resource {
     /// Nodes other than `me` with a disk for this resource.
     pub fn peers_of(&self, me: &str) -> Vec<String> {
-        self.disks
-            .keys()
-            .filter(|n| n.as_str() != me)
-            .cloned()
-            .collect()
+        self.disks.keys().filter(|n| n.as_str() != me).cloned().collect()
     }
 }
 
@@ -128,6 +122,8 @@ pub struct Options {
     pub heartbeat_interval: Duration,
     pub connect_retry: Duration,
     pub stream_window: u64,
+    /// Largest UDP payload QUIC's path MTU discovery may probe for.
+    pub max_mtu: u16,
 }
 
 impl Default for Options {
@@ -137,6 +133,7 @@ impl Default for Options {
             heartbeat_interval: Duration::from_secs(1),
             connect_retry: Duration::from_secs(1),
             stream_window: 16 << 20,
+            max_mtu: 9000,
         }
     }
 }
@@ -155,9 +152,7 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
     let t = s.trim();
     let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("{s:?} is not a size (e.g. 512MiB)"))?;
+    let n: u64 = num.parse().map_err(|_| format!("{s:?} is not a size (e.g. 512MiB)"))?;
     let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
         "" | "b" => 1,
         "k" | "kib" | "kb" => 1 << 10,
@@ -166,22 +161,15 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         "t" | "tib" | "tb" => 1 << 40,
         other => return Err(format!("unknown size unit {other:?} in {s:?}")),
     };
-    n.checked_mul(mult)
-        .ok_or_else(|| format!("size {s:?} overflows"))
+    n.checked_mul(mult).ok_or_else(|| format!("size {s:?} overflows"))
 }
 
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    humantime::parse_duration(s.trim())
-        .map_err(|e| format!("{s:?} is not a duration (e.g. 5s, 500ms): {e}"))
+    humantime::parse_duration(s.trim()).map_err(|e| format!("{s:?} is not a duration (e.g. 5s, 500ms): {e}"))
 }
 
 fn valid_name(kind: &str, n: &str) -> Result<(), ConfigError> {
-    if n.is_empty()
-        || n.len() > 63
-        || !n
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
-    {
+    if n.is_empty() || n.len() > 63 || !n.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
         return Err(invalid(format!(
             "{kind} name {n:?} must be 1-63 characters of letters, digits, '-' or '_'"
         )));
@@ -191,18 +179,14 @@ fn valid_name(kind: &str, n: &str) -> Result<(), ConfigError> {
 
 impl Config {
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_path_buf(),
-            source,
-        })?;
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
         Self::parse(&text, path)
     }
 
     pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
-        let f: FileConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
-            path: path.to_path_buf(),
-            message: e.to_string(),
-        })?;
+        let f: FileConfig = toml::from_str(text)
+            .map_err(|e| ConfigError::Parse { path: path.to_path_buf(), message: e.to_string() })?;
         valid_name("cluster", &f.cluster)?;
         let mut options = Options::default();
         let dur = |what: &str, v: &Option<String>, d: Duration| -> Result<Duration, ConfigError> {
@@ -212,19 +196,18 @@ impl Config {
             }
         };
         options.timeout = dur("timeout", &f.options.timeout, options.timeout)?;
-        options.heartbeat_interval = dur(
-            "heartbeat_interval",
-            &f.options.heartbeat_interval,
-            options.heartbeat_interval,
-        )?;
-        options.connect_retry = dur(
-            "connect_retry",
-            &f.options.connect_retry,
-            options.connect_retry,
-        )?;
+        options.heartbeat_interval =
+            dur("heartbeat_interval", &f.options.heartbeat_interval, options.heartbeat_interval)?;
+        options.connect_retry = dur("connect_retry", &f.options.connect_retry, options.connect_retry)?;
         if let Some(w) = &f.options.stream_window {
             options.stream_window =
                 parse_size(w).map_err(|e| invalid(format!("options.stream_window: {e}")))?;
+        }
+        if let Some(m) = f.options.max_mtu {
+            if !(1200..=65527).contains(&m) {
+                return Err(invalid("options.max_mtu must be between 1200 and 65527"));
+            }
+            options.max_mtu = m;
         }
         if options.heartbeat_interval >= options.timeout {
             return Err(invalid(format!(
@@ -251,10 +234,7 @@ impl Config {
                 ))
             })?;
             if !addrs.insert(address) {
-                return Err(invalid(format!(
-                    "node {}: address {address} is used by another node",
-                    n.name
-                )));
+                return Err(invalid(format!("node {}: address {address} is used by another node", n.name)));
             }
             nodes.push(Node {
                 name: n.name,
@@ -279,10 +259,7 @@ impl Config {
             let ctx = |m: String| invalid(format!("resource {}: {m}", r.name));
             let size = parse_size(&r.size).map_err(|e| ctx(format!("size: {e}")))?;
             if size == 0 || size % 4096 != 0 {
-                return Err(ctx(format!(
-                    "size {} must be a positive multiple of 4KiB",
-                    r.size
-                )));
+                return Err(ctx(format!("size {} must be a positive multiple of 4KiB", r.size)));
             }
             let mode = match &r.mode {
                 None => Mode::Sync,
@@ -296,12 +273,8 @@ impl Config {
                 None => 4096,
                 Some(g) => parse_size(g).map_err(|e| ctx(format!("bitmap_granularity: {e}")))?,
             };
-            if !bitmap_granularity.is_power_of_two()
-                || !(4096..=(1 << 20)).contains(&bitmap_granularity)
-            {
-                return Err(ctx(
-                    "bitmap_granularity must be a power of two from 4KiB to 1MiB".into(),
-                ));
+            if !bitmap_granularity.is_power_of_two() || !(4096..=(1 << 20)).contains(&bitmap_granularity) {
+                return Err(ctx("bitmap_granularity must be a power of two from 4KiB to 1MiB".into()));
             }
             let mut disks = BTreeMap::new();
             for (node, d) in r.disk {
@@ -312,37 +285,16 @@ impl Config {
                     )));
                 }
                 if d.image == d.meta {
-                    return Err(ctx(format!(
-                        "node {node}: image and meta are the same file"
-                    )));
+                    return Err(ctx(format!("node {node}: image and meta are the same file")));
                 }
-                disks.insert(
-                    node,
-                    Disk {
-                        image: d.image,
-                        meta: d.meta,
-                    },
-                );
+                disks.insert(node, Disk { image: d.image, meta: d.meta });
             }
             if disks.is_empty() {
                 return Err(ctx("no [resource.disk.NODE] entries".into()));
             }
-            resources.push(Resource {
-                name: r.name,
-                size,
-                mode,
-                timeout,
-                bitmap_granularity,
-                disks,
-            });
+            resources.push(Resource { name: r.name, size, mode, timeout, bitmap_granularity, disks });
         }
-        Ok(Config {
-            path: path.to_path_buf(),
-            cluster: f.cluster,
-            options,
-            nodes,
-            resources,
-        })
+        Ok(Config { path: path.to_path_buf(), cluster: f.cluster, options, nodes, resources })
     }
 
     pub fn node(&self, name: &str) -> Result<&Node, ConfigError> {
@@ -350,21 +302,14 @@ impl Config {
             invalid(format!(
                 "node {name:?} is not defined in {} (nodes: {})",
                 self.path.display(),
-                self.nodes
-                    .iter()
-                    .map(|n| n.name.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", ")
+                self.nodes.iter().map(|n| n.name.as_str()).collect::<Vec<_>>().join(", ")
             ))
         })
     }
 
     /// Resources with a disk on `node`.
     pub fn resources_of(&self, node: &str) -> Vec<&Resource> {
-        self.resources
-            .iter()
-            .filter(|r| r.disks.contains_key(node))
-            .collect()
+        self.resources.iter().filter(|r| r.disks.contains_key(node)).collect()
     }
 
     /// Nodes that share at least one resource with `node`.
@@ -373,10 +318,7 @@ impl Config {
         for r in self.resources_of(node) {
             set.extend(r.peers_of(node));
         }
-        self.nodes
-            .iter()
-            .filter(|n| set.contains(&n.name))
-            .collect()
+        self.nodes.iter().filter(|n| set.contains(&n.name)).collect()
     }
 
     pub fn resource(&self, name: &str) -> Option<&Resource> {
@@ -431,21 +373,14 @@ meta = "/var/lib/tandem/beta/mailstore.meta"
 
     #[test]
     fn errors_name_the_problem() {
-        let e = parse(&GOOD.replace("[resource.disk.beta]", "[resource.disk.gamma]"))
-            .unwrap_err()
-            .to_string();
+        let e =
+            parse(&GOOD.replace("[resource.disk.beta]", "[resource.disk.gamma]")).unwrap_err().to_string();
         assert!(e.contains("unknown node \"gamma\""), "{e}");
-        let e = parse(&GOOD.replace("512MiB", "512 parsecs"))
-            .unwrap_err()
-            .to_string();
+        let e = parse(&GOOD.replace("512MiB", "512 parsecs")).unwrap_err().to_string();
         assert!(e.contains("mailstore") && e.contains("size"), "{e}");
-        let e = parse(&GOOD.replace("mode = \"sync\"", "mode = \"fast\""))
-            .unwrap_err()
-            .to_string();
+        let e = parse(&GOOD.replace("mode = \"sync\"", "mode = \"fast\"")).unwrap_err().to_string();
         assert!(e.contains("unknown replication mode"), "{e}");
-        let e = parse(&GOOD.replace("127.0.0.1:7790", "localhost"))
-            .unwrap_err()
-            .to_string();
+        let e = parse(&GOOD.replace("127.0.0.1:7790", "localhost")).unwrap_err().to_string();
         assert!(e.contains("beta") && e.contains("address"), "{e}");
         let e = parse(&GOOD.replace("cluster = \"mail\"", "cluster = \"mail\"\ncolor = 1"))
             .unwrap_err()

@@ -32,28 +32,17 @@ pub struct Response {
 
 impl Response {
     pub fn ok(message: impl Into<String>) -> Self {
-        Self {
-            ok: true,
-            message: Some(message.into()),
-            ..Default::default()
-        }
+        Self { ok: true, message: Some(message.into()), ..Default::default() }
     }
     pub fn err(e: impl std::fmt::Display) -> Self {
-        Self {
-            ok: false,
-            error: Some(e.to_string()),
-            ..Default::default()
-        }
+        Self { ok: false, error: Some(e.to_string()), ..Default::default() }
     }
 }
 
 /// Sends one request to the agent listening on `socket`.
 pub fn call(socket: &Path, req: &Request, timeout: Duration) -> Result<Response> {
     let mut s = UnixStream::connect(socket).with_context(|| {
-        format!(
-            "cannot reach the agent at {} (is `tandem agent` running for this node?)",
-            socket.display()
-        )
+        format!("cannot reach the agent at {} (is `tandem agent` running for this node?)", socket.display())
     })?;
     s.set_read_timeout(Some(timeout))?;
     s.set_write_timeout(Some(timeout))?;
@@ -65,11 +54,7 @@ pub fn call(socket: &Path, req: &Request, timeout: Duration) -> Result<Response>
         .read_line(&mut resp)
         .with_context(|| format!("no answer from the agent at {}", socket.display()))?;
     if resp.is_empty() {
-        return Err(anyhow!(
-            "the agent at {} closed the connection without answering",
-            socket.display()
-        ));
+        return Err(anyhow!("the agent at {} closed the connection without answering", socket.display()));
     }
-    serde_json::from_str(&resp)
-        .with_context(|| format!("unreadable answer from the agent: {resp:?}"))
+    serde_json::from_str(&resp).with_context(|| format!("unreadable answer from the agent: {resp:?}"))
 }

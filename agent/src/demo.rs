@@ -59,8 +59,7 @@ fn message(i: usize) -> Vec<u8> {
     let lines = 20 + (i * 7919) % 200;
     for l in 0..lines {
         m.extend_from_slice(
-            format!("line {l} of message {i}: the quick brown fox jumps over the lazy dog\r\n")
-                .as_bytes(),
+            format!("line {l} of message {i}: the quick brown fox jumps over the lazy dog\r\n").as_bytes(),
         );
     }
     m
@@ -75,11 +74,7 @@ fn deliver(maildir: &Path, n: usize) -> Result<BTreeMap<String, String>> {
     let new_dir = std::fs::File::open(maildir.join("new"))?;
     for i in 0..n {
         check_interrupt()?;
-        let name = format!(
-            "{}.M{i}P{}.tandem-demo",
-            1_700_000_000 + i,
-            std::process::id()
-        );
+        let name = format!("{}.M{i}P{}.tandem-demo", 1_700_000_000 + i, std::process::id());
         let body = message(i);
         let tmp = maildir.join("tmp").join(&name);
         let mut f = std::fs::File::create(&tmp)?;
@@ -99,8 +94,7 @@ fn verify_maildir(maildir: &Path, manifest: &BTreeMap<String, String>) -> Result
     let mut ok = 0;
     for (name, sum) in manifest {
         let p = maildir.join("new").join(name);
-        let data =
-            std::fs::read(&p).with_context(|| format!("message {name} missing on the standby"))?;
+        let data = std::fs::read(&p).with_context(|| format!("message {name} missing on the standby"))?;
         let got = format!("{:x}", Sha256::digest(&data));
         if &got != sum {
             bail!("message {name} differs on the standby");
@@ -125,27 +119,14 @@ pub fn run(o: &DemoOptions) -> Result<bool> {
     }
     // SAFETY: installing a handler that only stores to an atomic.
     unsafe {
-        libc::signal(
-            libc::SIGINT,
-            on_interrupt as *const () as libc::sighandler_t,
-        );
-        libc::signal(
-            libc::SIGTERM,
-            on_interrupt as *const () as libc::sighandler_t,
-        );
+        libc::signal(libc::SIGINT, on_interrupt as *const () as libc::sighandler_t);
+        libc::signal(libc::SIGTERM, on_interrupt as *const () as libc::sighandler_t);
     }
     let started = Instant::now();
     let exe = std::env::current_exe()?;
-    let opts = LabOptions {
-        size: o.size,
-        timeout: Duration::from_secs(5),
-        ..Default::default()
-    };
+    let opts = LabOptions { size: o.size, timeout: Duration::from_secs(5), ..Default::default() };
 
-    step(
-        1,
-        "generating keys and a two-node configuration on 127.0.0.1",
-    );
+    step(1, "generating keys and a two-node configuration on 127.0.0.1");
     let mut lab = Lab::new(&o.parent, &exe, &["alpha", "beta"], &opts)?;
     lab.keep(o.keep);
     println!("    work directory {}", lab.dir.display());
@@ -182,10 +163,7 @@ pub fn run(o: &DemoOptions) -> Result<bool> {
 }
 
 fn run_in(lab: &mut Lab, o: &DemoOptions) -> Result<bool> {
-    step(
-        2,
-        "starting both agents (QUIC, mutual TLS with pinned certificates)",
-    );
+    step(2, "starting both agents (QUIC, mutual TLS with pinned certificates)");
     lab.start("alpha")?;
     lab.start("beta")?;
     lab.wait_connected("alpha", Duration::from_secs(20))?;
@@ -197,12 +175,9 @@ fn run_in(lab: &mut Lab, o: &DemoOptions) -> Result<bool> {
     if !r.ok {
         bail!("promote failed: {:?}", r.error);
     }
-    let st = lab.wait_for(
-        "alpha",
-        "replication established",
-        Duration::from_secs(20),
-        |r| r.device.is_some() && r.peers.iter().all(|p| p.replication == "established"),
-    )?;
+    let st = lab.wait_for("alpha", "replication established", Duration::from_secs(20), |r| {
+        r.device.is_some() && r.peers.iter().all(|p| p.replication == "established")
+    })?;
     let dev = st.device.clone().unwrap_or_default();
     println!("    {}", r.message.unwrap_or_default());
 
@@ -212,13 +187,7 @@ fn run_in(lab: &mut Lab, o: &DemoOptions) -> Result<bool> {
     lab.mount(&dev, &mnt, "")?;
     check_interrupt()?;
 
-    step(
-        5,
-        &format!(
-            "delivering {} messages into a Maildir (fsync each, rename into new/)",
-            o.messages
-        ),
-    );
+    step(5, &format!("delivering {} messages into a Maildir (fsync each, rename into new/)", o.messages));
     let t = Instant::now();
     let manifest = deliver(&mnt.join("Maildir"), o.messages)?;
     let secs = t.elapsed().as_secs_f64();
@@ -243,10 +212,7 @@ fn run_in(lab: &mut Lab, o: &DemoOptions) -> Result<bool> {
     println!("    {}", r.message.unwrap_or_default());
     let clean = lab.stop_all();
     for (n, ok) in &clean {
-        println!(
-            "    {n} stopped {}",
-            if *ok { "cleanly" } else { "UNCLEANLY" }
-        );
+        println!("    {n} stopped {}", if *ok { "cleanly" } else { "UNCLEANLY" });
     }
 
     step(8, "verifying");
@@ -256,18 +222,8 @@ fn run_in(lab: &mut Lab, o: &DemoOptions) -> Result<bool> {
     println!("    sha256 beta  image: {b}");
     let equal = a == b;
     println!("    images identical: {}", if equal { "yes" } else { "NO" });
-    let fsck = Command::new("e2fsck")
-        .args(["-f", "-n"])
-        .arg(lab.image("beta"))
-        .output()?;
-    println!(
-        "    e2fsck -fn of beta's image: {}",
-        if fsck.status.success() {
-            "clean"
-        } else {
-            "ERRORS"
-        }
-    );
+    let fsck = Command::new("e2fsck").args(["-f", "-n"]).arg(lab.image("beta")).output()?;
+    println!("    e2fsck -fn of beta's image: {}", if fsck.status.success() { "clean" } else { "ERRORS" });
     let dev = lab.attach_ro(&lab.image("beta"))?;
     let ro = lab.dir.join("standby-ro");
     lab.mount(&dev, &ro, "ro,noload")?;
@@ -275,9 +231,6 @@ fn run_in(lab: &mut Lab, o: &DemoOptions) -> Result<bool> {
     lab.umount(&ro)?;
     lab.detach(&dev)?;
     let checked = checked?;
-    println!(
-        "    messages read back from beta's copy and matched: {checked}/{}",
-        manifest.len()
-    );
+    println!("    messages read back from beta's copy and matched: {checked}/{}", manifest.len());
     Ok(equal && fsck.status.success() && checked == manifest.len() && clean.values().all(|c| *c))
 }

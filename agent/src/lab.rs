@@ -40,9 +40,7 @@ pub fn free_udp_port() -> Result<u16> {
 }
 
 pub fn run_cmd(cmd: &mut Command) -> Result<String> {
-    let out = cmd
-        .output()
-        .with_context(|| format!("cannot run {cmd:?}"))?;
+    let out = cmd.output().with_context(|| format!("cannot run {cmd:?}"))?;
     if !out.status.success() {
         bail!(
             "{cmd:?} failed ({}): {}{}",
@@ -80,18 +78,11 @@ impl Lab {
     /// directory under `parent`. `exe` is the `tandem` binary to run agents with.
     pub fn new(parent: &Path, exe: &Path, names: &[&str], opts: &LabOptions) -> Result<Self> {
         std::fs::create_dir_all(parent)?;
-        let dir = tempfile::Builder::new()
-            .prefix("tandem-lab-")
-            .tempdir_in(parent)?
-            .keep();
+        let dir = tempfile::Builder::new().prefix("tandem-lab-").tempdir_in(parent)?.keep();
         let mut nodes = Vec::new();
         for n in names {
             crate::tls::keygen(n, &dir.join("keys"), false)?;
-            nodes.push(LabNode {
-                name: n.to_string(),
-                port: free_udp_port()?,
-                child: None,
-            });
+            nodes.push(LabNode { name: n.to_string(), port: free_udp_port()?, child: None });
         }
         let lab = Lab {
             config: dir.join("tandem.toml"),
@@ -144,10 +135,7 @@ impl Lab {
     }
 
     fn node_mut(&mut self, name: &str) -> Result<&mut LabNode> {
-        self.nodes
-            .iter_mut()
-            .find(|n| n.name == name)
-            .ok_or_else(|| anyhow!("no lab node {name}"))
+        self.nodes.iter_mut().find(|n| n.name == name).ok_or_else(|| anyhow!("no lab node {name}"))
     }
 
     pub fn image(&self, node: &str) -> PathBuf {
@@ -176,18 +164,12 @@ impl Lab {
     /// peers' on purpose).
     pub fn start_with_config(&mut self, node: &str, config: &Path) -> Result<()> {
         std::fs::create_dir_all(self.dir.join(node))?;
-        let log = File::options()
-            .create(true)
-            .append(true)
-            .open(self.log(node))?;
+        let log = File::options().create(true).append(true).open(self.log(node))?;
         let child = Command::new(&self.exe)
             .args(["agent", "--config"])
             .arg(config)
             .args(["--node", node])
-            .env(
-                "RUST_LOG",
-                std::env::var("TANDEM_LAB_LOG").unwrap_or_else(|_| "info,quinn=warn".into()),
-            )
+            .env("RUST_LOG", std::env::var("TANDEM_LAB_LOG").unwrap_or_else(|_| "info,quinn=warn".into()))
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
@@ -201,36 +183,23 @@ impl Lab {
             }
             if let Some(c) = self.node_mut(node)?.child.as_mut() {
                 if let Some(st) = c.try_wait()? {
-                    bail!(
-                        "agent {node} exited at start ({st}); log:\n{}",
-                        self.log_text(node)
-                    );
+                    bail!("agent {node} exited at start ({st}); log:\n{}", self.log_text(node));
                 }
             }
             if Instant::now() > deadline {
-                bail!(
-                    "agent {node} did not answer within 20s; log:\n{}",
-                    self.log_text(node)
-                );
+                bail!("agent {node} did not answer within 20s; log:\n{}", self.log_text(node));
             }
             std::thread::sleep(Duration::from_millis(50));
         }
     }
 
     pub fn pid(&self, node: &str) -> Option<u32> {
-        self.nodes
-            .iter()
-            .find(|n| n.name == node)?
-            .child
-            .as_ref()
-            .map(|c| c.id())
+        self.nodes.iter().find(|n| n.name == node)?.child.as_ref().map(|c| c.id())
     }
 
     /// Sends `sig` to `node`'s agent.
     pub fn signal(&self, node: &str, sig: Signal) -> Result<()> {
-        let pid = self
-            .pid(node)
-            .ok_or_else(|| anyhow!("agent {node} is not running"))?;
+        let pid = self.pid(node).ok_or_else(|| anyhow!("agent {node} is not running"))?;
         kill(Pid::from_raw(pid as i32), sig)?;
         Ok(())
     }
@@ -323,22 +292,11 @@ impl Lab {
     }
 
     pub fn promote(&self, node: &str, force: bool) -> Result<Response> {
-        self.request(
-            node,
-            &Request::Promote {
-                resource: self.resource.clone(),
-                force,
-            },
-        )
+        self.request(node, &Request::Promote { resource: self.resource.clone(), force })
     }
 
     pub fn demote(&self, node: &str) -> Result<Response> {
-        self.request(
-            node,
-            &Request::Demote {
-                resource: self.resource.clone(),
-            },
-        )
+        self.request(node, &Request::Demote { resource: self.resource.clone() })
     }
 
     /// Mounts `dev` at `dir` (created), tracked for cleanup.
@@ -361,13 +319,7 @@ impl Lab {
 
     /// Attaches a read-only loop device to a file, tracked for cleanup.
     pub fn attach_ro(&mut self, file: &Path) -> Result<String> {
-        let dev = run_cmd(
-            Command::new("losetup")
-                .args(["-f", "--show", "-r"])
-                .arg(file),
-        )?
-        .trim()
-        .to_string();
+        let dev = run_cmd(Command::new("losetup").args(["-f", "--show", "-r"]).arg(file))?.trim().to_string();
         self.loops.push(dev.clone());
         Ok(dev)
     }
@@ -383,12 +335,7 @@ impl Lab {
         let names: Vec<String> = self.nodes.iter().map(|n| n.name.clone()).collect();
         names
             .into_iter()
-            .map(|n| {
-                (
-                    n.clone(),
-                    self.stop(&n, Duration::from_secs(20)).unwrap_or(false),
-                )
-            })
+            .map(|n| (n.clone(), self.stop(&n, Duration::from_secs(20)).unwrap_or(false)))
             .collect()
     }
 }
@@ -397,11 +344,7 @@ impl Drop for Lab {
     fn drop(&mut self) {
         for m in self.mounts.drain(..).rev() {
             let _ = Command::new("umount").arg(&m).status();
-            let _ = Command::new("umount")
-                .arg("-l")
-                .arg(&m)
-                .stderr(Stdio::null())
-                .status();
+            let _ = Command::new("umount").arg("-l").arg(&m).stderr(Stdio::null()).status();
         }
         self.stop_all();
         for d in self.loops.drain(..) {
@@ -411,11 +354,7 @@ impl Drop for Lab {
         // image, then the FUSE mount itself.
         if let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") {
             let root = self.dir.to_string_lossy().to_string();
-            for mp in info
-                .lines()
-                .filter_map(|l| l.split(' ').nth(4))
-                .filter(|m| m.starts_with(&root))
-            {
+            for mp in info.lines().filter_map(|l| l.split(' ').nth(4)).filter(|m| m.starts_with(&root)) {
                 let img = Path::new(mp).join(crate::frontend::fuse::IMAGE_NAME);
                 for dev in crate::frontend::loopdev::attached_to(&img) {
                     let _ = Command::new("losetup").args(["-d", &dev]).status();

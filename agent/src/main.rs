@@ -32,18 +32,12 @@ fn node_name(cli: &Cli, cfg: &Config) -> Result<String> {
         cfg.node(n)?;
         return Ok(n.clone());
     }
-    let host = nix::unistd::gethostname()
-        .ok()
-        .and_then(|h| h.into_string().ok())
-        .unwrap_or_default();
+    let host = nix::unistd::gethostname().ok().and_then(|h| h.into_string().ok()).unwrap_or_default();
     let short = host.split('.').next().unwrap_or_default().to_string();
     if cfg.node(&short).is_ok() {
         return Ok(short);
     }
-    bail!(
-        "no --node given and the host name {host:?} is not a node in {}",
-        cfg.path.display()
-    )
+    bail!("no --node given and the host name {host:?} is not a node in {}", cfg.path.display())
 }
 
 fn call(cli: &Cli, req: Request) -> Result<control::Response> {
@@ -61,8 +55,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let node = node_name(&cli, &cfg)?;
             cfg.node(&node)?;
             sysutil::harden_for_block_io();
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
+            // One runtime thread for QUIC and the control plane: the data path's blocking work
+            // runs on the FUSE and applier threads, and quinn spends far less CPU per byte on
+            // a single-threaded runtime than on a work-stealing one.
+            let rt = tokio::runtime::Builder::new_current_thread()
                 .thread_name("tandem")
                 .enable_all()
                 .build()
@@ -82,9 +78,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::Status { json } => {
             let resp = call(&cli, Request::Status)?;
-            let status = resp
-                .status
-                .ok_or_else(|| anyhow!(resp.error.unwrap_or_else(|| "no status".into())))?;
+            let status =
+                resp.status.ok_or_else(|| anyhow!(resp.error.unwrap_or_else(|| "no status".into())))?;
             if *json {
                 println!("{}", serde_json::to_string_pretty(&status)?);
             } else {
@@ -92,36 +87,18 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Promote { resource, force } => verb(call(
-            &cli,
-            Request::Promote {
-                resource: resource.clone(),
-                force: *force,
-            },
-        )?),
-        Command::Demote { resource } => verb(call(
-            &cli,
-            Request::Demote {
-                resource: resource.clone(),
-            },
-        )?),
-        Command::Demo {
-            messages,
-            size,
-            keep,
-            workdir,
-        } => {
+        Command::Promote { resource, force } => {
+            verb(call(&cli, Request::Promote { resource: resource.clone(), force: *force })?)
+        }
+        Command::Demote { resource } => verb(call(&cli, Request::Demote { resource: resource.clone() })?),
+        Command::Demo { messages, size, keep, workdir } => {
             let ok = demo::run(&demo::DemoOptions {
                 messages: *messages,
                 size: tandem_agent::config::parse_size(size).map_err(|e| anyhow!(e))?,
                 keep: *keep,
                 parent: workdir.clone(),
             })?;
-            Ok(if ok {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::from(1)
-            })
+            Ok(if ok { ExitCode::SUCCESS } else { ExitCode::from(1) })
         }
     }
 }

@@ -82,18 +82,13 @@ impl MetaRecord {
         if let Some(i) = self.peers.iter().position(|p| p.name == name) {
             return &mut self.peers[i];
         }
-        self.peers.push(PeerMeta {
-            name: name.to_string(),
-            out_of_sync: false,
-        });
+        self.peers.push(PeerMeta { name: name.to_string(), out_of_sync: false });
         self.peers.last_mut().expect("just pushed")
     }
 }
 
 fn bincode_config() -> impl bincode::config::Config {
-    bincode::config::standard()
-        .with_little_endian()
-        .with_limit::<{ SLOT - SLOT_HEAD }>()
+    bincode::config::standard().with_little_endian().with_limit::<{ SLOT - SLOT_HEAD }>()
 }
 
 pub struct MetaFile {
@@ -104,16 +99,14 @@ pub struct MetaFile {
 }
 
 fn encode_slot(counter: u64, rec: &MetaRecord) -> Result<Vec<u8>> {
-    let body =
-        bincode::encode_to_vec(rec, bincode_config()).context("metadata too large for its slot")?;
+    let body = bincode::encode_to_vec(rec, bincode_config()).context("metadata too large for its slot")?;
     let mut slot = vec![0u8; SLOT];
     slot[0..8].copy_from_slice(MAGIC);
     slot[8..12].copy_from_slice(&FORMAT.to_le_bytes());
     slot[12..20].copy_from_slice(&counter.to_le_bytes());
     slot[20..24].copy_from_slice(&(body.len() as u32).to_le_bytes());
     slot[SLOT_HEAD..SLOT_HEAD + body.len()].copy_from_slice(&body);
-    let crc =
-        crc32fast::hash(&slot[8..20]) ^ crc32fast::hash(&slot[SLOT_HEAD..SLOT_HEAD + body.len()]);
+    let crc = crc32fast::hash(&slot[8..20]) ^ crc32fast::hash(&slot[SLOT_HEAD..SLOT_HEAD + body.len()]);
     slot[24..28].copy_from_slice(&crc.to_le_bytes());
     Ok(slot)
 }
@@ -124,9 +117,7 @@ fn decode_slot(slot: &[u8]) -> Result<(u64, MetaRecord), String> {
     }
     let format = u32::from_le_bytes(slot[8..12].try_into().expect("4 bytes"));
     if format != FORMAT {
-        return Err(format!(
-            "metadata format {format}, this build understands {FORMAT}"
-        ));
+        return Err(format!("metadata format {format}, this build understands {FORMAT}"));
     }
     let counter = u64::from_le_bytes(slot[12..20].try_into().expect("8 bytes"));
     let len = u32::from_le_bytes(slot[20..24].try_into().expect("4 bytes")) as usize;
@@ -136,13 +127,10 @@ fn decode_slot(slot: &[u8]) -> Result<(u64, MetaRecord), String> {
     let stored = u32::from_le_bytes(slot[24..28].try_into().expect("4 bytes"));
     let crc = crc32fast::hash(&slot[8..20]) ^ crc32fast::hash(&slot[SLOT_HEAD..SLOT_HEAD + len]);
     if crc != stored {
-        return Err(format!(
-            "checksum mismatch (stored {stored:08x}, computed {crc:08x})"
-        ));
+        return Err(format!("checksum mismatch (stored {stored:08x}, computed {crc:08x})"));
     }
-    let (rec, used) =
-        bincode::decode_from_slice(&slot[SLOT_HEAD..SLOT_HEAD + len], bincode_config())
-            .map_err(|e| format!("undecodable body: {e}"))?;
+    let (rec, used) = bincode::decode_from_slice(&slot[SLOT_HEAD..SLOT_HEAD + len], bincode_config())
+        .map_err(|e| format!("undecodable body: {e}"))?;
     if used != len {
         return Err("trailing bytes in body".into());
     }
@@ -153,8 +141,7 @@ impl MetaFile {
     /// Creates a new metadata file holding `record`. Fails if the file exists.
     pub fn create(path: &Path, record: MetaRecord) -> Result<Self> {
         if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir)
-                .with_context(|| format!("cannot create {}", dir.display()))?;
+            std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
         }
         let file = OpenOptions::new()
             .read(true)
@@ -164,12 +151,7 @@ impl MetaFile {
             .open(path)
             .with_context(|| format!("cannot create metadata {}", path.display()))?;
         file.set_len(2 * SLOT as u64)?;
-        let mut m = Self {
-            path: path.to_path_buf(),
-            file,
-            counter: 0,
-            record,
-        };
+        let mut m = Self { path: path.to_path_buf(), file, counter: 0, record };
         // Both slots valid from the start.
         m.store()?;
         m.store()?;
@@ -185,11 +167,7 @@ impl MetaFile {
         let mut buf = vec![0u8; 2 * SLOT];
         let n = read_up_to(&file, &mut buf)?;
         let a = decode_slot(&buf[..n.min(SLOT)]);
-        let b = if n > SLOT {
-            decode_slot(&buf[SLOT..n])
-        } else {
-            Err("file too short".into())
-        };
+        let b = if n > SLOT { decode_slot(&buf[SLOT..n]) } else { Err("file too short".into()) };
         let (counter, record) = match (a, b) {
             (Ok(x), Ok(y)) => {
                 if x.0 >= y.0 {
@@ -211,12 +189,7 @@ impl MetaFile {
                 ))
             }
         };
-        Ok(Self {
-            path: path.to_path_buf(),
-            file,
-            counter,
-            record,
-        })
+        Ok(Self { path: path.to_path_buf(), file, counter, record })
     }
 
     pub fn record(&self) -> &MetaRecord {
@@ -293,18 +266,12 @@ mod tests {
         m.update(|r| r.disk = DiskState::Outdated).unwrap();
         let newest_slot = (m.counter % 2) as usize;
         drop(m);
-        assert_eq!(
-            MetaFile::open(&p).unwrap().record().disk,
-            DiskState::Outdated
-        );
+        assert_eq!(MetaFile::open(&p).unwrap().record().disk, DiskState::Outdated);
         // Tear the newest copy: the previous one (UpToDate) is used.
         let mut bytes = std::fs::read(&p).unwrap();
         bytes[newest_slot * SLOT + SLOT_HEAD + 3] ^= 0xff;
         std::fs::write(&p, &bytes).unwrap();
-        assert_eq!(
-            MetaFile::open(&p).unwrap().record().disk,
-            DiskState::UpToDate
-        );
+        assert_eq!(MetaFile::open(&p).unwrap().record().disk, DiskState::UpToDate);
         // Both damaged: refuse.
         bytes[(1 - newest_slot) * SLOT + 13] ^= 0xff;
         std::fs::write(&p, &bytes).unwrap();
@@ -317,9 +284,8 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let p = d.path().join("m");
         for seed in 0..200u32 {
-            let bytes: Vec<u8> = (0..2 * SLOT as u32)
-                .map(|i| (i.wrapping_mul(2654435761) ^ seed) as u8)
-                .collect();
+            let bytes: Vec<u8> =
+                (0..2 * SLOT as u32).map(|i| (i.wrapping_mul(2654435761) ^ seed) as u8).collect();
             std::fs::write(&p, &bytes).unwrap();
             assert!(MetaFile::open(&p).is_err());
         }

@@ -86,10 +86,7 @@ impl NodeStatus {
                 r.role,
                 r.disk,
                 human_bytes(r.size),
-                r.device
-                    .as_ref()
-                    .map(|d| format!("  device:{d}"))
-                    .unwrap_or_default()
+                r.device.as_ref().map(|d| format!("  device:{d}")).unwrap_or_default()
             );
             for p in &r.peers {
                 out += &format!(

@@ -39,22 +39,31 @@ unsafe impl Send for AlignedBuf {}
 unsafe impl Sync for AlignedBuf {}
 
 impl AlignedBuf {
+    fn layout(len: usize) -> Layout {
+        Layout::from_size_align(len.max(1).next_multiple_of(DIO_ALIGN), DIO_ALIGN)
+            .expect("buffer size overflows a Layout")
+    }
+
     pub fn zeroed(len: usize) -> Self {
-        let layout = Layout::from_size_align(len.max(1).next_multiple_of(DIO_ALIGN), DIO_ALIGN)
-            .expect("buffer size overflows a Layout");
+        let layout = Self::layout(len);
         // SAFETY: layout has non-zero size.
         let raw = unsafe { std::alloc::alloc_zeroed(layout) };
-        let Some(ptr) = NonNull::new(raw) else {
-            std::alloc::handle_alloc_error(layout)
-        };
+        let Some(ptr) = NonNull::new(raw) else { std::alloc::handle_alloc_error(layout) };
         Self { ptr, len, layout }
     }
 
-    /// The one copy of a request's data out of the kernel's buffer.
+    /// The one copy of a request's data out of the kernel's buffer (no zeroing first: every
+    /// byte up to `len` is overwritten, and nothing reads beyond `len`).
     pub fn copy_from(data: &[u8]) -> Self {
-        let mut b = Self::zeroed(data.len());
-        b.as_mut_slice().copy_from_slice(data);
-        b
+        let layout = Self::layout(data.len());
+        // SAFETY: layout has non-zero size; the first data.len() bytes are initialised by the
+        // copy before any reference to them exists, and the tail is never exposed.
+        unsafe {
+            let raw = std::alloc::alloc(layout);
+            let Some(ptr) = NonNull::new(raw) else { std::alloc::handle_alloc_error(layout) };
+            std::ptr::copy_nonoverlapping(data.as_ptr(), ptr.as_ptr(), data.len());
+            Self { ptr, len: data.len(), layout }
+        }
     }
 
     pub fn as_mut_slice(&mut self) -> &mut [u8] {
@@ -104,8 +113,7 @@ impl FileStore {
             return Ok(false);
         }
         if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir)
-                .with_context(|| format!("cannot create {}", dir.display()))?;
+            std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
         }
         let f = OpenOptions::new()
             .write(true)
@@ -113,8 +121,7 @@ impl FileStore {
             .mode(0o600)
             .open(path)
             .with_context(|| format!("cannot create image {}", path.display()))?;
-        f.set_len(size)
-            .with_context(|| format!("cannot size image {}", path.display()))?;
+        f.set_len(size).with_context(|| format!("cannot size image {}", path.display()))?;
         f.sync_all()?;
         info!(image = %path.display(), size, "created sparse image");
         Ok(true)
@@ -135,28 +142,17 @@ impl FileStore {
                 path.display()
             ));
         }
-        let direct = match OpenOptions::new()
-            .read(true)
-            .write(true)
-            .custom_flags(libc::O_DIRECT)
-            .open(path)
-        {
+        let direct = match OpenOptions::new().read(true).write(true).custom_flags(libc::O_DIRECT).open(path) {
             Ok(f) => Some(f),
             Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
                 info!(image = %path.display(), "filesystem has no O_DIRECT: writes are buffered and made durable by flushes");
                 None
             }
             Err(e) => {
-                return Err(e)
-                    .with_context(|| format!("cannot open image {} with O_DIRECT", path.display()))
+                return Err(e).with_context(|| format!("cannot open image {} with O_DIRECT", path.display()))
             }
         };
-        Ok(Self {
-            path: path.to_path_buf(),
-            direct,
-            buffered,
-            size,
-        })
+        Ok(Self { path: path.to_path_buf(), direct, buffered, size })
     }
 
     pub fn path(&self) -> &Path {
@@ -248,9 +244,6 @@ mod tests {
         assert!(buf[4096..12288].iter().all(|b| *b == 0));
         assert_eq!(&buf[100..105], b"hello");
         let e = FileStore::open(&p, 2 << 20).err().unwrap().to_string();
-        assert!(
-            e.contains("1048576 bytes but the config says 2097152"),
-            "{e}"
-        );
+        assert!(e.contains("1048576 bytes but the config says 2097152"), "{e}");
     }
 }

@@ -43,10 +43,7 @@ pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>> {
         .collect::<Result<_, _>>()
         .map_err(|e| anyhow!("certificate {} is not valid PEM: {e}", path.display()))?;
     if certs.is_empty() {
-        return Err(anyhow!(
-            "certificate {} contains no certificate",
-            path.display()
-        ));
+        return Err(anyhow!("certificate {} contains no certificate", path.display()));
     }
     Ok(certs)
 }
@@ -66,14 +63,11 @@ pub struct PinnedPeers {
 
 impl PinnedPeers {
     pub fn insert(&mut self, node: &str, cert: &CertificateDer<'_>) {
-        self.by_fingerprint
-            .insert(fingerprint(cert), node.to_string());
+        self.by_fingerprint.insert(fingerprint(cert), node.to_string());
     }
 
     pub fn node_of(&self, cert: &CertificateDer<'_>) -> Option<&str> {
-        self.by_fingerprint
-            .get(&fingerprint(cert))
-            .map(|s| s.as_str())
+        self.by_fingerprint.get(&fingerprint(cert)).map(|s| s.as_str())
     }
 }
 
@@ -157,11 +151,7 @@ impl ClientCertVerifier for ExpectAnyPeer {
     ) -> Result<ClientCertVerified, rustls::Error> {
         match self.pinned.node_of(end_entity) {
             Some(_) => Ok(ClientCertVerified::assertion()),
-            None => Err(refuse(
-                end_entity,
-                "client",
-                "the certificate configured for any peer node",
-            )),
+            None => Err(refuse(end_entity, "client", "the certificate configured for any peer node")),
         }
     }
 
@@ -191,10 +181,8 @@ impl ClientCertVerifier for ExpectAnyPeer {
 /// TLS for accepting connections from any configured peer.
 pub fn server_config(id: &Identity, pinned: &PinnedPeers) -> Result<rustls::ServerConfig> {
     let p = provider();
-    let verifier = Arc::new(ExpectAnyPeer {
-        pinned: pinned.clone(),
-        algs: p.signature_verification_algorithms,
-    });
+    let verifier =
+        Arc::new(ExpectAnyPeer { pinned: pinned.clone(), algs: p.signature_verification_algorithms });
     let mut cfg = rustls::ServerConfig::builder_with_provider(p)
         .with_protocol_versions(&[&rustls::version::TLS13])
         .context("TLS 1.3 setup")?
@@ -206,11 +194,7 @@ pub fn server_config(id: &Identity, pinned: &PinnedPeers) -> Result<rustls::Serv
 }
 
 /// TLS for connecting to `node`, which must present its configured certificate.
-pub fn client_config(
-    id: &Identity,
-    pinned: &PinnedPeers,
-    node: &str,
-) -> Result<rustls::ClientConfig> {
+pub fn client_config(id: &Identity, pinned: &PinnedPeers, node: &str) -> Result<rustls::ClientConfig> {
     let p = provider();
     let verifier = Arc::new(ExpectServer {
         node: node.to_string(),
@@ -229,11 +213,7 @@ pub fn client_config(
 }
 
 /// Writes a new key and self-signed certificate for `name` into `dir`.
-pub fn keygen(
-    name: &str,
-    dir: &Path,
-    force: bool,
-) -> Result<(std::path::PathBuf, std::path::PathBuf)> {
+pub fn keygen(name: &str, dir: &Path, force: bool) -> Result<(std::path::PathBuf, std::path::PathBuf)> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
@@ -242,19 +222,14 @@ pub fn keygen(
     if !force {
         for p in [&crt, &key] {
             if p.exists() {
-                return Err(anyhow!(
-                    "{} already exists (use --force to replace it)",
-                    p.display()
-                ));
+                return Err(anyhow!("{} already exists (use --force to replace it)", p.display()));
             }
         }
     }
     let kp = rcgen::KeyPair::generate().context("generating key")?;
     let mut params =
         rcgen::CertificateParams::new(vec![name.to_string()]).context("certificate parameters")?;
-    params
-        .distinguished_name
-        .push(rcgen::DnType::CommonName, format!("tandem node {name}"));
+    params.distinguished_name.push(rcgen::DnType::CommonName, format!("tandem node {name}"));
     let cert = params.self_signed(&kp).context("signing certificate")?;
     let write = |path: &Path, data: &str, mode: u32| -> Result<()> {
         let mut f = std::fs::OpenOptions::new()

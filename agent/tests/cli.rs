@@ -54,11 +54,7 @@ impl Setup {
         let dir = tempfile::tempdir().unwrap();
         for n in ["alpha", "beta"] {
             let out = tandem(&["keygen", "--name", n, "--out", dir.path().to_str().unwrap()]);
-            assert!(
-                out.status.success(),
-                "keygen: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
+            assert!(out.status.success(), "keygen: {}", String::from_utf8_lossy(&out.stderr));
         }
         Self { dir }
     }
@@ -73,10 +69,7 @@ impl Setup {
     fn agent_fails(&self, cfg: &str, node: &str) -> String {
         let out = tandem(&["agent", "--config", cfg, "--node", node]);
         let err = String::from_utf8_lossy(&out.stderr).to_string();
-        assert!(
-            !out.status.success(),
-            "agent accepted a bad setup; stderr: {err}"
-        );
+        assert!(!out.status.success(), "agent accepted a bad setup; stderr: {err}");
         err
     }
 }
@@ -86,17 +79,8 @@ fn keygen_writes_a_private_key_and_refuses_to_overwrite() {
     let s = Setup::new();
     let key = s.dir.path().join("alpha.key");
     use std::os::unix::fs::PermissionsExt;
-    assert_eq!(
-        std::fs::metadata(&key).unwrap().permissions().mode() & 0o777,
-        0o600
-    );
-    let out = tandem(&[
-        "keygen",
-        "--name",
-        "alpha",
-        "--out",
-        s.dir.path().to_str().unwrap(),
-    ]);
+    assert_eq!(std::fs::metadata(&key).unwrap().permissions().mode() & 0o777, 0o600);
+    let out = tandem(&["keygen", "--name", "alpha", "--out", s.dir.path().to_str().unwrap()]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("already exists"));
 }
@@ -106,22 +90,15 @@ fn unknown_node_is_named() {
     let s = Setup::new();
     let cfg = s.write(&config(s.dir.path()));
     let err = s.agent_fails(&cfg, "gamma");
-    assert!(
-        err.contains("\"gamma\"") && err.contains("alpha, beta"),
-        "{err}"
-    );
+    assert!(err.contains("\"gamma\"") && err.contains("alpha, beta"), "{err}");
 }
 
 #[test]
 fn disk_for_unknown_node_is_named() {
     let s = Setup::new();
-    let cfg =
-        s.write(&config(s.dir.path()).replace("[resource.disk.beta]", "[resource.disk.gamma]"));
+    let cfg = s.write(&config(s.dir.path()).replace("[resource.disk.beta]", "[resource.disk.gamma]"));
     let err = s.agent_fails(&cfg, "alpha");
-    assert!(
-        err.contains("mailstore") && err.contains("unknown node \"gamma\""),
-        "{err}"
-    );
+    assert!(err.contains("mailstore") && err.contains("unknown node \"gamma\""), "{err}");
 }
 
 #[test]
@@ -130,10 +107,7 @@ fn missing_certificate_is_named() {
     std::fs::remove_file(s.dir.path().join("beta.crt")).unwrap();
     let cfg = s.write(&config(s.dir.path()));
     let err = s.agent_fails(&cfg, "alpha");
-    assert!(
-        err.contains("beta.crt") && err.contains("node beta"),
-        "{err}"
-    );
+    assert!(err.contains("beta.crt") && err.contains("node beta"), "{err}");
     // Nothing was created for the resource.
     assert!(!s.dir.path().join("alpha.img").exists());
 }
@@ -145,15 +119,8 @@ fn image_of_another_size_is_refused_and_kept() {
     std::fs::write(&img, vec![7u8; 8 << 20]).unwrap();
     let cfg = s.write(&config(s.dir.path()));
     let err = s.agent_fails(&cfg, "alpha");
-    assert!(
-        err.contains("alpha.img") && err.contains("8388608 bytes") && err.contains("16777216"),
-        "{err}"
-    );
-    assert_eq!(
-        std::fs::read(&img).unwrap(),
-        vec![7u8; 8 << 20],
-        "the image was modified"
-    );
+    assert!(err.contains("alpha.img") && err.contains("8388608 bytes") && err.contains("16777216"), "{err}");
+    assert_eq!(std::fs::read(&img).unwrap(), vec![7u8; 8 << 20], "the image was modified");
 }
 
 #[test]
@@ -177,10 +144,7 @@ fn corrupt_metadata_is_refused() {
     std::fs::write(s.dir.path().join("alpha.meta"), vec![0x5au8; 8192]).unwrap();
     let cfg = s.write(&config(s.dir.path()));
     let err = s.agent_fails(&cfg, "alpha");
-    assert!(
-        err.contains("alpha.meta") && err.contains("corrupt"),
-        "{err}"
-    );
+    assert!(err.contains("alpha.meta") && err.contains("corrupt"), "{err}");
 }
 
 #[test]

@@ -73,16 +73,11 @@ pub enum ControlMsg {
     /// The sender's view of the receiver's copy.
     PeerView(PeerView),
     /// First frame on a new stream.
-    OpenStream {
-        resource: String,
-        purpose: StreamPurpose,
-    },
+    OpenStream { resource: String, purpose: StreamPurpose },
 }
 
 fn config() -> impl bincode::config::Config {
-    bincode::config::standard()
-        .with_little_endian()
-        .with_limit::<MAX_CONTROL_BODY>()
+    bincode::config::standard().with_little_endian().with_limit::<MAX_CONTROL_BODY>()
 }
 
 pub(crate) fn encode_bincode<T: Encode>(v: &T, out: &mut Vec<u8>) {
@@ -93,13 +88,10 @@ pub(crate) fn encode_bincode<T: Encode>(v: &T, out: &mut Vec<u8>) {
 }
 
 pub(crate) fn decode_bincode<T: Decode<()>>(body: &[u8]) -> Result<T, DecodeError> {
-    let (v, used) = bincode::decode_from_slice(body, config())
-        .map_err(|e| DecodeError::Control(e.to_string()))?;
+    let (v, used) =
+        bincode::decode_from_slice(body, config()).map_err(|e| DecodeError::Control(e.to_string()))?;
     if used != body.len() {
-        return Err(DecodeError::Control(format!(
-            "{} trailing bytes after message",
-            body.len() - used
-        )));
+        return Err(DecodeError::Control(format!("{} trailing bytes after message", body.len() - used)));
     }
     Ok(v)
 }

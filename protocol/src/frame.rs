@@ -37,11 +37,7 @@ impl DataFrame {
     pub fn encode_head(&self) -> [u8; HEADER_LEN + Self::FIXED_LEN] {
         let mut b = [0u8; HEADER_LEN + Self::FIXED_LEN];
         let body_len = Self::FIXED_LEN + self.payload.len();
-        let h = Header {
-            kind: FrameKind::Data,
-            flags: self.flags,
-            body_len: body_len as u32,
-        };
+        let h = Header { kind: FrameKind::Data, flags: self.flags, body_len: body_len as u32 };
         b[..HEADER_LEN].copy_from_slice(&h.encode());
         let f = &mut b[HEADER_LEN..];
         f[0..8].copy_from_slice(&self.seq.to_le_bytes());
@@ -111,10 +107,7 @@ impl Frame {
     pub fn hello(h: &Hello) -> Self {
         let mut body = Vec::new();
         encode_bincode(h, &mut body);
-        Frame::Hello {
-            version: PROTOCOL_VERSION,
-            body: body.into(),
-        }
+        Frame::Hello { version: PROTOCOL_VERSION, body: body.into() }
     }
 
     /// Decodes the body of a hello frame of our protocol version.
@@ -138,10 +131,7 @@ impl Frame {
     /// frames the payload (shared, not copied).
     pub fn encode_chunks(&self) -> (Bytes, Option<Bytes>) {
         match self {
-            Frame::Data(d) => (
-                Bytes::copy_from_slice(&d.encode_head()),
-                Some(d.payload.clone()),
-            ),
+            Frame::Data(d) => (Bytes::copy_from_slice(&d.encode_head()), Some(d.payload.clone())),
             other => (Bytes::from(other.encode_small()), None),
         }
     }
@@ -167,12 +157,7 @@ impl Frame {
                 body.extend_from_slice(&seq.to_le_bytes());
                 *flags
             }
-            Frame::Discard {
-                seq,
-                offset,
-                len,
-                flags,
-            } => {
+            Frame::Discard { seq, offset, len, flags } => {
                 body.extend_from_slice(&seq.to_le_bytes());
                 body.extend_from_slice(&offset.to_le_bytes());
                 body.extend_from_slice(&len.to_le_bytes());
@@ -204,11 +189,7 @@ impl Frame {
                 0
             }
         };
-        let h = Header {
-            kind: self.kind(),
-            flags,
-            body_len: body.len() as u32,
-        };
+        let h = Header { kind: self.kind(), flags, body_len: body.len() as u32 };
         let mut out = Vec::with_capacity(HEADER_LEN + body.len());
         out.extend_from_slice(&h.encode());
         out.extend_from_slice(&body);
@@ -230,11 +211,7 @@ fn le_u32(b: &[u8]) -> u32 {
 
 fn exact(kind: FrameKind, body: &[u8], need: usize) -> Result<(), DecodeError> {
     if body.len() != need {
-        return Err(DecodeError::WrongLength {
-            kind: kind.name(),
-            len: body.len(),
-            need,
-        });
+        return Err(DecodeError::WrongLength { kind: kind.name(), len: body.len(), need });
     }
     Ok(())
 }
@@ -245,12 +222,32 @@ fn no_flags(kind: FrameKind, flags: u8) -> Result<(), DecodeError> {
 
 fn only_flags(kind: FrameKind, flags: u8, allowed: u8) -> Result<(), DecodeError> {
     if flags & !allowed != 0 {
-        return Err(DecodeError::UnknownFlags {
-            kind: kind.name(),
-            flags,
-        });
+        return Err(DecodeError::UnknownFlags { kind: kind.name(), flags });
     }
     Ok(())
+}
+
+/// Decodes a data frame from its fixed part and its payload.
+pub(crate) fn decode_data(
+    h: Header,
+    fixed: &[u8; DataFrame::FIXED_LEN],
+    payload: Bytes,
+) -> Result<Frame, DecodeError> {
+    only_flags(h.kind, h.flags, FLAG_ACK_RECEIVED)?;
+    let seq = le_u64(&fixed[0..]);
+    let offset = le_u64(&fixed[8..]);
+    let declared = le_u32(&fixed[16..]);
+    let checksum = le_u32(&fixed[20..]);
+    if payload.len() != declared as usize {
+        return Err(DecodeError::LengthMismatch { declared, actual: payload.len() });
+    }
+    if payload.is_empty() {
+        return Err(DecodeError::EmptyPayload);
+    }
+    if offset.checked_add(declared as u64).is_none() {
+        return Err(DecodeError::RangeOverflow { offset, len: declared as u64 });
+    }
+    Ok(Frame::Data(DataFrame { seq, offset, flags: h.flags, checksum, payload }))
 }
 
 /// Decodes a frame body whose header has been validated and whose length is within limits.
@@ -266,42 +263,14 @@ pub(crate) fn decode_body(h: Header, body: Bytes) -> Result<Frame, DecodeError> 
                     need: DataFrame::FIXED_LEN,
                 });
             }
-            only_flags(kind, h.flags, FLAG_ACK_RECEIVED)?;
-            let seq = le_u64(&body[0..]);
-            let offset = le_u64(&body[8..]);
-            let declared = le_u32(&body[16..]);
-            let checksum = le_u32(&body[20..]);
-            let payload = body.slice(DataFrame::FIXED_LEN..);
-            if payload.len() != declared as usize {
-                return Err(DecodeError::LengthMismatch {
-                    declared,
-                    actual: payload.len(),
-                });
-            }
-            if payload.is_empty() {
-                return Err(DecodeError::EmptyPayload);
-            }
-            if offset.checked_add(declared as u64).is_none() {
-                return Err(DecodeError::RangeOverflow {
-                    offset,
-                    len: declared as u64,
-                });
-            }
-            Frame::Data(DataFrame {
-                seq,
-                offset,
-                flags: h.flags,
-                checksum,
-                payload,
-            })
+            let mut fixed = [0u8; DataFrame::FIXED_LEN];
+            fixed.copy_from_slice(&body[..DataFrame::FIXED_LEN]);
+            decode_data(h, &fixed, body.slice(DataFrame::FIXED_LEN..))?
         }
         FrameKind::Flush => {
             exact(kind, &body, 8)?;
             only_flags(kind, h.flags, FLAG_ACK_RECEIVED)?;
-            Frame::Flush {
-                seq: le_u64(&body),
-                flags: h.flags,
-            }
+            Frame::Flush { seq: le_u64(&body), flags: h.flags }
         }
         FrameKind::Discard => {
             exact(kind, &body, 24)?;
@@ -310,68 +279,36 @@ pub(crate) fn decode_body(h: Header, body: Bytes) -> Result<Frame, DecodeError> 
             if offset.checked_add(len).is_none() {
                 return Err(DecodeError::RangeOverflow { offset, len });
             }
-            Frame::Discard {
-                seq,
-                offset,
-                len,
-                flags: h.flags,
-            }
+            Frame::Discard { seq, offset, len, flags: h.flags }
         }
         FrameKind::Ack => {
             exact(kind, &body, 8)?;
             let level = match h.flags {
                 ACK_RECEIVED => AckLevel::Received,
                 ACK_DURABLE => AckLevel::Durable,
-                flags => {
-                    return Err(DecodeError::UnknownFlags {
-                        kind: kind.name(),
-                        flags,
-                    })
-                }
+                flags => return Err(DecodeError::UnknownFlags { kind: kind.name(), flags }),
             };
-            Frame::Ack {
-                seq: le_u64(&body),
-                level,
-            }
+            Frame::Ack { seq: le_u64(&body), level }
         }
         FrameKind::Heartbeat => {
             exact(kind, &body, 8)?;
             let reply = match h.flags {
                 0 => false,
                 HEARTBEAT_REPLY => true,
-                flags => {
-                    return Err(DecodeError::UnknownFlags {
-                        kind: kind.name(),
-                        flags,
-                    })
-                }
+                flags => return Err(DecodeError::UnknownFlags { kind: kind.name(), flags }),
             };
-            Frame::Heartbeat {
-                nonce: le_u64(&body),
-                reply,
-            }
+            Frame::Heartbeat { nonce: le_u64(&body), reply }
         }
         FrameKind::Hello => {
             if body.len() < 4 {
-                return Err(DecodeError::TooShort {
-                    kind: kind.name(),
-                    len: body.len(),
-                    need: 4,
-                });
+                return Err(DecodeError::TooShort { kind: kind.name(), len: body.len(), need: 4 });
             }
             no_flags(kind, h.flags)?;
-            Frame::Hello {
-                version: le_u32(&body),
-                body: body.slice(4..),
-            }
+            Frame::Hello { version: le_u32(&body), body: body.slice(4..) }
         }
         FrameKind::Control => {
             if body.is_empty() {
-                return Err(DecodeError::TooShort {
-                    kind: kind.name(),
-                    len: 0,
-                    need: 1,
-                });
+                return Err(DecodeError::TooShort { kind: kind.name(), len: 0, need: 1 });
             }
             no_flags(kind, h.flags)?;
             if body[0] != CONTROL_ENVELOPE_VERSION {

@@ -74,16 +74,9 @@ impl Header {
     pub fn decode(b: &[u8; HEADER_LEN]) -> Result<Self, DecodeError> {
         let magic = u16::from_le_bytes([b[0], b[1]]);
         if magic != MAGIC {
-            return Err(DecodeError::BadMagic {
-                found: magic,
-                expected: MAGIC,
-            });
+            return Err(DecodeError::BadMagic { found: magic, expected: MAGIC });
         }
         let kind = FrameKind::from_u8(b[2])?;
-        Ok(Self {
-            kind,
-            flags: b[3],
-            body_len: u32::from_le_bytes([b[4], b[5], b[6], b[7]]),
-        })
+        Ok(Self { kind, flags: b[3], body_len: u32::from_le_bytes([b[4], b[5], b[6], b[7]]) })
     }
 }

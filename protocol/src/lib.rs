@@ -18,8 +18,7 @@ pub mod header;
 
 pub use checksum::block_checksum;
 pub use control::{
-    ControlMsg, DiskState, Hello, PeerView, ResourceHello, Role, StreamPurpose,
-    CONTROL_ENVELOPE_VERSION,
+    ControlMsg, DiskState, Hello, PeerView, ResourceHello, Role, StreamPurpose, CONTROL_ENVELOPE_VERSION,
 };
 pub use decoder::FrameDecoder;
 pub use error::DecodeError;

@@ -10,28 +10,12 @@ fn arb_role() -> impl Strategy<Value = Role> {
 }
 
 fn arb_disk() -> impl Strategy<Value = DiskState> {
-    prop_oneof![
-        Just(DiskState::UpToDate),
-        Just(DiskState::Outdated),
-        Just(DiskState::Inconsistent)
-    ]
+    prop_oneof![Just(DiskState::UpToDate), Just(DiskState::Outdated), Just(DiskState::Inconsistent)]
 }
 
 fn arb_resource_hello() -> impl Strategy<Value = ResourceHello> {
-    (
-        "[a-z]{1,12}",
-        any::<u64>(),
-        any::<u32>(),
-        arb_role(),
-        arb_disk(),
-    )
-        .prop_map(|(name, size, block_size, role, disk)| ResourceHello {
-            name,
-            size,
-            block_size,
-            role,
-            disk,
-        })
+    ("[a-z]{1,12}", any::<u64>(), any::<u32>(), arb_role(), arb_disk())
+        .prop_map(|(name, size, block_size, role, disk)| ResourceHello { name, size, block_size, role, disk })
 }
 
 fn arb_control() -> impl Strategy<Value = ControlMsg> {
@@ -40,65 +24,31 @@ fn arb_control() -> impl Strategy<Value = ControlMsg> {
         ".{0,40}".prop_map(|reason| ControlMsg::Error { reason }),
         arb_resource_hello().prop_map(ControlMsg::ResourceState),
         ("[a-z]{1,8}", arb_disk(), any::<u64>()).prop_map(|(resource, your_disk, oos)| {
-            ControlMsg::PeerView(PeerView {
-                resource,
-                your_disk,
-                out_of_sync_bytes: oos,
-            })
+            ControlMsg::PeerView(PeerView { resource, your_disk, out_of_sync_bytes: oos })
         }),
-        "[a-z]{1,8}".prop_map(|resource| ControlMsg::OpenStream {
-            resource,
-            purpose: StreamPurpose::Replication
-        }),
+        "[a-z]{1,8}"
+            .prop_map(|resource| ControlMsg::OpenStream { resource, purpose: StreamPurpose::Replication }),
     ]
 }
 
 fn arb_frame() -> impl Strategy<Value = Frame> {
     prop_oneof![
-        (
-            any::<u64>(),
-            0u64..(1 << 40),
-            proptest::collection::vec(any::<u8>(), 1..9000),
-            0u8..2
-        )
-            .prop_map(|(seq, offset, data, flags)| {
+        (any::<u64>(), 0u64..(1 << 40), proptest::collection::vec(any::<u8>(), 1..9000), 0u8..2).prop_map(
+            |(seq, offset, data, flags)| {
                 let checksum = block_checksum(&data);
-                Frame::Data(DataFrame {
-                    seq,
-                    offset,
-                    flags,
-                    checksum,
-                    payload: Bytes::from(data),
-                })
-            }),
-        (any::<u64>(), 0u8..2).prop_map(|(seq, flags)| Frame::Flush { seq, flags }),
-        (any::<u64>(), 0u64..(1 << 40), 0u64..(1 << 40), 0u8..2).prop_map(
-            |(seq, offset, len, flags)| Frame::Discard {
-                seq,
-                offset,
-                len,
-                flags
+                Frame::Data(DataFrame { seq, offset, flags, checksum, payload: Bytes::from(data) })
             }
         ),
+        (any::<u64>(), 0u8..2).prop_map(|(seq, flags)| Frame::Flush { seq, flags }),
+        (any::<u64>(), 0u64..(1 << 40), 0u64..(1 << 40), 0u8..2)
+            .prop_map(|(seq, offset, len, flags)| Frame::Discard { seq, offset, len, flags }),
         (any::<u64>(), any::<bool>()).prop_map(|(seq, d)| Frame::Ack {
             seq,
-            level: if d {
-                AckLevel::Durable
-            } else {
-                AckLevel::Received
-            }
+            level: if d { AckLevel::Durable } else { AckLevel::Received }
         }),
         (any::<u64>(), any::<bool>()).prop_map(|(nonce, reply)| Frame::Heartbeat { nonce, reply }),
-        (
-            "[a-z]{1,10}",
-            "[a-z]{1,10}",
-            proptest::collection::vec(arb_resource_hello(), 0..4)
-        )
-            .prop_map(|(cluster, node, resources)| Frame::hello(&Hello {
-                cluster,
-                node,
-                resources
-            })),
+        ("[a-z]{1,10}", "[a-z]{1,10}", proptest::collection::vec(arb_resource_hello(), 0..4))
+            .prop_map(|(cluster, node, resources)| Frame::hello(&Hello { cluster, node, resources })),
         arb_control().prop_map(Frame::Control),
     ]
 }
@@ -206,10 +156,7 @@ fn truncated_stream_waits_instead_of_failing() {
 #[test]
 fn other_protocol_version_is_reported_not_decoded() {
     // A future peer's hello: version 2 and a body we cannot parse.
-    let f = Frame::Hello {
-        version: 2,
-        body: Bytes::from_static(b"\xff\xff\xff future"),
-    };
+    let f = Frame::Hello { version: 2, body: Bytes::from_static(b"\xff\xff\xff future") };
     let mut d = FrameDecoder::default();
     d.push(&f.encode_to_vec());
     match d.next_frame().unwrap() {
@@ -224,10 +171,7 @@ fn control_with_unknown_envelope_version_is_refused() {
     bytes[tandem_protocol::HEADER_LEN] = 99;
     let mut d = FrameDecoder::default();
     d.push(&bytes);
-    assert!(matches!(
-        d.next_frame(),
-        Err(DecodeError::EnvelopeVersion { found: 99, .. })
-    ));
+    assert!(matches!(d.next_frame(), Err(DecodeError::EnvelopeVersion { found: 99, .. })));
 }
 
 #[test]
@@ -235,13 +179,10 @@ fn control_with_huge_declared_string_does_not_allocate_it() {
     // envelope v1, variant 0 (Refuse), string length varint claiming ~2^60 bytes
     let mut body = vec![CONTROL_ENVELOPE_VERSION, 0, 0xff];
     body.extend_from_slice(&(1u64 << 60).to_le_bytes());
-    let mut bytes = tandem_protocol::header::Header {
-        kind: FrameKind::Control,
-        flags: 0,
-        body_len: body.len() as u32,
-    }
-    .encode()
-    .to_vec();
+    let mut bytes =
+        tandem_protocol::header::Header { kind: FrameKind::Control, flags: 0, body_len: body.len() as u32 }
+            .encode()
+            .to_vec();
     bytes.extend_from_slice(&body);
     let mut d = FrameDecoder::default();
     d.push(&bytes);

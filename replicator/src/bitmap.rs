@@ -14,18 +14,9 @@ pub struct DirtyBitmap {
 impl DirtyBitmap {
     /// `granularity` must be a power of two (default 4096).
     pub fn new(size: u64, granularity: u64) -> Self {
-        assert!(
-            granularity.is_power_of_two(),
-            "bitmap granularity must be a power of two"
-        );
+        assert!(granularity.is_power_of_two(), "bitmap granularity must be a power of two");
         let bits = size.div_ceil(granularity);
-        Self {
-            words: vec![0; bits.div_ceil(64) as usize],
-            bits,
-            granularity,
-            size,
-            set_count: 0,
-        }
+        Self { words: vec![0; bits.div_ceil(64) as usize], bits, granularity, size, set_count: 0 }
     }
 
     pub fn granularity(&self) -> u64 {
@@ -61,11 +52,7 @@ impl DirtyBitmap {
         let end = offset.saturating_add(len).min(self.size);
         let a = offset.div_ceil(self.granularity);
         // A partial block at the very end of the volume counts as covered.
-        let b = if end == self.size {
-            self.bits
-        } else {
-            end / self.granularity
-        };
+        let b = if end == self.size { self.bits } else { end / self.granularity };
         for bit in a..b {
             self.clear_bit(bit);
         }
@@ -127,10 +114,7 @@ impl DirtyBitmap {
 
     /// Merges another bitmap of the same geometry into this one.
     pub fn union_with(&mut self, other: &DirtyBitmap) {
-        assert_eq!(
-            (self.bits, self.granularity),
-            (other.bits, other.granularity)
-        );
+        assert_eq!((self.bits, self.granularity), (other.bits, other.granularity));
         for bit in 0..self.bits {
             if other.is_set(bit) {
                 self.set_bit(bit);

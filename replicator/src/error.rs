@@ -40,9 +40,7 @@ pub enum AttachError {
 /// Why a standby stopped applying a replication stream.
 #[derive(Debug, Error)]
 pub enum ApplyError {
-    #[error(
-        "checksum mismatch on seq {seq} at offset {offset} (+{len}): block discarded, not written"
-    )]
+    #[error("checksum mismatch on seq {seq} at offset {offset} (+{len}): block discarded, not written")]
     ChecksumMismatch { seq: u64, offset: u64, len: usize },
     #[error("protocol violation: {0}")]
     Protocol(String),

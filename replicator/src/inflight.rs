@@ -31,20 +31,9 @@ pub struct Admitted {
 impl InflightRanges {
     /// Registers request `seq` on `[start, end)`. Sequence numbers must increase.
     pub fn admit(&mut self, seq: u64, start: u64, end: u64) -> Admitted {
-        let wait_for = self
-            .by_seq
-            .values()
-            .filter(|e| e.start < end && start < e.end)
-            .map(|e| e.done.clone())
-            .collect();
-        self.by_seq.insert(
-            seq,
-            Entry {
-                start,
-                end,
-                done: Latch::new(),
-            },
-        );
+        let wait_for =
+            self.by_seq.values().filter(|e| e.start < end && start < e.end).map(|e| e.done.clone()).collect();
+        self.by_seq.insert(seq, Entry { start, end, done: Latch::new() });
         Admitted { wait_for }
     }
 

@@ -1,7 +1,7 @@
-//! A one-shot event any number of tasks can wait for.
+//! A one-shot event that async tasks and blocking threads can both wait for.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Condvar, Mutex};
 
 use tokio::sync::Notify;
 
@@ -9,6 +9,8 @@ use tokio::sync::Notify;
 pub struct Latch {
     open: AtomicBool,
     notify: Notify,
+    lock: Mutex<()>,
+    cv: Condvar,
 }
 
 impl Latch {
@@ -19,6 +21,9 @@ impl Latch {
     pub fn open(&self) {
         self.open.store(true, Ordering::Release);
         self.notify.notify_waiters();
+        // Taking the lock orders this notify after any blocking waiter's flag check.
+        let _g = self.lock.lock().unwrap();
+        self.cv.notify_all();
     }
 
     pub fn is_open(&self) -> bool {
@@ -33,6 +38,17 @@ impl Latch {
                 return;
             }
             notified.await;
+        }
+    }
+
+    /// Blocks the calling (non-async) thread until the latch opens.
+    pub fn wait_blocking(&self) {
+        if self.is_open() {
+            return;
+        }
+        let mut g = self.lock.lock().unwrap();
+        while !self.is_open() {
+            g = self.cv.wait(g).unwrap();
         }
     }
 }

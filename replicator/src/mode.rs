@@ -55,9 +55,7 @@ impl FromStr for Mode {
             "sync" => Ok(Mode::Sync),
             "memory" => Ok(Mode::Memory),
             "async" => Ok(Mode::Async),
-            other => Err(format!(
-                "unknown replication mode {other:?} (expected sync, memory or async)"
-            )),
+            other => Err(format!("unknown replication mode {other:?} (expected sync, memory or async)")),
         }
     }
 }

@@ -11,42 +11,34 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tandem_protocol::{AckLevel, ControlMsg, Frame};
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tracing::{debug, warn};
 
 use crate::bitmap::DirtyBitmap;
 use crate::link::Link;
 use crate::mode::Mode;
+use crate::request::Request;
 
 struct Pending {
     /// Byte range of a write or discard; `None` for a flush.
     range: Option<(u64, u64)>,
     /// The request waiting for this peer, and the ack level that releases it.
-    waiter: Option<(AckLevel, oneshot::Sender<bool>)>,
+    waiter: Option<(AckLevel, Arc<Request>)>,
     since: Instant,
 }
 
 #[derive(Default)]
 struct PendingAcks {
     by_seq: BTreeMap<u64, Pending>,
+    /// The link's outbound side; dropped when the session closes, which ends the stream.
+    tx: Option<mpsc::UnboundedSender<Frame>>,
     closed: bool,
-}
-
-/// Result of handing a frame to a session.
-pub(crate) enum Enqueued {
-    /// The request must wait for this receiver: `true` = acknowledged, `false` = peer lost.
-    Wait(oneshot::Receiver<bool>),
-    /// Sent; nothing to wait for in this mode.
-    NoWait,
-    /// The session is closing; the range has been marked out of sync.
-    Lost,
 }
 
 pub(crate) struct PeerSession {
     pub name: String,
     pub mode: Mode,
-    queue: mpsc::UnboundedSender<Frame>,
     pending: Mutex<PendingAcks>,
     bitmap: Arc<Mutex<DirtyBitmap>>,
     closed: watch::Sender<Option<String>>,
@@ -61,50 +53,36 @@ impl PeerSession {
         link: Link,
         timeout: Duration,
     ) -> Arc<Self> {
-        let (queue, queue_rx) = mpsc::unbounded_channel();
         let (closed, _) = watch::channel(None);
-        let s = Arc::new(Self {
-            name,
-            mode,
-            queue,
-            pending: Mutex::new(PendingAcks::default()),
-            bitmap,
-            closed,
-        });
-        tokio::spawn(s.clone().run(link, queue_rx, timeout));
+        let Link { tx, rx } = link;
+        let pending = PendingAcks { tx: Some(tx), ..Default::default() };
+        let s = Arc::new(Self { name, mode, pending: Mutex::new(pending), bitmap, closed });
+        tokio::spawn(s.clone().run(rx, timeout));
         s
     }
 
-    /// Records a frame as pending and queues it. Called under the volume's admission lock,
-    /// so frames reach the peer in sequence order.
-    pub fn enqueue(&self, seq: u64, frame: Frame, range: Option<(u64, u64)>) -> Enqueued {
+    /// Records a frame as pending and queues it; if the mode waits for this peer, `req`
+    /// gets a part that the peer's ack (or the session's end) finishes. Called under the
+    /// volume's admission lock, so frames reach the peer in sequence order.
+    pub fn enqueue(&self, seq: u64, frame: Frame, range: Option<(u64, u64)>, req: &Arc<Request>) {
         let mut p = self.pending.lock().unwrap();
         if p.closed {
             drop(p);
             if let Some((off, len)) = range {
                 self.bitmap.lock().unwrap().set_range(off, len);
             }
-            return Enqueued::Lost;
+            return;
         }
-        let (waiter, result) = match self.mode.completion_level() {
-            Some(level) => {
-                let (tx, rx) = oneshot::channel();
-                (Some((level, tx)), Enqueued::Wait(rx))
-            }
-            None => (None, Enqueued::NoWait),
-        };
-        p.by_seq.insert(
-            seq,
-            Pending {
-                range,
-                waiter,
-                since: Instant::now(),
-            },
-        );
-        // The receiving half lives as long as the session's sender task; if it is gone the
-        // session is closing and close() will account for this entry.
-        let _ = self.queue.send(frame);
-        result
+        let waiter = self.mode.completion_level().map(|level| {
+            req.add_part();
+            (level, req.clone())
+        });
+        p.by_seq.insert(seq, Pending { range, waiter, since: Instant::now() });
+        // Straight to the transport's writer. If it is gone, the receiver sees the link
+        // closed and close() accounts for this entry with the rest.
+        if let Some(tx) = &p.tx {
+            let _ = tx.send(frame);
+        }
     }
 
     pub fn pending_count(&self) -> usize {
@@ -138,6 +116,7 @@ impl PeerSession {
                 return;
             }
             p.closed = true;
+            p.tx = None;
             std::mem::take(&mut p.by_seq)
         };
         let mut lost = 0u64;
@@ -157,9 +136,10 @@ impl PeerSession {
         }
         // Publish the reason before releasing the requests, so anyone woken sees why.
         self.closed.send_replace(Some(reason.to_string()));
+        // The peer is lost, not the request: it completes without this peer.
         for (_, e) in drained {
-            if let Some((_, tx)) = e.waiter {
-                let _ = tx.send(false);
+            if let Some((_, req)) = e.waiter {
+                req.part_done(Ok(()));
             }
         }
     }
@@ -169,15 +149,14 @@ impl PeerSession {
         let Some(e) = p.by_seq.get_mut(&seq) else {
             return Err(format!("{level:?} ack for seq {seq}, which is not pending"));
         };
-        let release =
-            matches!(&e.waiter, Some((need, _)) if *need == level || level == AckLevel::Durable);
-        if release {
-            if let Some((_, tx)) = e.waiter.take() {
-                let _ = tx.send(true);
-            }
-        }
+        let release = matches!(&e.waiter, Some((need, _)) if *need == level || level == AckLevel::Durable);
+        let waiter = if release { e.waiter.take() } else { None };
         if level == AckLevel::Durable {
             p.by_seq.remove(&seq);
+        }
+        drop(p);
+        if let Some((_, req)) = waiter {
+            req.part_done(Ok(()));
         }
         Ok(())
     }
@@ -188,21 +167,7 @@ impl PeerSession {
         p.by_seq.values().next().map(|e| e.since.elapsed())
     }
 
-    async fn run(
-        self: Arc<Self>,
-        link: Link,
-        mut queue_rx: mpsc::UnboundedReceiver<Frame>,
-        timeout: Duration,
-    ) {
-        let Link { tx, mut rx } = link;
-        let sender = async {
-            while let Some(frame) = queue_rx.recv().await {
-                if tx.send(frame).await.is_err() {
-                    return "connection lost while sending".to_string();
-                }
-            }
-            "send queue closed".to_string()
-        };
+    async fn run(self: Arc<Self>, mut rx: mpsc::Receiver<Frame>, timeout: Duration) {
         let receiver = async {
             loop {
                 match rx.recv().await {
@@ -216,7 +181,10 @@ impl PeerSession {
                         return format!("peer reported an error: {reason}");
                     }
                     Some(other) => {
-                        return format!("protocol violation by peer: unexpected {:?} frame on the replication stream", other.kind());
+                        return format!(
+                            "protocol violation by peer: unexpected {:?} frame on the replication stream",
+                            other.kind()
+                        );
                     }
                 }
             }
@@ -238,7 +206,6 @@ impl PeerSession {
         };
         let mut closed_rx = self.closed.subscribe();
         let reason = tokio::select! {
-            r = sender => r,
             r = receiver => r,
             r = watchdog => r,
             _ = closed_rx.wait_for(|c| c.is_some()) => String::new(),

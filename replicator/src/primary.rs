@@ -3,8 +3,11 @@
 //! Admission happens synchronously in the caller (the FUSE request thread), under one short
 //! lock: the request gets its sequence number, is registered with the in-flight ranges so
 //! overlapping requests apply in sequence order, and its frame is queued to every live peer
-//! — so every peer sees the change stream in sequence order. Completion is a future the
-//! caller spawns: it performs the local I/O and waits for the peers the mode requires.
+//! — so every peer sees the change stream in sequence order. Admission returns the request's
+//! [`LocalWork`], which the caller runs wherever suits it (the FUSE frontend runs it on its
+//! own thread: no hand-off on the hot path). The request completes — its `done` callback
+//! runs — when the local I/O and every ack its mode needs are in, on whichever thread
+//! finishes last.
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -18,10 +21,11 @@ use tokio::sync::oneshot;
 use crate::bitmap::DirtyBitmap;
 use crate::error::{AttachError, VolumeError};
 use crate::inflight::InflightRanges;
-use crate::io::StoreIo;
+use crate::latch::Latch;
 use crate::link::Link;
 use crate::mode::Mode;
-use crate::peer::{Enqueued, PeerSession};
+use crate::peer::PeerSession;
+use crate::request::{Done, Request};
 use crate::stats::VolumeStats;
 use crate::store::BlockStore;
 
@@ -46,32 +50,17 @@ struct Core {
     peers: BTreeMap<String, PeerSlot>,
 }
 
-/// The acks one request waits for.
-struct PeerWaits(Vec<oneshot::Receiver<bool>>);
-
-impl PeerWaits {
-    async fn wait(self) {
-        for rx in self.0 {
-            // false (peer lost) needs no action here: the session marked the range.
-            let _ = rx.await;
-        }
-    }
-}
-
 impl Core {
     fn fan_out(
         &mut self,
         seq: u64,
         range: Option<(u64, u64)>,
+        req: &Arc<Request>,
         frame: impl Fn(u8) -> Frame,
-    ) -> PeerWaits {
-        let mut waits = Vec::new();
+    ) {
         for slot in self.peers.values_mut() {
             match &slot.session {
-                Some(s) => match s.enqueue(seq, frame(slot.mode.frame_flags()), range) {
-                    Enqueued::Wait(rx) => waits.push(rx),
-                    Enqueued::NoWait | Enqueued::Lost => {}
-                },
+                Some(s) => s.enqueue(seq, frame(slot.mode.frame_flags()), range, req),
                 None => {
                     if let Some((off, len)) = range {
                         slot.bitmap.lock().unwrap().set_range(off, len);
@@ -79,7 +68,6 @@ impl Core {
                 }
             }
         }
-        PeerWaits(waits)
     }
 
     fn take_seq(&mut self) -> u64 {
@@ -100,8 +88,60 @@ pub struct PeerReplication {
     pub last_error: Option<String>,
 }
 
+enum LocalOp {
+    Write { offset: u64, data: Bytes },
+    Discard { offset: u64, len: u64 },
+    Flush,
+}
+
+/// The local part of an admitted request. It must be run exactly once; later overlapping
+/// requests wait for it.
+#[must_use = "an admitted request's local work must be run"]
+pub struct LocalWork {
+    volume: Arc<Volume>,
+    req: Arc<Request>,
+    op: LocalOp,
+    /// Earlier requests that must finish locally first.
+    wait_for: Vec<Arc<Latch>>,
+}
+
+impl LocalWork {
+    pub fn seq(&self) -> u64 {
+        self.req.seq()
+    }
+
+    /// Performs the local I/O on the calling thread (blocking).
+    pub fn run(self) {
+        for dep in &self.wait_for {
+            dep.wait_blocking();
+        }
+        let v = &self.volume;
+        let store = &v.store;
+        let r = match &self.op {
+            LocalOp::Write { offset, data } => {
+                let r = store.write_at(*offset, data);
+                v.stats.writes.inc();
+                v.stats.write_bytes.add(data.len() as u64);
+                r
+            }
+            LocalOp::Discard { offset, len } => {
+                v.stats.discards.inc();
+                store.discard(*offset, *len)
+            }
+            LocalOp::Flush => {
+                v.stats.flushes.inc();
+                store.flush()
+            }
+        };
+        if !matches!(self.op, LocalOp::Flush) {
+            v.core.lock().unwrap().inflight.finish(self.req.seq());
+        }
+        self.req.part_done(v.local_result(r));
+    }
+}
+
 pub struct Volume {
-    io: StoreIo,
+    store: Arc<dyn BlockStore>,
     size: u64,
     core: Mutex<Core>,
     timeout: Duration,
@@ -120,26 +160,12 @@ impl Volume {
         let size = store.size();
         let peers = peers
             .into_iter()
-            .map(|p| {
-                (
-                    p.name,
-                    PeerSlot {
-                        mode: p.mode,
-                        bitmap: p.bitmap,
-                        session: None,
-                        last_error: None,
-                    },
-                )
-            })
+            .map(|p| (p.name, PeerSlot { mode: p.mode, bitmap: p.bitmap, session: None, last_error: None }))
             .collect();
         Arc::new(Self {
-            io: StoreIo::new(store),
+            store,
             size,
-            core: Mutex::new(Core {
-                next_seq: first_seq.max(1),
-                inflight: InflightRanges::default(),
-                peers,
-            }),
+            core: Mutex::new(Core { next_seq: first_seq.max(1), inflight: InflightRanges::default(), peers }),
             timeout,
             stats: VolumeStats::default(),
         })
@@ -157,125 +183,72 @@ impl Volume {
     fn check_range(&self, offset: u64, len: u64) -> Result<(), VolumeError> {
         match offset.checked_add(len) {
             Some(end) if end <= self.size => Ok(()),
-            _ => Err(VolumeError::OutOfRange {
-                offset,
-                len,
-                size: self.size,
-            }),
+            _ => Err(VolumeError::OutOfRange { offset, len, size: self.size }),
         }
+    }
+
+    fn admit(
+        self: &Arc<Self>,
+        op: LocalOp,
+        range: Option<(u64, u64)>,
+        done: Done,
+        frame: impl Fn(u64, u8) -> Frame,
+    ) -> LocalWork {
+        let mut core = self.core.lock().unwrap();
+        let seq = core.take_seq();
+        // Two parts to start with: the local I/O, and admission itself (released below, once
+        // every peer this request waits for has added its part).
+        let req = Arc::new(Request::new(seq, 2, done));
+        let wait_for = match range {
+            Some((off, len)) => core.inflight.admit(seq, off, off + len).wait_for,
+            // A flush waits for everything admitted before it.
+            None => core.inflight.all(),
+        };
+        core.fan_out(seq, range, &req, |flags| frame(seq, flags));
+        drop(core);
+        req.part_done(Ok(()));
+        LocalWork { volume: self.clone(), req, op, wait_for }
     }
 
     /// Admits a write of `data` at `offset`. `data` must already be the request's own copy
     /// (the one copy out of the kernel's buffer): it is checksummed, written locally and sent
-    /// to every peer from this buffer. The returned future completes the request; it
-    /// resolves to the request's sequence number.
-    pub fn submit_write(
-        self: &Arc<Self>,
-        offset: u64,
-        data: Bytes,
-    ) -> Result<impl Future<Output = Result<u64, VolumeError>> + Send + 'static, VolumeError> {
+    /// to every peer from this buffer.
+    pub fn write(self: &Arc<Self>, offset: u64, data: Bytes, done: Done) -> Result<LocalWork, VolumeError> {
         let len = data.len() as u64;
         if len == 0 {
             return Err(VolumeError::Empty);
         }
         self.check_range(offset, len)?;
         let checksum = block_checksum(&data);
-        let (seq, admitted, waits) = {
-            let mut core = self.core.lock().unwrap();
-            let seq = core.take_seq();
-            let admitted = core.inflight.admit(seq, offset, offset + len);
-            let waits = core.fan_out(seq, Some((offset, len)), |flags| {
-                Frame::Data(DataFrame {
-                    seq,
-                    offset,
-                    flags,
-                    checksum,
-                    payload: data.clone(),
-                })
-            });
-            (seq, admitted, waits)
-        };
-        let this = self.clone();
-        Ok(async move {
-            for dep in admitted.wait_for {
-                dep.wait().await;
-            }
-            let local = this.io.write(offset, data).await;
-            this.core.lock().unwrap().inflight.finish(seq);
-            waits.wait().await;
-            this.stats.writes.inc();
-            this.stats.write_bytes.add(len);
-            this.local_result(local)?;
-            Ok(seq)
-        })
+        let payload = data.clone();
+        Ok(self.admit(LocalOp::Write { offset, data }, Some((offset, len)), done, move |seq, flags| {
+            Frame::Data(DataFrame { seq, offset, flags, checksum, payload: payload.clone() })
+        }))
     }
 
     /// Admits a discard (zeroing) of a range, ordered like a write.
-    pub fn submit_discard(
-        self: &Arc<Self>,
-        offset: u64,
-        len: u64,
-    ) -> Result<impl Future<Output = Result<u64, VolumeError>> + Send + 'static, VolumeError> {
+    pub fn discard(self: &Arc<Self>, offset: u64, len: u64, done: Done) -> Result<LocalWork, VolumeError> {
         if len == 0 {
             return Err(VolumeError::Empty);
         }
         self.check_range(offset, len)?;
-        let (seq, admitted, waits) = {
-            let mut core = self.core.lock().unwrap();
-            let seq = core.take_seq();
-            let admitted = core.inflight.admit(seq, offset, offset + len);
-            let waits = core.fan_out(seq, Some((offset, len)), |flags| Frame::Discard {
-                seq,
-                offset,
-                len,
-                flags,
-            });
-            (seq, admitted, waits)
-        };
-        let this = self.clone();
-        Ok(async move {
-            for dep in admitted.wait_for {
-                dep.wait().await;
-            }
-            let local = this.io.discard(offset, len).await;
-            this.core.lock().unwrap().inflight.finish(seq);
-            waits.wait().await;
-            this.stats.discards.inc();
-            this.local_result(local)?;
-            Ok(seq)
-        })
+        Ok(self.admit(LocalOp::Discard { offset, len }, Some((offset, len)), done, move |seq, flags| {
+            Frame::Discard { seq, offset, len, flags }
+        }))
     }
 
     /// Admits a flush: a barrier that closes the current epoch. It completes once every
     /// request admitted before it is on stable storage locally and, per mode, on the peers.
-    pub fn submit_flush(
-        self: &Arc<Self>,
-    ) -> impl Future<Output = Result<u64, VolumeError>> + Send + 'static {
-        let (seq, earlier, waits) = {
-            let mut core = self.core.lock().unwrap();
-            let seq = core.take_seq();
-            let earlier = core.inflight.all();
-            let waits = core.fan_out(seq, None, |flags| Frame::Flush { seq, flags });
-            (seq, earlier, waits)
-        };
-        let this = self.clone();
-        async move {
-            for dep in earlier {
-                dep.wait().await;
-            }
-            let local = this.io.flush().await;
-            waits.wait().await;
-            this.stats.flushes.inc();
-            this.local_result(local)?;
-            Ok(seq)
-        }
+    pub fn flush(self: &Arc<Self>, done: Done) -> LocalWork {
+        self.admit(LocalOp::Flush, None, done, |seq, flags| Frame::Flush { seq, flags })
     }
 
-    pub async fn read(&self, offset: u64, len: u64) -> Result<Vec<u8>, VolumeError> {
-        self.check_range(offset, len)?;
-        let r = self.io.read(offset, len as usize).await;
+    /// Reads from the local copy on the calling thread.
+    pub fn read_blocking(&self, offset: u64, buf: &mut [u8]) -> Result<(), VolumeError> {
+        self.check_range(offset, buf.len() as u64)?;
+        let r = self.store.read_at(offset, buf);
         self.stats.reads.inc();
-        self.stats.read_bytes.add(len);
+        self.stats.read_bytes.add(buf.len() as u64);
         self.local_result(r)
     }
 
@@ -287,30 +260,79 @@ impl Volume {
         })
     }
 
+    // ------------------------------------------------------------ async conveniences
+
+    /// Runs `work` on a blocking thread and resolves when the request completes.
+    fn complete_async(
+        work: Result<(LocalWork, oneshot::Receiver<Result<u64, VolumeError>>), VolumeError>,
+    ) -> Result<impl Future<Output = Result<u64, VolumeError>> + Send + 'static, VolumeError> {
+        let (work, rx) = work?;
+        tokio::task::spawn_blocking(move || work.run());
+        Ok(async move {
+            rx.await.unwrap_or_else(|_| Err(VolumeError::Io(std::io::Error::other("request dropped"))))
+        })
+    }
+
+    fn channel() -> (Done, oneshot::Receiver<Result<u64, VolumeError>>) {
+        let (tx, rx) = oneshot::channel();
+        (
+            Box::new(move |r| {
+                let _ = tx.send(r);
+            }),
+            rx,
+        )
+    }
+
+    /// [`Volume::write`] with the local I/O on a blocking thread; the future resolves to the
+    /// request's sequence number when it completes.
+    pub fn submit_write(
+        self: &Arc<Self>,
+        offset: u64,
+        data: Bytes,
+    ) -> Result<impl Future<Output = Result<u64, VolumeError>> + Send + 'static, VolumeError> {
+        let (done, rx) = Self::channel();
+        Self::complete_async(self.write(offset, data, done).map(|w| (w, rx)))
+    }
+
+    pub fn submit_discard(
+        self: &Arc<Self>,
+        offset: u64,
+        len: u64,
+    ) -> Result<impl Future<Output = Result<u64, VolumeError>> + Send + 'static, VolumeError> {
+        let (done, rx) = Self::channel();
+        Self::complete_async(self.discard(offset, len, done).map(|w| (w, rx)))
+    }
+
+    pub fn submit_flush(self: &Arc<Self>) -> impl Future<Output = Result<u64, VolumeError>> + Send + 'static {
+        let (done, rx) = Self::channel();
+        let work = self.flush(done);
+        tokio::task::spawn_blocking(move || work.run());
+        async move { rx.await.unwrap_or_else(|_| Err(VolumeError::Io(std::io::Error::other("request dropped")))) }
+    }
+
+    pub async fn read(self: &Arc<Self>, offset: u64, len: u64) -> Result<Vec<u8>, VolumeError> {
+        let v = self.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut buf = vec![0u8; len as usize];
+            v.read_blocking(offset, &mut buf).map(|_| buf)
+        })
+        .await
+        .unwrap_or_else(|e| Err(VolumeError::Io(std::io::Error::other(e.to_string()))))
+    }
+
+    // ------------------------------------------------------------ peers
+
     /// Starts replicating to `peer` over `link`. New requests are sent to it from the next
     /// sequence number on; requests admitted earlier stay marked out of sync for it.
     /// The returned handle resolves when the connection ends.
-    pub fn attach_peer(
-        self: &Arc<Self>,
-        peer: &str,
-        link: Link,
-    ) -> Result<PeerHandle, AttachError> {
+    pub fn attach_peer(self: &Arc<Self>, peer: &str, link: Link) -> Result<PeerHandle, AttachError> {
         let session = {
             let mut core = self.core.lock().unwrap();
-            let slot = core
-                .peers
-                .get_mut(peer)
-                .ok_or_else(|| AttachError::UnknownPeer(peer.to_string()))?;
+            let slot = core.peers.get_mut(peer).ok_or_else(|| AttachError::UnknownPeer(peer.to_string()))?;
             if slot.session.as_ref().is_some_and(|s| !s.is_closed()) {
                 return Err(AttachError::AlreadyConnected(peer.to_string()));
             }
-            let s = PeerSession::start(
-                peer.to_string(),
-                slot.mode,
-                slot.bitmap.clone(),
-                link,
-                self.timeout,
-            );
+            let s = PeerSession::start(peer.to_string(), slot.mode, slot.bitmap.clone(), link, self.timeout);
             slot.session = Some(s.clone());
             slot.last_error = None;
             s
@@ -325,11 +347,7 @@ impl Volume {
             {
                 let mut core = this.core.lock().unwrap();
                 if let Some(slot) = core.peers.get_mut(&name) {
-                    if slot
-                        .session
-                        .as_ref()
-                        .is_some_and(|cur| Arc::ptr_eq(cur, &s))
-                    {
+                    if slot.session.as_ref().is_some_and(|cur| Arc::ptr_eq(cur, &s)) {
                         slot.session = None;
                         slot.last_error = Some(reason.clone());
                     }
@@ -338,10 +356,7 @@ impl Volume {
             this.stats.peer_disconnects.inc();
             done_tx.send_replace(Some(reason));
         });
-        Ok(PeerHandle {
-            session,
-            done: done_rx,
-        })
+        Ok(PeerHandle { session, done: done_rx })
     }
 
     pub fn peers(&self) -> Vec<PeerReplication> {

@@ -16,13 +16,15 @@ use tracing::{error, warn};
 
 use crate::error::ApplyError;
 use crate::inflight::InflightRanges;
-use crate::io::StoreIo;
 use crate::link::Link;
 use crate::stats::ApplierStats;
 use crate::store::BlockStore;
 
+/// Threads applying one replication stream's writes concurrently.
+const IO_THREADS: usize = 8;
+
 pub struct Applier {
-    io: StoreIo,
+    store: Arc<dyn BlockStore>,
     size: u64,
     pub stats: Arc<ApplierStats>,
 }
@@ -35,11 +37,7 @@ enum Op {
 impl Applier {
     pub fn new(store: Arc<dyn BlockStore>, stats: Arc<ApplierStats>) -> Self {
         let size = store.size();
-        Self {
-            io: StoreIo::new(store),
-            size,
-            stats,
-        }
+        Self { store, size, stats }
     }
 
     /// Applies the stream on `link` until the primary closes it (`Ok`) or it must be dropped
@@ -49,6 +47,14 @@ impl Applier {
         let Link { tx, mut rx } = link;
         let inflight = Arc::new(Mutex::new(InflightRanges::default()));
         let (fail_tx, mut fail_rx) = mpsc::unbounded_channel::<String>();
+        let pool = spawn_pool(
+            IO_THREADS,
+            self.store.clone(),
+            inflight.clone(),
+            tx.clone(),
+            fail_tx.clone(),
+            self.stats.clone(),
+        );
         let mut last_seq = 0u64;
         let result = loop {
             let frame = tokio::select! {
@@ -73,55 +79,27 @@ impl Applier {
                         break Err(e);
                     }
                     if d.wants_received_ack()
-                        && tx
-                            .send(Frame::Ack {
-                                seq: d.seq,
-                                level: AckLevel::Received,
-                            })
-                            .await
-                            .is_err()
+                        && tx.send(Frame::Ack { seq: d.seq, level: AckLevel::Received }).is_err()
                     {
                         break Ok(());
                     }
-                    let DataFrame {
-                        seq,
-                        offset,
-                        payload,
-                        ..
-                    } = d;
-                    self.start(seq, offset, Op::Write(payload), &inflight, &tx, &fail_tx);
+                    let DataFrame { seq, offset, payload, .. } = d;
+                    self.start(seq, offset, Op::Write(payload), &inflight, &pool);
                 }
-                Frame::Discard {
-                    seq,
-                    offset,
-                    len,
-                    flags,
-                } => {
+                Frame::Discard { seq, offset, len, flags } => {
                     if let Err(e) = self.check_range(offset, len) {
                         break Err(e);
                     }
                     if flags & tandem_protocol::FLAG_ACK_RECEIVED != 0
-                        && tx
-                            .send(Frame::Ack {
-                                seq,
-                                level: AckLevel::Received,
-                            })
-                            .await
-                            .is_err()
+                        && tx.send(Frame::Ack { seq, level: AckLevel::Received }).is_err()
                     {
                         break Ok(());
                     }
-                    self.start(seq, offset, Op::Discard(len), &inflight, &tx, &fail_tx);
+                    self.start(seq, offset, Op::Discard(len), &inflight, &pool);
                 }
                 Frame::Flush { seq, flags } => {
                     if flags & tandem_protocol::FLAG_ACK_RECEIVED != 0
-                        && tx
-                            .send(Frame::Ack {
-                                seq,
-                                level: AckLevel::Received,
-                            })
-                            .await
-                            .is_err()
+                        && tx.send(Frame::Ack { seq, level: AckLevel::Received }).is_err()
                     {
                         break Ok(());
                     }
@@ -134,21 +112,18 @@ impl Applier {
                     if let Ok(e) = fail_rx.try_recv() {
                         break Err(ApplyError::Io(e));
                     }
-                    if let Err(e) = self.io.flush().await {
+                    let store = self.store.clone();
+                    let flushed = tokio::task::spawn_blocking(move || store.flush())
+                        .await
+                        .unwrap_or_else(|e| Err(std::io::Error::other(e.to_string())));
+                    if let Err(e) = flushed {
                         self.stats.io_errors.inc();
                         break Err(ApplyError::Io(format!("flush: {e}")));
                     }
                     self.stats.flushes.inc();
-                    let _ = tx
-                        .send(Frame::Ack {
-                            seq,
-                            level: AckLevel::Durable,
-                        })
-                        .await;
+                    let _ = tx.send(Frame::Ack { seq, level: AckLevel::Durable });
                 }
-                Frame::Control(ControlMsg::Error { reason }) => {
-                    break Err(ApplyError::Peer(reason))
-                }
+                Frame::Control(ControlMsg::Error { reason }) => break Err(ApplyError::Peer(reason)),
                 other => {
                     break Err(ApplyError::Protocol(format!(
                         "unexpected {} frame on the replication stream",
@@ -158,6 +133,7 @@ impl Applier {
             }
         };
         // Let every started write finish before reporting, so nothing lands afterwards.
+        drop(pool);
         let earlier = inflight.lock().unwrap().all();
         for l in earlier {
             l.wait().await;
@@ -169,9 +145,7 @@ impl Applier {
                 _ => {}
             }
             error!("dropping replication stream: {e}");
-            let _ = tx.try_send(Frame::Control(ControlMsg::Error {
-                reason: e.to_string(),
-            }));
+            let _ = tx.send(Frame::Control(ControlMsg::Error { reason: e.to_string() }));
         }
         result
     }
@@ -195,11 +169,7 @@ impl Applier {
                 len = d.payload.len(),
                 "checksum mismatch: block not written"
             );
-            return Err(ApplyError::ChecksumMismatch {
-                seq: d.seq,
-                offset: d.offset,
-                len: d.payload.len(),
-            });
+            return Err(ApplyError::ChecksumMismatch { seq: d.seq, offset: d.offset, len: d.payload.len() });
         }
         Ok(())
     }
@@ -210,50 +180,75 @@ impl Applier {
         offset: u64,
         op: Op,
         inflight: &Arc<Mutex<InflightRanges>>,
-        acks: &mpsc::Sender<Frame>,
-        fail: &mpsc::UnboundedSender<String>,
+        pool: &std::sync::mpsc::Sender<Job>,
     ) {
         let len = match &op {
             Op::Write(b) => b.len() as u64,
             Op::Discard(l) => *l,
         };
         let admitted = inflight.lock().unwrap().admit(seq, offset, offset + len);
-        let (io, inflight, acks, fail, stats) = (
-            self.io.clone(),
-            inflight.clone(),
-            acks.clone(),
-            fail.clone(),
-            self.stats.clone(),
-        );
-        tokio::spawn(async move {
-            for dep in admitted.wait_for {
-                dep.wait().await;
-            }
-            let r = match op {
-                Op::Write(data) => io.write(offset, data).await,
-                Op::Discard(len) => io.discard(offset, len).await,
+        // The pool outlives every job sent to it (it ends when `run` drops the sender).
+        let _ = pool.send(Job { seq, offset, op, wait_for: admitted.wait_for });
+    }
+}
+
+/// One write or discard for the standby's I/O threads.
+struct Job {
+    seq: u64,
+    offset: u64,
+    op: Op,
+    wait_for: Vec<Arc<crate::latch::Latch>>,
+}
+
+/// Threads that apply jobs to the store: a write goes from the stream to a thread that
+/// writes it and acknowledges it, with no async hand-off in between.
+fn spawn_pool(
+    threads: usize,
+    store: Arc<dyn BlockStore>,
+    inflight: Arc<Mutex<InflightRanges>>,
+    acks: mpsc::UnboundedSender<Frame>,
+    fail: mpsc::UnboundedSender<String>,
+    stats: Arc<ApplierStats>,
+) -> std::sync::mpsc::Sender<Job> {
+    let (tx, rx) = std::sync::mpsc::channel::<Job>();
+    let rx = Arc::new(Mutex::new(rx));
+    for i in 0..threads {
+        let (rx, store, inflight, acks, job_fail, stats) =
+            (rx.clone(), store.clone(), inflight.clone(), acks.clone(), fail.clone(), stats.clone());
+        let spawned = std::thread::Builder::new().name(format!("tandem-apply-{i}")).spawn(move || loop {
+            let job = match rx.lock().unwrap().recv() {
+                Ok(j) => j,
+                Err(_) => return,
             };
-            inflight.lock().unwrap().finish(seq);
+            for dep in &job.wait_for {
+                dep.wait_blocking();
+            }
+            let (r, len) = match &job.op {
+                Op::Write(data) => (store.write_at(job.offset, data), data.len() as u64),
+                Op::Discard(len) => (store.discard(job.offset, *len), 0),
+            };
+            inflight.lock().unwrap().finish(job.seq);
             match r {
                 Ok(()) => {
                     if len > 0 {
                         stats.writes.inc();
                         stats.write_bytes.add(len);
+                    } else {
+                        stats.discards.inc();
                     }
-                    let _ = acks
-                        .send(Frame::Ack {
-                            seq,
-                            level: AckLevel::Durable,
-                        })
-                        .await;
+                    let _ = acks.send(Frame::Ack { seq: job.seq, level: AckLevel::Durable });
                 }
                 Err(e) => {
                     stats.io_errors.inc();
-                    let _ = fail.send(format!("seq {seq} at offset {offset}: {e}"));
+                    let _ = job_fail.send(format!("seq {} at offset {}: {e}", job.seq, job.offset));
                 }
             }
         });
+        if let Err(e) = spawned {
+            let _ = fail.send(format!("cannot start I/O thread: {e}"));
+        }
     }
+    tx
 }
 
 fn frame_seq(f: &Frame) -> Option<u64> {

@@ -56,21 +56,17 @@ pub fn sim_pair(opts: SimOptions) -> (Link, Link, Arc<SimControl>) {
         corrupt_next_data: AtomicBool::new(false),
         delivered_data: AtomicU64::new(0),
     });
-    let (a_tx, a_out) = mpsc::channel(LINK_CAPACITY);
-    let (b_tx, b_out) = mpsc::channel(LINK_CAPACITY);
+    let (a_tx, a_out) = mpsc::unbounded_channel();
+    let (b_tx, b_out) = mpsc::unbounded_channel();
     let (a_in_tx, a_rx) = mpsc::channel(LINK_CAPACITY);
     let (b_in_tx, b_rx) = mpsc::channel(LINK_CAPACITY);
     tokio::spawn(forward(a_out, b_in_tx, opts.clone(), ctl.clone()));
     tokio::spawn(forward(b_out, a_in_tx, opts, ctl.clone()));
-    (
-        Link { tx: a_tx, rx: a_rx },
-        Link { tx: b_tx, rx: b_rx },
-        ctl,
-    )
+    (Link { tx: a_tx, rx: a_rx }, Link { tx: b_tx, rx: b_rx }, ctl)
 }
 
 async fn forward(
-    mut from: mpsc::Receiver<Frame>,
+    mut from: mpsc::UnboundedReceiver<Frame>,
     to: mpsc::Sender<Frame>,
     opts: SimOptions,
     ctl: Arc<SimControl>,

@@ -28,10 +28,7 @@ pub struct MemStore {
 
 impl MemStore {
     pub fn new(size: u64) -> Self {
-        Self {
-            data: Mutex::new(vec![0; size as usize]),
-            fail: Mutex::new(None),
-        }
+        Self { data: Mutex::new(vec![0; size as usize]), fail: Mutex::new(None) }
     }
 
     pub fn snapshot(&self) -> Vec<u8> {
@@ -50,10 +47,7 @@ impl MemStore {
         let size = self.size();
         match offset.checked_add(len) {
             Some(end) if end <= size => Ok(()),
-            _ => Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                "range beyond end of volume",
-            )),
+            _ => Err(io::Error::new(io::ErrorKind::InvalidInput, "range beyond end of volume")),
         }
     }
 }

@@ -65,11 +65,7 @@ fn pair(mode: Mode, latency: Duration, timeout: Duration) -> Pair {
     let bitmap = Arc::new(Mutex::new(DirtyBitmap::new(SIZE, BLOCK)));
     let volume = Volume::new(
         primary_disk.clone(),
-        vec![PeerConfig {
-            name: "beta".into(),
-            mode,
-            bitmap: bitmap.clone(),
-        }],
+        vec![PeerConfig { name: "beta".into(), mode, bitmap: bitmap.clone() }],
         1,
         timeout,
     );
@@ -78,16 +74,7 @@ fn pair(mode: Mode, latency: Duration, timeout: Duration) -> Pair {
     let applier = Applier::new(standby_disk.clone(), applier_stats.clone());
     let applier = tokio::spawn(async move { applier.run(b).await });
     let peer = volume.attach_peer("beta", a).unwrap();
-    Pair {
-        primary_disk,
-        standby_disk,
-        volume,
-        bitmap,
-        ctl,
-        applier,
-        applier_stats,
-        peer,
-    }
+    Pair { primary_disk, standby_disk, volume, bitmap, ctl, applier, applier_stats, peer }
 }
 
 /// Submits `ops` with up to `window` requests in flight; returns (seq, op index) per request.
@@ -101,9 +88,7 @@ async fn drive(volume: &Arc<Volume>, ops: &[Op], base: usize, window: usize) -> 
         }
         match op {
             Op::Write { at, len, tag } => {
-                let f = volume
-                    .submit_write(at * BLOCK, payload(*at, *len, *tag, i))
-                    .unwrap();
+                let f = volume.submit_write(at * BLOCK, payload(*at, *len, *tag, i)).unwrap();
                 running.spawn(async move { (f.await.unwrap(), i) });
             }
             Op::Discard { at, len } => {
@@ -144,11 +129,7 @@ fn model(ops: &[Op], order: &[(u64, usize)]) -> Vec<u8> {
 }
 
 fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
+    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap()
 }
 
 fn differing_blocks(a: &[u8], b: &[u8]) -> Vec<u64> {
@@ -252,19 +233,12 @@ impl BlockStore for RecordingStore {
 fn standby_applies_epochs_in_order() {
     rt().block_on(async {
         let primary_disk = Arc::new(MemStore::new(SIZE));
-        let standby = Arc::new(RecordingStore {
-            inner: MemStore::new(SIZE),
-            log: Mutex::new(Vec::new()),
-        });
+        let standby = Arc::new(RecordingStore { inner: MemStore::new(SIZE), log: Mutex::new(Vec::new()) });
         let bitmap = Arc::new(Mutex::new(DirtyBitmap::new(SIZE, BLOCK)));
         // async mode: the primary does not wait, so several epochs are in flight at once.
         let volume = Volume::new(
             primary_disk,
-            vec![PeerConfig {
-                name: "beta".into(),
-                mode: Mode::Async,
-                bitmap,
-            }],
+            vec![PeerConfig { name: "beta".into(), mode: Mode::Async, bitmap }],
             1,
             Duration::from_secs(30),
         );
@@ -282,9 +256,7 @@ fn standby_applies_epochs_in_order() {
                 epoch_of.insert(idx, e);
                 let at = (e * 8 + w) % BLOCKS;
                 futs.push(tokio::spawn(
-                    volume
-                        .submit_write(at * BLOCK, payload(at, 1, 1, idx as usize))
-                        .unwrap(),
+                    volume.submit_write(at * BLOCK, payload(at, 1, 1, idx as usize)).unwrap(),
                 ));
             }
             futs.push(tokio::spawn(volume.submit_flush()));
@@ -294,34 +266,21 @@ fn standby_applies_epochs_in_order() {
         }
         // Wait until the standby has applied everything (async mode did not wait for it).
         for _ in 0..500 {
-            if standby
-                .log
-                .lock()
-                .unwrap()
-                .iter()
-                .filter(|e| **e == Event::Flush)
-                .count()
-                == 10
-            {
+            if standby.log.lock().unwrap().iter().filter(|e| **e == Event::Flush).count() == 10 {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         drop(volume);
         let log = standby.log.lock().unwrap().clone();
-        assert_eq!(
-            log.iter().filter(|e| **e == Event::Flush).count(),
-            10,
-            "log: {log:?}"
-        );
+        assert_eq!(log.iter().filter(|e| **e == Event::Flush).count(), 10, "log: {log:?}");
         let mut flushes_seen = 0u64;
         for ev in &log {
             match ev {
                 Event::Flush => flushes_seen += 1,
-                Event::Write(i) => assert_eq!(
-                    epoch_of[i], flushes_seen,
-                    "write {i} applied in the wrong epoch: {log:?}"
-                ),
+                Event::Write(i) => {
+                    assert_eq!(epoch_of[i], flushes_seen, "write {i} applied in the wrong epoch: {log:?}")
+                }
             }
         }
         applier.abort();
@@ -336,44 +295,22 @@ fn frozen_peer_times_out_and_primary_continues() {
         let timeout = Duration::from_millis(400);
         let p = pair(Mode::Sync, Duration::ZERO, timeout);
         // Connected and healthy first.
-        p.volume
-            .submit_write(0, payload(0, 1, 9, 0))
-            .unwrap()
-            .await
-            .unwrap();
+        p.volume.submit_write(0, payload(0, 1, 9, 0)).unwrap().await.unwrap();
         assert_eq!(p.bitmap.lock().unwrap().count(), 0);
         p.ctl.freeze();
         let start = tokio::time::Instant::now();
         let w = tokio::spawn(p.volume.submit_write(BLOCK, payload(1, 1, 9, 1)).unwrap());
         tokio::time::sleep(timeout / 2).await;
-        assert!(
-            !w.is_finished(),
-            "a sync write completed while the peer was frozen"
-        );
+        assert!(!w.is_finished(), "a sync write completed while the peer was frozen");
         w.await.unwrap().unwrap();
-        assert!(
-            start.elapsed() >= timeout,
-            "completed after {:?}",
-            start.elapsed()
-        );
+        assert!(start.elapsed() >= timeout, "completed after {:?}", start.elapsed());
         let peers = p.volume.peers();
         assert!(!peers[0].connected);
-        assert!(
-            peers[0]
-                .last_error
-                .as_deref()
-                .unwrap()
-                .contains("no acknowledgement"),
-            "{peers:?}"
-        );
+        assert!(peers[0].last_error.as_deref().unwrap().contains("no acknowledgement"), "{peers:?}");
         assert!(p.bitmap.lock().unwrap().is_set(1));
         // Later writes complete at once and are tracked.
         let t = tokio::time::Instant::now();
-        p.volume
-            .submit_write(2 * BLOCK, payload(2, 1, 9, 2))
-            .unwrap()
-            .await
-            .unwrap();
+        p.volume.submit_write(2 * BLOCK, payload(2, 1, 9, 2)).unwrap().await.unwrap();
         assert!(t.elapsed() < timeout);
         assert!(p.bitmap.lock().unwrap().is_set(2));
         assert_eq!(p.volume.peers()[0].out_of_sync_bytes, 2 * BLOCK);
@@ -386,28 +323,15 @@ fn frozen_peer_times_out_and_primary_continues() {
 fn corrupted_block_is_not_written() {
     rt().block_on(async {
         let p = pair(Mode::Sync, Duration::ZERO, Duration::from_secs(30));
-        p.volume
-            .submit_write(0, payload(0, 1, 1, 0))
-            .unwrap()
-            .await
-            .unwrap();
+        p.volume.submit_write(0, payload(0, 1, 1, 0)).unwrap().await.unwrap();
         p.ctl.corrupt_next_data();
-        p.volume
-            .submit_write(BLOCK, payload(1, 1, 2, 1))
-            .unwrap()
-            .await
-            .unwrap();
+        p.volume.submit_write(BLOCK, payload(1, 1, 2, 1)).unwrap().await.unwrap();
         let r = p.applier.await.unwrap();
-        assert!(
-            matches!(r, Err(ApplyError::ChecksumMismatch { offset, .. }) if offset == BLOCK),
-            "{r:?}"
-        );
+        assert!(matches!(r, Err(ApplyError::ChecksumMismatch { offset, .. }) if offset == BLOCK), "{r:?}");
         assert_eq!(p.applier_stats.checksum_errors.get(), 1);
         let stby = p.standby_disk.snapshot();
         assert!(
-            stby[BLOCK as usize..2 * BLOCK as usize]
-                .iter()
-                .all(|b| *b == 0),
+            stby[BLOCK as usize..2 * BLOCK as usize].iter().all(|b| *b == 0),
             "corrupt block reached the disk"
         );
         assert_eq!(&stby[..BLOCK as usize], &payload(0, 1, 1, 0)[..]);
@@ -423,17 +347,9 @@ fn corrupted_block_is_not_written() {
 fn standby_disk_failure_drops_connection_and_tracks_block() {
     rt().block_on(async {
         let p = pair(Mode::Memory, Duration::ZERO, Duration::from_secs(30));
-        p.volume
-            .submit_write(0, payload(0, 1, 1, 0))
-            .unwrap()
-            .await
-            .unwrap();
+        p.volume.submit_write(0, payload(0, 1, 1, 0)).unwrap().await.unwrap();
         p.standby_disk.set_failing(Some(5));
-        p.volume
-            .submit_write(BLOCK, payload(1, 1, 1, 1))
-            .unwrap()
-            .await
-            .unwrap();
+        p.volume.submit_write(BLOCK, payload(1, 1, 1, 1)).unwrap().await.unwrap();
         let r = p.applier.await.unwrap();
         assert!(matches!(r, Err(ApplyError::Io(_))), "{r:?}");
         for _ in 0..100 {

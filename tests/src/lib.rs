@@ -17,11 +17,7 @@ pub fn tandem_bin() -> PathBuf {
         return PathBuf::from(p);
     }
     let exe = std::env::current_exe().expect("current_exe");
-    let bin = exe
-        .parent()
-        .and_then(|d| d.parent())
-        .expect("target dir")
-        .join("tandem");
+    let bin = exe.parent().and_then(|d| d.parent()).expect("target dir").join("tandem");
     assert!(
         bin.exists(),
         "tandem binary not found at {} — run the tests with `cargo test --workspace` (which builds it) or set TANDEM_BIN",
@@ -38,23 +34,14 @@ pub fn require_real_devices() {
         unsafe { libc::geteuid() } == 0,
         "this test needs root (FUSE mounts, loop devices, mkfs); run as root"
     );
-    assert!(
-        Path::new("/dev/fuse").exists(),
-        "this test needs /dev/fuse (modprobe fuse)"
-    );
-    assert!(
-        Path::new("/dev/loop-control").exists(),
-        "this test needs loop devices (modprobe loop)"
-    );
+    assert!(Path::new("/dev/fuse").exists(), "this test needs /dev/fuse (modprobe fuse)");
+    assert!(Path::new("/dev/loop-control").exists(), "this test needs loop devices (modprobe loop)");
     for tool in ["losetup", "mkfs.ext4", "mount", "e2fsck"] {
         let ok = std::process::Command::new("sh")
             .args(["-c", &format!("command -v {tool}")])
             .output()
             .is_ok_and(|o| o.status.success());
-        assert!(
-            ok,
-            "this test needs {tool} (apt-get install util-linux e2fsprogs mount)"
-        );
+        assert!(ok, "this test needs {tool} (apt-get install util-linux e2fsprogs mount)");
     }
 }
 
@@ -109,10 +96,7 @@ impl Aligned {
 /// Writes one block with O_DIRECT (and O_DSYNC when `sync`), bypassing every cache.
 pub fn write_block_direct(dev: &str, offset: u64, data: &[u8], sync: bool) -> std::io::Result<()> {
     let flags = libc::O_DIRECT | if sync { libc::O_DSYNC } else { 0 };
-    let f = OpenOptions::new()
-        .write(true)
-        .custom_flags(flags)
-        .open(dev)?;
+    let f = OpenOptions::new().write(true).custom_flags(flags).open(dev)?;
     let a = Aligned::new(data);
     f.write_all_at(a.slice(data.len()), offset)
 }

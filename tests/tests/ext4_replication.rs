@@ -11,13 +11,7 @@ use tandem_tests::*;
 
 #[test]
 fn ext4_with_1000_fsynced_files_replicates_exactly() {
-    let mut lab = new_lab(
-        &["alpha", "beta"],
-        &LabOptions {
-            size: 128 << 20,
-            ..Default::default()
-        },
-    );
+    let mut lab = new_lab(&["alpha", "beta"], &LabOptions { size: 128 << 20, ..Default::default() });
     lab.start("alpha").unwrap();
     lab.start("beta").unwrap();
     lab.wait_connected("alpha", secs(30)).unwrap();
@@ -48,63 +42,34 @@ fn ext4_with_1000_fsynced_files_replicates_exactly() {
         manifest.insert(name, format!("{:x}", Sha256::digest(&body)));
     }
     let st = lab.resource_status("alpha").unwrap();
-    assert!(
-        st.stats.flushes >= 1000,
-        "each fsync must reach the engine as a flush: {:?}",
-        st.stats
-    );
+    assert!(st.stats.flushes >= 1000, "each fsync must reach the engine as a flush: {:?}", st.stats);
     assert_eq!(st.peers[0].out_of_sync_bytes, 0);
     assert_eq!(st.stats.local_io_errors, 0);
     lab.umount(&mnt).unwrap();
     let r = lab.demote("alpha").unwrap();
     assert!(r.ok, "demote failed: {r:?}");
     let standby = lab.resource_status("beta").unwrap();
-    assert!(
-        standby.stats.replicated_flushes >= 1000,
-        "{:?}",
-        standby.stats
-    );
+    assert!(standby.stats.replicated_flushes >= 1000, "{:?}", standby.stats);
     assert_eq!(standby.stats.checksum_errors, 0);
     let clean = lab.stop_all();
-    assert!(
-        clean.values().all(|c| *c),
-        "agents did not stop cleanly: {clean:?}"
-    );
+    assert!(clean.values().all(|c| *c), "agents did not stop cleanly: {clean:?}");
 
-    assert_eq!(
-        sha256_file(&lab.image("alpha")),
-        sha256_file(&lab.image("beta")),
-        "images differ"
-    );
+    assert_eq!(sha256_file(&lab.image("alpha")), sha256_file(&lab.image("beta")), "images differ");
     // Equal images prove nothing if both are wrong: read every file back from the standby.
-    let fsck = std::process::Command::new("e2fsck")
-        .args(["-f", "-n"])
-        .arg(lab.image("beta"))
-        .output()
-        .unwrap();
-    assert!(
-        fsck.status.success(),
-        "fsck of the standby: {}",
-        String::from_utf8_lossy(&fsck.stdout)
-    );
+    let fsck =
+        std::process::Command::new("e2fsck").args(["-f", "-n"]).arg(lab.image("beta")).output().unwrap();
+    assert!(fsck.status.success(), "fsck of the standby: {}", String::from_utf8_lossy(&fsck.stdout));
     let ro_dev = lab.attach_ro(&lab.image("beta")).unwrap();
     let ro = lab.dir.join("ro");
     lab.mount(&ro_dev, &ro, "ro,noload").unwrap();
     for (name, sum) in &manifest {
-        let data = std::fs::read(ro.join(name))
-            .unwrap_or_else(|e| panic!("{name} missing on the standby: {e}"));
-        assert_eq!(
-            &format!("{:x}", Sha256::digest(&data)),
-            sum,
-            "{name} differs on the standby"
-        );
+        let data =
+            std::fs::read(ro.join(name)).unwrap_or_else(|e| panic!("{name} missing on the standby: {e}"));
+        assert_eq!(&format!("{:x}", Sha256::digest(&data)), sum, "{name} differs on the standby");
     }
     lab.umount(&ro).unwrap();
     lab.detach(&ro_dev).unwrap();
     // Loop device of the primary is gone after demote.
     let loops = run_cmd(std::process::Command::new("losetup").arg("-a")).unwrap();
-    assert!(
-        !loops.contains(&lab.dir.to_string_lossy().to_string()),
-        "leftover loop devices: {loops}"
-    );
+    assert!(!loops.contains(&lab.dir.to_string_lossy().to_string()), "leftover loop devices: {loops}");
 }

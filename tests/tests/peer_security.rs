@@ -33,14 +33,8 @@ fn rogue_config(lab: &Lab, node: &str) -> std::path::PathBuf {
     let text = std::fs::read_to_string(&lab.config).unwrap();
     let keys = lab.dir.join("keys");
     let text = text
-        .replace(
-            &format!("{}/{node}.crt", keys.display()),
-            &format!("{}/{node}.crt", rogue_dir.display()),
-        )
-        .replace(
-            &format!("{}/{node}.key", keys.display()),
-            &format!("{}/{node}.key", rogue_dir.display()),
-        );
+        .replace(&format!("{}/{node}.crt", keys.display()), &format!("{}/{node}.crt", rogue_dir.display()))
+        .replace(&format!("{}/{node}.key", keys.display()), &format!("{}/{node}.key", rogue_dir.display()));
     let p = lab.dir.join(format!("rogue-{node}.toml"));
     std::fs::write(&p, text).unwrap();
     p
@@ -54,22 +48,13 @@ fn wait_log(lab: &Lab, node: &str, needle: &str) -> String {
         }
         std::thread::sleep(Duration::from_millis(100));
     }
-    panic!(
-        "{node}'s log never said {needle:?}:\n{}",
-        lab.log_text(node)
-    );
+    panic!("{node}'s log never said {needle:?}:\n{}", lab.log_text(node));
 }
 
 /// The primary writes while its peer presents an unknown certificate: the peer is refused
 /// with the reason logged, and its image stays all zeroes.
 fn wrong_certificate(rogue: &str) {
-    let mut lab = new_lab(
-        &["alpha", "beta"],
-        &LabOptions {
-            size: SIZE,
-            ..Default::default()
-        },
-    );
+    let mut lab = new_lab(&["alpha", "beta"], &LabOptions { size: SIZE, ..Default::default() });
     let cfg = rogue_config(&lab, rogue);
     let honest = if rogue == "alpha" { "beta" } else { "alpha" };
     lab.start(honest).unwrap();
@@ -77,10 +62,7 @@ fn wrong_certificate(rogue: &str) {
     // alpha dials beta: a rogue beta is refused as a server, a rogue alpha as a client.
     let side = if rogue == "beta" { "server" } else { "client" };
     let log = wait_log(&lab, honest, &format!("refused {side} certificate sha256:"));
-    assert!(
-        log.contains("it is not the certificate configured"),
-        "{log}"
-    );
+    assert!(log.contains("it is not the certificate configured"), "{log}");
     // Let the rogue retry a few times; it never connects.
     std::thread::sleep(Duration::from_secs(2));
     for n in ["alpha", "beta"] {
@@ -92,22 +74,12 @@ fn wrong_certificate(rogue: &str) {
     assert!(lab.promote(primary, false).unwrap().ok);
     let dev = lab.resource_status(primary).unwrap().device.unwrap();
     for i in 0..64u64 {
-        write_block_direct(
-            &dev,
-            i * 1_048_576,
-            &stamped_block(i * 1_048_576, 7, 1),
-            true,
-        )
-        .unwrap();
+        write_block_direct(&dev, i * 1_048_576, &stamped_block(i * 1_048_576, 7, 1), true).unwrap();
     }
     std::thread::sleep(Duration::from_secs(1));
     assert!(lab.demote(primary).unwrap().ok);
     lab.stop_all();
-    assert_eq!(
-        sha256_file(&lab.image("beta")),
-        zero_sha(SIZE),
-        "the refused node's image was written to"
-    );
+    assert_eq!(sha256_file(&lab.image("beta")), zero_sha(SIZE), "the refused node's image was written to");
     assert_ne!(sha256_file(&lab.image("alpha")), zero_sha(SIZE));
 }
 
@@ -130,11 +102,7 @@ struct FakePrimary {
 
 impl FakePrimary {
     fn new(lab: &Lab) -> Self {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .unwrap();
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
         let cfg = Config::load(&lab.config).unwrap();
         let me = cfg.node("alpha").unwrap().clone();
         let transport = rt.block_on(async {
@@ -166,10 +134,7 @@ impl FakePrimary {
 
     /// Connects and completes the handshake with `hello`; returns the connection and what
     /// the agent answered.
-    async fn connect(
-        &self,
-        hello: Frame,
-    ) -> (quinn::Connection, FrameWriter, FrameReader, Option<Frame>) {
+    async fn connect(&self, hello: Frame) -> (quinn::Connection, FrameWriter, FrameReader, Option<Frame>) {
         let conn = self
             .transport
             .connect(self.cfg.node("beta").unwrap())
@@ -178,53 +143,34 @@ impl FakePrimary {
         let (s, r) = conn.open_bi().await.unwrap();
         let (mut w, mut r) = (FrameWriter::new(s), FrameReader::new(r));
         w.send(&hello).await.unwrap();
-        let answer = tokio::time::timeout(Duration::from_secs(10), r.next())
-            .await
-            .ok()
-            .and_then(|x| x.ok().flatten());
+        let answer =
+            tokio::time::timeout(Duration::from_secs(10), r.next()).await.ok().and_then(|x| x.ok().flatten());
         (conn, w, r, answer)
     }
 }
 
 fn close_reason(e: quinn::ConnectionError) -> String {
     match e {
-        quinn::ConnectionError::ApplicationClosed(c) => {
-            String::from_utf8_lossy(&c.reason).to_string()
-        }
+        quinn::ConnectionError::ApplicationClosed(c) => String::from_utf8_lossy(&c.reason).to_string(),
         other => other.to_string(),
     }
 }
 
 fn data(seq: u64, offset: u64, payload: Vec<u8>, checksum_delta: u32) -> Frame {
     let checksum = block_checksum(&payload) ^ checksum_delta;
-    Frame::Data(DataFrame {
-        seq,
-        offset,
-        flags: 0,
-        checksum,
-        payload: Bytes::from(payload),
-    })
+    Frame::Data(DataFrame { seq, offset, flags: 0, checksum, payload: Bytes::from(payload) })
 }
 
 #[test]
 fn corrupted_block_is_not_written_counted_and_connection_dropped() {
-    let mut lab = new_lab(
-        &["alpha", "beta"],
-        &LabOptions {
-            size: SIZE,
-            ..Default::default()
-        },
-    );
+    let mut lab = new_lab(&["alpha", "beta"], &LabOptions { size: SIZE, ..Default::default() });
     lab.start("beta").unwrap();
     let fake = FakePrimary::new(&lab);
     let good = stamped_block(0, 1, 1);
     let bad = stamped_block(4096, 1, 1);
     let (reason, acked) = fake.rt.block_on(async {
         let (conn, _cw, _cr, answer) = fake.connect(fake.hello()).await;
-        assert!(
-            matches!(answer, Some(Frame::Hello { .. })),
-            "no hello from beta: {answer:?}"
-        );
+        assert!(matches!(answer, Some(Frame::Hello { .. })), "no hello from beta: {answer:?}");
         let (s, r) = conn.open_bi().await.unwrap();
         let (mut w, mut r) = (FrameWriter::new(s), FrameReader::new(r));
         w.send(&Frame::Control(ControlMsg::OpenStream {
@@ -234,58 +180,32 @@ fn corrupted_block_is_not_written_counted_and_connection_dropped() {
         .await
         .unwrap();
         w.send(&data(1, 0, good.clone(), 0)).await.unwrap();
-        let ack = tokio::time::timeout(Duration::from_secs(10), r.next())
-            .await
-            .unwrap()
-            .unwrap();
+        let ack = tokio::time::timeout(Duration::from_secs(10), r.next()).await.unwrap().unwrap();
         // Checksum computed, then the payload "changed in memory": it no longer matches.
-        w.send(&data(2, 4096, bad.clone(), 0x0100_0000))
-            .await
-            .unwrap();
+        w.send(&data(2, 4096, bad.clone(), 0x0100_0000)).await.unwrap();
         let e = tokio::time::timeout(Duration::from_secs(10), conn.closed())
             .await
             .expect("beta drops the connection");
         (close_reason(e), ack)
     });
-    assert_eq!(
-        acked,
-        Some(Frame::Ack {
-            seq: 1,
-            level: AckLevel::Durable
-        })
-    );
-    assert!(
-        reason.contains("checksum mismatch on seq 2"),
-        "close reason: {reason}"
-    );
+    assert_eq!(acked, Some(Frame::Ack { seq: 1, level: AckLevel::Durable }));
+    assert!(reason.contains("checksum mismatch on seq 2"), "close reason: {reason}");
     let log = wait_log(&lab, "beta", "checksum mismatch on seq 2");
     assert!(log.contains("not written"), "{log}");
     let st = lab.resource_status("beta").unwrap();
     assert_eq!(st.stats.checksum_errors, 1, "{st:#?}");
     assert_eq!(st.stats.replicated_writes, 1);
     lab.stop_all();
-    assert_eq!(
-        read_at(&lab.image("beta"), 0, 4096),
-        good,
-        "the good block is on disk"
-    );
+    assert_eq!(read_at(&lab.image("beta"), 0, 4096), good, "the good block is on disk");
     assert!(
-        read_at(&lab.image("beta"), 4096, 4096)
-            .iter()
-            .all(|b| *b == 0),
+        read_at(&lab.image("beta"), 4096, 4096).iter().all(|b| *b == 0),
         "the corrupt block reached the disk"
     );
 }
 
 #[test]
 fn malformed_frame_drops_the_connection_with_a_reason() {
-    let mut lab = new_lab(
-        &["alpha", "beta"],
-        &LabOptions {
-            size: SIZE,
-            ..Default::default()
-        },
-    );
+    let mut lab = new_lab(&["alpha", "beta"], &LabOptions { size: SIZE, ..Default::default() });
     lab.start("beta").unwrap();
     let fake = FakePrimary::new(&lab);
     let reason = fake.rt.block_on(async {
@@ -298,12 +218,7 @@ fn malformed_frame_drops_the_connection_with_a_reason() {
         .encode_to_vec();
         // A data header claiming a 3 GiB payload.
         open.extend_from_slice(
-            &tandem_protocol::header::Header {
-                kind: FrameKind::Data,
-                flags: 0,
-                body_len: 3 << 30,
-            }
-            .encode(),
+            &tandem_protocol::header::Header { kind: FrameKind::Data, flags: 0, body_len: 3 << 30 }.encode(),
         );
         s.write_all(&open).await.unwrap();
         let e = tokio::time::timeout(Duration::from_secs(10), conn.closed())
@@ -322,13 +237,7 @@ fn malformed_frame_drops_the_connection_with_a_reason() {
 
 #[test]
 fn other_protocol_version_is_refused_in_words() {
-    let mut lab = new_lab(
-        &["alpha", "beta"],
-        &LabOptions {
-            size: SIZE,
-            ..Default::default()
-        },
-    );
+    let mut lab = new_lab(&["alpha", "beta"], &LabOptions { size: SIZE, ..Default::default() });
     lab.start("beta").unwrap();
     let fake = FakePrimary::new(&lab);
     let answer = fake.rt.block_on(async {
@@ -339,10 +248,7 @@ fn other_protocol_version_is_refused_in_words() {
         // Both sides send their hello at once; the refusal follows beta's hello.
         let (_conn, _w, mut r, answer) = fake.connect(future).await;
         assert!(matches!(answer, Some(Frame::Hello { .. })), "{answer:?}");
-        tokio::time::timeout(Duration::from_secs(10), r.next())
-            .await
-            .ok()
-            .and_then(|x| x.ok().flatten())
+        tokio::time::timeout(Duration::from_secs(10), r.next()).await.ok().and_then(|x| x.ok().flatten())
     });
     let want = format!("peer speaks protocol version {}", PROTOCOL_VERSION + 1);
     match answer {
@@ -353,28 +259,14 @@ fn other_protocol_version_is_refused_in_words() {
     }
     wait_log(&lab, "beta", &want);
     let st = lab.resource_status("beta").unwrap();
-    assert!(
-        st.peers[0]
-            .last_error
-            .as_deref()
-            .unwrap_or_default()
-            .contains(&want),
-        "{st:#?}"
-    );
+    assert!(st.peers[0].last_error.as_deref().unwrap_or_default().contains(&want), "{st:#?}");
 }
 
 #[test]
 fn resource_size_mismatch_between_nodes_is_refused() {
-    let mut lab = new_lab(
-        &["alpha", "beta"],
-        &LabOptions {
-            size: SIZE,
-            ..Default::default()
-        },
-    );
-    let text = std::fs::read_to_string(&lab.config)
-        .unwrap()
-        .replace("size = \"67108864\"", "size = \"134217728\"");
+    let mut lab = new_lab(&["alpha", "beta"], &LabOptions { size: SIZE, ..Default::default() });
+    let text =
+        std::fs::read_to_string(&lab.config).unwrap().replace("size = \"67108864\"", "size = \"134217728\"");
     assert!(text.contains("134217728"));
     let beta_cfg = lab.dir.join("beta-bigger.toml");
     std::fs::write(&beta_cfg, text).unwrap();
@@ -382,30 +274,9 @@ fn resource_size_mismatch_between_nodes_is_refused() {
     lab.start_with_config("beta", &beta_cfg).unwrap();
     let want = "size mismatch: alpha has 67108864 bytes, beta has 134217728 bytes";
     wait_log(&lab, "alpha", want);
-    let st = lab
-        .wait_for("alpha", "standalone", secs(30), |r| {
-            r.peers[0].connection == "standalone"
-        })
-        .unwrap();
-    assert!(
-        st.peers[0]
-            .last_error
-            .as_deref()
-            .unwrap()
-            .contains("size mismatch"),
-        "{st:#?}"
-    );
-    let b = lab
-        .wait_for("beta", "refusal seen", secs(30), |r| {
-            r.peers[0].last_error.is_some()
-        })
-        .unwrap();
-    assert!(
-        b.peers[0]
-            .last_error
-            .as_deref()
-            .unwrap()
-            .contains("size mismatch"),
-        "{b:#?}"
-    );
+    let st =
+        lab.wait_for("alpha", "standalone", secs(30), |r| r.peers[0].connection == "standalone").unwrap();
+    assert!(st.peers[0].last_error.as_deref().unwrap().contains("size mismatch"), "{st:#?}");
+    let b = lab.wait_for("beta", "refusal seen", secs(30), |r| r.peers[0].last_error.is_some()).unwrap();
+    assert!(b.peers[0].last_error.as_deref().unwrap().contains("size mismatch"), "{b:#?}");
 }

@@ -15,21 +15,13 @@ use tandem_tests::*;
 fn frozen_standby_holds_writes_until_timeout_then_is_outdated() {
     let timeout = Duration::from_secs(2);
     let heartbeat = timeout / 5; // as the lab configures it
-    let mut lab = new_lab(
-        &["alpha", "beta"],
-        &LabOptions {
-            timeout,
-            ..Default::default()
-        },
-    );
+    let mut lab = new_lab(&["alpha", "beta"], &LabOptions { timeout, ..Default::default() });
     lab.start("alpha").unwrap();
     lab.start("beta").unwrap();
     lab.wait_connected("alpha", secs(30)).unwrap();
     assert!(lab.promote("alpha", false).unwrap().ok);
     let st = lab
-        .wait_for("alpha", "replication established", secs(30), |r| {
-            r.peers[0].replication == "established"
-        })
+        .wait_for("alpha", "replication established", secs(30), |r| r.peers[0].replication == "established")
         .unwrap();
     let dev = st.device.unwrap();
     let run = rand::random::<u64>();
@@ -49,22 +41,12 @@ fn frozen_standby_holds_writes_until_timeout_then_is_outdated() {
     // The peer went silent at most one heartbeat before the write was issued, so the write
     // must still be waiting well into the timeout.
     std::thread::sleep(timeout - heartbeat - Duration::from_millis(200));
-    assert!(
-        !done.load(Ordering::SeqCst),
-        "a sync write completed while the standby was frozen"
-    );
+    assert!(!done.load(Ordering::SeqCst), "a sync write completed while the standby was frozen");
     let (r, elapsed) = writer.join().unwrap();
     r.expect("write must complete once the peer is declared disconnected");
-    assert!(
-        elapsed >= timeout - heartbeat,
-        "completed after {elapsed:?}, before the {timeout:?} timeout"
-    );
+    assert!(elapsed >= timeout - heartbeat, "completed after {elapsed:?}, before the {timeout:?} timeout");
 
-    let st = lab
-        .wait_for("alpha", "peer dropped", secs(30), |r| {
-            r.peers[0].replication == "off"
-        })
-        .unwrap();
+    let st = lab.wait_for("alpha", "peer dropped", secs(30), |r| r.peers[0].replication == "off").unwrap();
     assert!(st.peers[0].out_of_sync_bytes >= 4096, "{st:#?}");
     assert!(st.peers[0].last_error.is_some(), "{st:#?}");
     // Writes proceed without waiting now.
@@ -72,24 +54,16 @@ fn frozen_standby_holds_writes_until_timeout_then_is_outdated() {
 
     lab.signal("beta", Signal::SIGCONT).unwrap();
     // Beta reconnects and learns from the primary that it missed writes.
-    let b = lab
-        .wait_for("beta", "disk outdated", secs(60), |r| r.disk == "outdated")
-        .unwrap();
+    let b = lab.wait_for("beta", "disk outdated", secs(60), |r| r.disk == "outdated").unwrap();
     assert_eq!(b.role, "secondary");
     lab.wait_connected("alpha", secs(30)).unwrap();
 
     // Refused while the connected peer is primary.
     let r = lab.promote("beta", false).unwrap();
-    assert!(
-        !r.ok && r.error.as_deref().unwrap().contains("alpha is primary"),
-        "{r:?}"
-    );
+    assert!(!r.ok && r.error.as_deref().unwrap().contains("alpha is primary"), "{r:?}");
     // Primary gone: refused because the local disk is outdated — via the real CLI, with a
     // non-zero exit and a clear message.
-    assert!(
-        lab.stop("alpha", secs(30)).unwrap(),
-        "alpha did not stop cleanly"
-    );
+    assert!(lab.stop("alpha", secs(30)).unwrap(), "alpha did not stop cleanly");
     let out = Command::new(lab.exe())
         .args(["--config"])
         .arg(&lab.config)
@@ -97,14 +71,8 @@ fn frozen_standby_holds_writes_until_timeout_then_is_outdated() {
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        !out.status.success(),
-        "promote of an outdated disk succeeded"
-    );
-    assert!(
-        stderr.contains("outdated") && stderr.contains("--force"),
-        "unclear refusal: {stderr}"
-    );
+    assert!(!out.status.success(), "promote of an outdated disk succeeded");
+    assert!(stderr.contains("outdated") && stderr.contains("--force"), "unclear refusal: {stderr}");
     assert_eq!(lab.resource_status("beta").unwrap().role, "secondary");
     // Outdated survives a restart of the standby.
     assert!(lab.stop("beta", secs(30)).unwrap());
@@ -114,9 +82,6 @@ fn frozen_standby_holds_writes_until_timeout_then_is_outdated() {
     let r = lab.promote("beta", true).unwrap();
     assert!(r.ok, "{r:?}");
     let b = lab.resource_status("beta").unwrap();
-    assert_eq!(
-        (b.role.as_str(), b.disk.as_str()),
-        ("primary", "up_to_date")
-    );
+    assert_eq!((b.role.as_str(), b.disk.as_str()), ("primary", "up_to_date"));
     assert!(lab.demote("beta").unwrap().ok);
 }

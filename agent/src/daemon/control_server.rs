@@ -19,25 +19,20 @@ pub struct ControlServer {
 impl ControlServer {
     pub fn bind(path: &Path) -> Result<Self> {
         if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir)
-                .with_context(|| format!("cannot create {}", dir.display()))?;
+            std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
         }
         if path.exists() {
             // A live agent answers on it; a dead one left the file behind.
             if std::os::unix::net::UnixStream::connect(path).is_ok() {
                 anyhow::bail!("another agent is already listening on {}", path.display());
             }
-            std::fs::remove_file(path)
-                .with_context(|| format!("cannot remove stale {}", path.display()))?;
+            std::fs::remove_file(path).with_context(|| format!("cannot remove stale {}", path.display()))?;
         }
         let listener = UnixListener::bind(path)
             .with_context(|| format!("cannot listen on control socket {}", path.display()))?;
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
-        Ok(Self {
-            listener,
-            path: path.to_path_buf(),
-        })
+        Ok(Self { listener, path: path.to_path_buf() })
     }
 
     pub async fn serve(self, agent: Arc<Agent>) {
@@ -61,8 +56,8 @@ async fn handle(agent: Arc<Agent>, s: UnixStream) {
             Ok(req) => dispatch(&agent, req).await,
             Err(e) => Response::err(format!("malformed request: {e}")),
         };
-        let mut out = serde_json::to_string(&resp)
-            .unwrap_or_else(|e| format!("{{\"ok\":false,\"error\":\"{e}\"}}"));
+        let mut out =
+            serde_json::to_string(&resp).unwrap_or_else(|e| format!("{{\"ok\":false,\"error\":\"{e}\"}}"));
         out.push('\n');
         if w.write_all(out.as_bytes()).await.is_err() {
             return;
@@ -76,25 +71,13 @@ async fn dispatch(agent: &Arc<Agent>, req: Request) -> Response {
             format!(
                 "no resource {name:?} on node {} (resources: {})",
                 agent.me.name,
-                agent
-                    .resources
-                    .keys()
-                    .cloned()
-                    .collect::<Vec<_>>()
-                    .join(", ")
+                agent.resources.keys().cloned().collect::<Vec<_>>().join(", ")
             )
         })
     };
     match req {
-        Request::Status => Response {
-            ok: true,
-            status: Some(agent.status()),
-            ..Default::default()
-        },
-        Request::Promote {
-            resource: name,
-            force,
-        } => match resource(&name) {
+        Request::Status => Response { ok: true, status: Some(agent.status()), ..Default::default() },
+        Request::Promote { resource: name, force } => match resource(&name) {
             Ok(r) => match r.promote(force).await {
                 Ok(m) => Response::ok(m),
                 Err(e) => Response::err(format!("{e:#}")),

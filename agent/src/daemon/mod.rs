@@ -32,29 +32,17 @@ impl Agent {
     /// anything is missing or inconsistent: keys, certificates, images, metadata.
     pub fn new(cfg: Config, node: &str) -> Result<Arc<Self>> {
         let me = cfg.node(node)?.clone();
-        let identity = Identity::load(&me.cert, &me.key)
-            .with_context(|| format!("node {node}'s own identity"))?;
+        let identity =
+            Identity::load(&me.cert, &me.key).with_context(|| format!("node {node}'s own identity"))?;
         let pinned = pin_peers(&cfg, node)?;
         if cfg.resources_of(node).is_empty() {
-            anyhow::bail!(
-                "node {node} has no disk in any resource of {}",
-                cfg.path.display()
-            );
+            anyhow::bail!("node {node} has no disk in any resource of {}", cfg.path.display());
         }
-        let rt = tokio::runtime::Handle::current();
         let mut resources = BTreeMap::new();
         for r in cfg.resources_of(node) {
-            resources.insert(
-                r.name.clone(),
-                Resource::open(&cfg.cluster, node, &me.run_dir, r, rt.clone())?,
-            );
+            resources.insert(r.name.clone(), Resource::open(&cfg.cluster, node, &me.run_dir, r)?);
         }
-        let transport = Transport::bind(
-            identity,
-            pinned,
-            TransportSettings::from_config(&cfg),
-            me.address,
-        )?;
+        let transport = Transport::bind(identity, pinned, TransportSettings::from_config(&cfg), me.address)?;
         Ok(Arc::new(Self {
             cfg,
             me,
@@ -71,17 +59,12 @@ impl Agent {
 
     /// Records the live connection to `node`, returning one it replaces.
     pub fn register_connection(&self, node: &str, conn: Connection) -> Option<Connection> {
-        self.connections
-            .lock()
-            .unwrap()
-            .insert(node.to_string(), conn)
+        self.connections.lock().unwrap().insert(node.to_string(), conn)
     }
 
     pub fn unregister_connection(&self, node: &str, conn: &Connection) {
         let mut c = self.connections.lock().unwrap();
-        if c.get(node)
-            .is_some_and(|x| x.stable_id() == conn.stable_id())
-        {
+        if c.get(node).is_some_and(|x| x.stable_id() == conn.stable_id()) {
             c.remove(node);
         }
     }
@@ -125,11 +108,7 @@ impl Agent {
             r.shutdown().await;
         }
         self.transport.close();
-        let _ = tokio::time::timeout(
-            std::time::Duration::from_secs(2),
-            self.transport.wait_idle(),
-        )
-        .await;
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(2), self.transport.wait_idle()).await;
         tasks.abort_all();
         let _ = std::fs::remove_file(&self.me.control);
         info!("agent stopped");

@@ -55,12 +55,7 @@ impl PeerConn {
             purpose: StreamPurpose::Replication,
         }))
         .await?;
-        Ok(spawn_link(
-            self.conn.clone(),
-            w,
-            FrameReader::new(recv),
-            self.node.clone(),
-        ))
+        Ok(spawn_link(self.conn.clone(), w, FrameReader::new(recv), self.node.clone()))
     }
 }
 
@@ -110,19 +105,13 @@ pub async fn accept(agent: Arc<Agent>, incoming: quinn::Incoming) {
     };
     let Some(node) = peer_node(&conn, agent.transport.pinned()) else {
         warn!(%from, "refused connection: peer certificate not configured");
-        conn.close(
-            VarInt::from_u32(close_code::HANDSHAKE_REFUSED),
-            b"certificate not configured",
-        );
+        conn.close(VarInt::from_u32(close_code::HANDSHAKE_REFUSED), b"certificate not configured");
         return;
     };
     if !dials(&node, &agent.me.name) {
         let reason = format!("{} dials {node}, not the other way round", agent.me.name);
         warn!(%from, "refused connection from {node}: {reason}");
-        conn.close(
-            VarInt::from_u32(close_code::HANDSHAKE_REFUSED),
-            reason.as_bytes(),
-        );
+        conn.close(VarInt::from_u32(close_code::HANDSHAKE_REFUSED), reason.as_bytes());
         return;
     }
     if let Err(e) = serve(agent, conn, &node, false).await {
@@ -155,16 +144,10 @@ async fn read_hello(r: &mut FrameReader, timeout: Duration) -> Result<Hello> {
 /// Checks the peer's hello against our configuration; returns the reason to refuse.
 fn check_hello(agent: &Agent, node: &str, h: &Hello) -> Result<(), String> {
     if h.cluster != agent.cfg.cluster {
-        return Err(format!(
-            "peer is in cluster {:?}, this node in {:?}",
-            h.cluster, agent.cfg.cluster
-        ));
+        return Err(format!("peer is in cluster {:?}, this node in {:?}", h.cluster, agent.cfg.cluster));
     }
     if h.node != node {
-        return Err(format!(
-            "peer says it is node {:?} but presented the certificate of {node:?}",
-            h.node
-        ));
+        return Err(format!("peer says it is node {:?} but presented the certificate of {node:?}", h.node));
     }
     for r in agent.resources.values().filter(|r| r.has_peer(node)) {
         let Some(theirs) = h.resources.iter().find(|x| x.name == r.name) else {
@@ -190,12 +173,7 @@ fn check_hello(agent: &Agent, node: &str, h: &Hello) -> Result<(), String> {
 /// Runs a connection from handshake to its end. `Err` means the handshake was refused.
 async fn serve(agent: Arc<Agent>, conn: Connection, node: &str, dialed: bool) -> Result<()> {
     let timeout = agent.cfg.options.timeout;
-    let shared: Vec<_> = agent
-        .resources
-        .values()
-        .filter(|r| r.has_peer(node))
-        .cloned()
-        .collect();
+    let shared: Vec<_> = agent.resources.values().filter(|r| r.has_peer(node)).cloned().collect();
     let hello = Hello {
         cluster: agent.cfg.cluster.clone(),
         node: agent.me.name.clone(),
@@ -204,9 +182,7 @@ async fn serve(agent: Arc<Agent>, conn: Connection, node: &str, dialed: bool) ->
     let (send, recv) = if dialed {
         conn.open_bi().await?
     } else {
-        tokio::time::timeout(timeout, conn.accept_bi())
-            .await
-            .map_err(|_| anyhow!("no control stream"))??
+        tokio::time::timeout(timeout, conn.accept_bi()).await.map_err(|_| anyhow!("no control stream"))??
     };
     let (mut w, mut r) = (FrameWriter::new(send), FrameReader::new(recv));
     w.send(&Frame::hello(&hello)).await?;
@@ -222,37 +198,21 @@ async fn serve(agent: Arc<Agent>, conn: Connection, node: &str, dialed: bool) ->
             for res in &shared {
                 res.peer_refused(node, &reason);
             }
-            let _ = w
-                .send(&Frame::Control(ControlMsg::Refuse { reason: why }))
-                .await;
+            let _ = w.send(&Frame::Control(ControlMsg::Refuse { reason: why })).await;
             // Give the refusal a moment to reach the peer before closing.
             tokio::time::sleep(Duration::from_millis(100)).await;
-            conn.close(
-                VarInt::from_u32(close_code::HANDSHAKE_REFUSED),
-                reason.as_bytes(),
-            );
+            conn.close(VarInt::from_u32(close_code::HANDSHAKE_REFUSED), reason.as_bytes());
             bail!(reason);
         }
     };
     if let Some(old) = agent.register_connection(node, conn.clone()) {
-        old.close(
-            VarInt::from_u32(close_code::DUPLICATE),
-            b"replaced by a newer connection",
-        );
+        old.close(VarInt::from_u32(close_code::DUPLICATE), b"replaced by a newer connection");
     }
     info!(peer = %node, remote = %conn.remote_address(), "connected");
 
     let (control_tx, mut control_rx) = mpsc::channel::<Frame>(1024);
-    let pc = PeerConn {
-        node: node.to_string(),
-        conn: conn.clone(),
-        control: control_tx.clone(),
-    };
-    let remote: BTreeMap<String, _> = theirs
-        .resources
-        .into_iter()
-        .map(|r| (r.name.clone(), r))
-        .collect();
+    let pc = PeerConn { node: node.to_string(), conn: conn.clone(), control: control_tx.clone() };
+    let remote: BTreeMap<String, _> = theirs.resources.into_iter().map(|r| (r.name.clone(), r)).collect();
     for res in &shared {
         if let Some(rh) = remote.get(&res.name) {
             res.peer_connected(pc.clone(), rh.clone());
@@ -276,14 +236,7 @@ async fn serve(agent: Arc<Agent>, conn: Connection, node: &str, dialed: bool) ->
         loop {
             tokio::time::sleep(agent.cfg.options.heartbeat_interval).await;
             nonce += 1;
-            if control_tx
-                .send(Frame::Heartbeat {
-                    nonce,
-                    reply: false,
-                })
-                .await
-                .is_err()
-            {
+            if control_tx.send(Frame::Heartbeat { nonce, reply: false }).await.is_err() {
                 return;
             }
         }
@@ -295,19 +248,13 @@ async fn serve(agent: Arc<Agent>, conn: Connection, node: &str, dialed: bool) ->
                 Ok(None) => return "control stream closed".to_string(),
                 Err(e) => {
                     let reason = format!("control stream from {node}: {e}");
-                    conn.close(
-                        VarInt::from_u32(close_code::PROTOCOL_ERROR),
-                        reason.as_bytes(),
-                    );
+                    conn.close(VarInt::from_u32(close_code::PROTOCOL_ERROR), reason.as_bytes());
                     return reason;
                 }
             };
             last_heard.store(heard(), Ordering::Relaxed);
             match f {
-                Frame::Heartbeat {
-                    nonce,
-                    reply: false,
-                } => {
+                Frame::Heartbeat { nonce, reply: false } => {
                     let _ = control_tx.try_send(Frame::Heartbeat { nonce, reply: true });
                 }
                 Frame::Heartbeat { reply: true, .. } => {}
@@ -321,18 +268,10 @@ async fn serve(agent: Arc<Agent>, conn: Connection, node: &str, dialed: bool) ->
                         res.on_peer_view(node, v);
                     }
                 }
-                Frame::Control(ControlMsg::Error { reason }) => {
-                    return format!("peer reported: {reason}")
-                }
+                Frame::Control(ControlMsg::Error { reason }) => return format!("peer reported: {reason}"),
                 other => {
-                    let reason = format!(
-                        "unexpected {} frame on the control stream",
-                        other.kind().name()
-                    );
-                    conn.close(
-                        VarInt::from_u32(close_code::PROTOCOL_ERROR),
-                        reason.as_bytes(),
-                    );
+                    let reason = format!("unexpected {} frame on the control stream", other.kind().name());
+                    conn.close(VarInt::from_u32(close_code::PROTOCOL_ERROR), reason.as_bytes());
                     return reason;
                 }
             }
@@ -343,10 +282,7 @@ async fn serve(agent: Arc<Agent>, conn: Connection, node: &str, dialed: bool) ->
             tokio::time::sleep(agent.cfg.options.heartbeat_interval / 2).await;
             let silent = heard().saturating_sub(last_heard.load(Ordering::Relaxed));
             if silent > timeout.as_millis() as u64 {
-                let reason = format!(
-                    "no heartbeat from {node} for {:.1}s",
-                    silent as f64 / 1000.0
-                );
+                let reason = format!("no heartbeat from {node} for {:.1}s", silent as f64 / 1000.0);
                 conn.close(VarInt::from_u32(close_code::TIMEOUT), reason.as_bytes());
                 return reason;
             }
@@ -365,26 +301,15 @@ async fn serve(agent: Arc<Agent>, conn: Connection, node: &str, dialed: bool) ->
                     Ok(Ok(Some(Frame::Control(ControlMsg::OpenStream {
                         resource,
                         purpose: StreamPurpose::Replication,
-                    })))) => {
-                        match agent
-                            .resources
-                            .get(&resource)
-                            .filter(|res| res.has_peer(&node))
-                        {
-                            Some(res) => {
-                                let link = spawn_link(
-                                    pc.conn.clone(),
-                                    FrameWriter::new(send),
-                                    r,
-                                    node.clone(),
-                                );
-                                res.accept_replication(&node, pc, link);
-                            }
-                            None => {
-                                warn!(peer = %node, "stream for unknown resource {resource:?} ignored")
-                            }
+                    })))) => match agent.resources.get(&resource).filter(|res| res.has_peer(&node)) {
+                        Some(res) => {
+                            let link = spawn_link(pc.conn.clone(), FrameWriter::new(send), r, node.clone());
+                            res.accept_replication(&node, pc, link);
                         }
-                    }
+                        None => {
+                            warn!(peer = %node, "stream for unknown resource {resource:?} ignored")
+                        }
+                    },
                     other => {
                         warn!(peer = %node, "stream without a valid opening frame ignored: {other:?}")
                     }

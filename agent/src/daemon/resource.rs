@@ -11,7 +11,6 @@ use tandem_protocol::{ControlMsg, PeerView, ResourceHello, Role};
 use tandem_replicator::{
     Applier, ApplierStats, ApplyError, DirtyBitmap, Link, PeerConfig, PeerHandle, Volume,
 };
-use tokio::runtime::Handle;
 use tracing::{error, info, warn};
 
 use crate::config;
@@ -55,10 +54,7 @@ struct PeerState {
 
 enum RoleState {
     Secondary,
-    Primary {
-        volume: Arc<Volume>,
-        frontend: Box<FuseLoop>,
-    },
+    Primary { volume: Arc<Volume>, frontend: Box<FuseLoop> },
 }
 
 pub struct Resource {
@@ -76,7 +72,6 @@ pub struct Resource {
     /// Only one replication stream is applied at a time; a new one waits for the old.
     apply_lock: Arc<tokio::sync::Mutex<()>>,
     mountpoint: PathBuf,
-    rt: Handle,
 }
 
 impl Resource {
@@ -86,16 +81,12 @@ impl Resource {
         me: &str,
         run_dir: &std::path::Path,
         cfg: &config::Resource,
-        rt: Handle,
     ) -> Result<Arc<Self>> {
-        let disk = cfg
-            .disks
-            .get(me)
-            .ok_or_else(|| anyhow!("resource {} has no disk on node {me}", cfg.name))?;
+        let disk =
+            cfg.disks.get(me).ok_or_else(|| anyhow!("resource {} has no disk on node {me}", cfg.name))?;
         let created = FileStore::create_if_missing(&disk.image, cfg.size)?;
         let store = Arc::new(
-            FileStore::open(&disk.image, cfg.size)
-                .with_context(|| format!("resource {}", cfg.name))?,
+            FileStore::open(&disk.image, cfg.size).with_context(|| format!("resource {}", cfg.name))?,
         );
         let meta = if disk.meta.exists() {
             let m = MetaFile::open(&disk.meta).with_context(|| format!("resource {}", cfg.name))?;
@@ -104,11 +95,7 @@ impl Resource {
         } else {
             // A brand-new image is all zeroes, like every other brand-new image: it is a
             // valid copy. An image that existed without metadata holds unknown data.
-            let disk_state = if created {
-                DiskState::UpToDate
-            } else {
-                DiskState::Inconsistent
-            };
+            let disk_state = if created { DiskState::UpToDate } else { DiskState::Inconsistent };
             if !created {
                 warn!(resource = %cfg.name, image = %disk.image.display(),
                       "existing image without metadata: marked inconsistent until synced or promoted with --force");
@@ -133,12 +120,7 @@ impl Resource {
         for p in cfg.peers_of(me) {
             let mut bm = DirtyBitmap::new(cfg.size, cfg.bitmap_granularity);
             // Without a persisted bitmap, a peer we know is missing writes needs everything.
-            if meta
-                .record()
-                .peers
-                .iter()
-                .any(|m| m.name == p && m.out_of_sync)
-            {
+            if meta.record().peers.iter().any(|m| m.name == p && m.out_of_sync) {
                 bm.set_all();
             }
             bitmaps.insert(p.clone(), Arc::new(Mutex::new(bm)));
@@ -170,7 +152,6 @@ impl Resource {
             applier_stats: Arc::new(ApplierStats::default()),
             apply_lock: Arc::new(tokio::sync::Mutex::new(())),
             mountpoint: run_dir.join("fuse").join(&cfg.name),
-            rt,
         });
         r.update_meta(|m| m.primary = false)?;
         crate::frontend::prepare_mountpoint(&r.mountpoint)?;
@@ -205,11 +186,7 @@ impl Resource {
             name: self.name.clone(),
             size: self.cfg.size,
             block_size: LOGICAL_BLOCK,
-            role: if self.is_primary() {
-                Role::Primary
-            } else {
-                Role::Secondary
-            },
+            role: if self.is_primary() { Role::Primary } else { Role::Secondary },
             disk: self.disk().to_wire(),
         }
     }
@@ -261,10 +238,7 @@ impl Resource {
     }
 
     fn role_conflict(&self, conn: &PeerConn) {
-        let reason = format!(
-            "resource {}: both {} and {} are primary",
-            self.name, self.me, conn.node
-        );
+        let reason = format!("resource {}: both {} and {} are primary", self.name, self.me, conn.node);
         error!("{reason}; disconnecting");
         conn.close(close_code::ROLE_CONFLICT, &reason);
     }
@@ -277,11 +251,7 @@ impl Resource {
         }
         p.conn = None;
         p.remote = None;
-        p.state = if refused {
-            ConnState::StandAlone
-        } else {
-            ConnState::Connecting
-        };
+        p.state = if refused { ConnState::StandAlone } else { ConnState::Connecting };
         p.last_error = Some(reason.to_string());
     }
 
@@ -325,10 +295,9 @@ impl Resource {
                     view.out_of_sync_bytes
                 ),
             ),
-            (DiskState::Outdated, DiskState::Inconsistent) => self.set_disk(
-                told,
-                &format!("primary {peer} reports this copy inconsistent"),
-            ),
+            (DiskState::Outdated, DiskState::Inconsistent) => {
+                self.set_disk(told, &format!("primary {peer} reports this copy inconsistent"))
+            }
             _ => {}
         }
     }
@@ -340,13 +309,7 @@ impl Resource {
         let Some((volume, _)) = self.current.lock().unwrap().clone() else {
             return;
         };
-        let Some(conn) = self
-            .peers
-            .lock()
-            .unwrap()
-            .get(peer)
-            .and_then(|p| p.conn.clone())
-        else {
+        let Some(conn) = self.peers.lock().unwrap().get(peer).and_then(|p| p.conn.clone()) else {
             return;
         };
         let link = match conn.open_replication(&self.name).await {
@@ -391,13 +354,7 @@ impl Resource {
             me.persist_peer_out_of_sync(&peer);
             // If we go on as primary, make the peer reconnect and learn it is outdated.
             if still_primary {
-                if let Some(c) = me
-                    .peers
-                    .lock()
-                    .unwrap()
-                    .get(&peer)
-                    .and_then(|p| p.conn.clone())
-                {
+                if let Some(c) = me.peers.lock().unwrap().get(&peer).and_then(|p| p.conn.clone()) {
                     if c.id() == conn.id() {
                         c.close(close_code::TIMEOUT, &format!("replication ended: {reason}"));
                     }
@@ -434,10 +391,7 @@ impl Resource {
                     let code = match &e {
                         ApplyError::ChecksumMismatch { .. } => close_code::CHECKSUM,
                         ApplyError::Io(_) => {
-                            me.set_disk(
-                                DiskState::Outdated,
-                                &format!("a replicated write failed: {e}"),
-                            );
+                            me.set_disk(DiskState::Outdated, &format!("a replicated write failed: {e}"));
                             close_code::PROTOCOL_ERROR
                         }
                         _ => close_code::PROTOCOL_ERROR,
@@ -461,10 +415,7 @@ impl Resource {
                 .then(|| n.clone())
         });
         if let Some(n) = primary_peer {
-            bail!(
-                "refusing to promote {}: peer {n} is primary (demote it first)",
-                self.name
-            );
+            bail!("refusing to promote {}: peer {n} is primary (demote it first)", self.name);
         }
         let disk = self.disk();
         if disk != DiskState::UpToDate && !force {
@@ -503,22 +454,17 @@ impl Resource {
         let peers = self
             .bitmaps
             .iter()
-            .map(|(n, bm)| PeerConfig {
-                name: n.clone(),
-                mode: self.cfg.mode,
-                bitmap: bm.clone(),
-            })
+            .map(|(n, bm)| PeerConfig { name: n.clone(), mode: self.cfg.mode, bitmap: bm.clone() })
             .collect();
         let volume = Volume::new(self.store.clone(), peers, first_seq, self.cfg.timeout);
-        let (v, rt, mp) = (volume.clone(), self.rt.clone(), self.mountpoint.clone());
-        let frontend =
-            match tokio::task::spawn_blocking(move || FuseLoop::start(v, rt, &mp)).await? {
-                Ok(f) => Box::new(f),
-                Err(e) => {
-                    self.update_meta(|m| m.primary = false)?;
-                    return Err(e.context(format!("cannot start the device for {}", self.name)));
-                }
-            };
+        let (v, mp) = (volume.clone(), self.mountpoint.clone());
+        let frontend = match tokio::task::spawn_blocking(move || FuseLoop::start(v, &mp)).await? {
+            Ok(f) => Box::new(f),
+            Err(e) => {
+                self.update_meta(|m| m.primary = false)?;
+                return Err(e.context(format!("cannot start the device for {}", self.name)));
+            }
+        };
         let device = frontend.device().to_string();
         *self.current.lock().unwrap() = Some((volume.clone(), device.clone()));
         *role = RoleState::Primary { volume, frontend };
@@ -536,16 +482,12 @@ impl Resource {
         for p in connected {
             self.start_replication(&p).await;
         }
-        Ok(format!(
-            "{} is primary on {}; device {device}",
-            self.name, self.me
-        ))
+        Ok(format!("{} is primary on {}; device {device}", self.name, self.me))
     }
 
     pub async fn demote(self: &Arc<Self>) -> Result<String> {
         let mut role = self.role.lock().await;
-        let RoleState::Primary { volume, frontend } =
-            std::mem::replace(&mut *role, RoleState::Secondary)
+        let RoleState::Primary { volume, frontend } = std::mem::replace(&mut *role, RoleState::Secondary)
         else {
             return Ok(format!("{} is already secondary here", self.name));
         };
@@ -574,11 +516,8 @@ impl Resource {
             s.closed().await;
         }
         let next_seq = volume.next_seq();
-        let dirty: Vec<(String, bool)> = self
-            .bitmaps
-            .iter()
-            .map(|(n, b)| (n.clone(), b.lock().unwrap().count() > 0))
-            .collect();
+        let dirty: Vec<(String, bool)> =
+            self.bitmaps.iter().map(|(n, b)| (n.clone(), b.lock().unwrap().count() > 0)).collect();
         self.update_meta(|m| {
             m.primary = false;
             m.next_seq = next_seq;
@@ -589,10 +528,7 @@ impl Resource {
         drop(role);
         info!(resource = %self.name, device = %device, "demoted to secondary");
         self.broadcast_state();
-        Ok(format!(
-            "{} is secondary on {}; device {device} removed",
-            self.name, self.me
-        ))
+        Ok(format!("{} is secondary on {}; device {device} removed", self.name, self.me))
     }
 
     /// Agent shutdown: demote if possible; if the device is in use, tear it down anyway
@@ -648,10 +584,7 @@ impl Resource {
                         Role::Primary => "primary".to_string(),
                         Role::Secondary => "secondary".to_string(),
                     }),
-                    peer_disk: p
-                        .remote
-                        .as_ref()
-                        .map(|r| DiskState::from_wire(r.disk).as_str().to_string()),
+                    peer_disk: p.remote.as_ref().map(|r| DiskState::from_wire(r.disk).as_str().to_string()),
                     pending_requests: rep.map_or(0, |r| r.pending_requests),
                     last_error: p.last_error.clone(),
                 }
@@ -678,12 +611,7 @@ impl Resource {
         }
         ResourceStatus {
             name: self.name.clone(),
-            role: if current.is_some() {
-                "primary"
-            } else {
-                "secondary"
-            }
-            .to_string(),
+            role: if current.is_some() { "primary" } else { "secondary" }.to_string(),
             disk: self.disk().as_str().to_string(),
             device: current.map(|(_, d)| d),
             size: self.cfg.size,
@@ -699,10 +627,7 @@ fn check_identity(m: &MetaRecord, cluster: &str, me: &str, cfg: &config::Resourc
         problems.push(format!("cluster {:?} (config: {cluster:?})", m.cluster));
     }
     if m.resource != cfg.name {
-        problems.push(format!(
-            "resource {:?} (config: {:?})",
-            m.resource, cfg.name
-        ));
+        problems.push(format!("resource {:?} (config: {:?})", m.resource, cfg.name));
     }
     if m.node != me {
         problems.push(format!("node {:?} (config: {me:?})", m.node));
@@ -711,10 +636,7 @@ fn check_identity(m: &MetaRecord, cluster: &str, me: &str, cfg: &config::Resourc
         problems.push(format!("size {} (config: {})", m.size, cfg.size));
     }
     if !problems.is_empty() {
-        bail!(
-            "metadata belongs to a different volume: {}",
-            problems.join(", ")
-        );
+        bail!("metadata belongs to a different volume: {}", problems.join(", "));
     }
     Ok(())
 }

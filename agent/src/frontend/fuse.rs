@@ -1,10 +1,12 @@
 //! The FUSE half of the loop-over-FUSE frontend: one directory holding one file, `image`,
 //! whose reads and writes go to the primary's [`Volume`].
 //!
-//! Requests are decoded on fuser's thread; a write's data is copied once into an aligned
+//! Requests are handled on fuser's threads: a write's data is copied once into an aligned
 //! buffer, admitted (sequence number, ordering, fan-out) right there so the change stream
-//! follows the kernel's order, and completed on the tokio runtime, which replies. FSYNC is
-//! the barrier; FALLOCATE punch-hole / zero-range is a replicated discard.
+//! follows the kernel's order, and written to the local image on the same thread. The reply
+//! goes out when the request completes — from this thread if nothing else is awaited, or
+//! from the task that receives the last peer ack. FSYNC is the barrier; FALLOCATE
+//! punch-hole / zero-range is a replicated discard.
 
 use std::ffi::OsStr;
 use std::sync::Arc;
@@ -12,11 +14,10 @@ use std::time::{Duration, UNIX_EPOCH};
 
 use fuser::{
     Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, InitFlags,
-    KernelConfig, LockOwner, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyEmpty,
-    ReplyEntry, ReplyOpen, ReplyWrite, Request, WriteFlags,
+    KernelConfig, LockOwner, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry,
+    ReplyOpen, ReplyWrite, Request, WriteFlags,
 };
 use tandem_replicator::{Volume, VolumeError};
-use tokio::runtime::Handle;
 use tracing::{debug, warn};
 
 use crate::storage::AlignedBuf;
@@ -27,14 +28,13 @@ const TTL: Duration = Duration::from_secs(3600);
 
 pub struct ImageFs {
     volume: Arc<Volume>,
-    rt: Handle,
     size: u64,
 }
 
 impl ImageFs {
-    pub fn new(volume: Arc<Volume>, rt: Handle) -> Self {
+    pub fn new(volume: Arc<Volume>) -> Self {
         let size = volume.size();
-        Self { volume, rt, size }
+        Self { volume, size }
     }
 
     fn attr(&self, ino: INodeNo) -> FileAttr {
@@ -47,11 +47,7 @@ impl ImageFs {
             mtime: UNIX_EPOCH,
             ctime: UNIX_EPOCH,
             crtime: UNIX_EPOCH,
-            kind: if dir {
-                FileType::Directory
-            } else {
-                FileType::RegularFile
-            },
+            kind: if dir { FileType::Directory } else { FileType::RegularFile },
             perm: if dir { 0o700 } else { 0o600 },
             nlink: if dir { 2 } else { 1 },
             uid: 0,
@@ -130,10 +126,7 @@ impl Filesystem for ImageFs {
         }
         // Direct I/O in the kernel: no page cache in front of the engine, so every write
         // and every flush reaches us, and parallel direct writes are not serialised.
-        reply.opened(
-            FileHandle(1),
-            FopenFlags::FOPEN_DIRECT_IO | FopenFlags::FOPEN_PARALLEL_DIRECT_WRITES,
-        );
+        reply.opened(FileHandle(1), FopenFlags::FOPEN_DIRECT_IO | FopenFlags::FOPEN_PARALLEL_DIRECT_WRITES);
     }
 
     fn read(
@@ -147,18 +140,12 @@ impl Filesystem for ImageFs {
         _lock: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        let len = (size as u64).min(self.size.saturating_sub(offset));
-        if len == 0 {
-            reply.data(&[]);
-            return;
+        let len = (size as u64).min(self.size.saturating_sub(offset)) as usize;
+        let mut buf = AlignedBuf::zeroed(len);
+        match self.volume.read_blocking(offset, buf.as_mut_slice()) {
+            Ok(()) => reply.data(buf.as_ref()),
+            Err(e) => reply.error(errno(&e)),
         }
-        let v = self.volume.clone();
-        self.rt.spawn(async move {
-            match v.read(offset, len).await {
-                Ok(buf) => reply.data(&buf),
-                Err(e) => reply.error(errno(&e)),
-            }
-        });
     }
 
     fn write(
@@ -176,49 +163,29 @@ impl Filesystem for ImageFs {
         // The one copy out of the kernel's request buffer, before anything else sees it.
         let buf = AlignedBuf::copy_from(data).into_bytes();
         let len = data.len() as u32;
-        match self.volume.submit_write(offset, buf) {
-            Ok(done) => {
-                self.rt.spawn(async move {
-                    match done.await {
-                        Ok(_) => reply.written(len),
-                        Err(e) => reply.error(errno(&e)),
-                    }
-                });
-            }
-            Err(e) => {
-                debug!("write refused: {e}");
-                reply.error(errno(&e));
-            }
+        let done = Box::new(move |r: Result<u64, VolumeError>| match r {
+            Ok(_) => reply.written(len),
+            Err(e) => reply.error(errno(&e)),
+        });
+        // The local write runs on this thread; the reply is sent by whoever completes the
+        // request last (this thread, or the task receiving the peer's ack).
+        match self.volume.write(offset, buf, done) {
+            Ok(work) => work.run(),
+            Err(e) => debug!("write refused: {e}"),
         }
     }
 
-    fn flush(
-        &self,
-        _req: &Request,
-        _ino: INodeNo,
-        _fh: FileHandle,
-        _lock: LockOwner,
-        reply: ReplyEmpty,
-    ) {
+    fn flush(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _lock: LockOwner, reply: ReplyEmpty) {
         // close(2), not a durability request.
         reply.ok();
     }
 
-    fn fsync(
-        &self,
-        _req: &Request,
-        _ino: INodeNo,
-        _fh: FileHandle,
-        _datasync: bool,
-        reply: ReplyEmpty,
-    ) {
-        let done = self.volume.submit_flush();
-        self.rt.spawn(async move {
-            match done.await {
-                Ok(_) => reply.ok(),
-                Err(e) => reply.error(errno(&e)),
-            }
+    fn fsync(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
+        let done = Box::new(move |r: Result<u64, VolumeError>| match r {
+            Ok(_) => reply.ok(),
+            Err(e) => reply.error(errno(&e)),
         });
+        self.volume.flush(done).run();
     }
 
     fn fallocate(
@@ -249,27 +216,17 @@ impl Filesystem for ImageFs {
             reply.ok();
             return;
         }
-        match self.volume.submit_discard(offset, length) {
-            Ok(done) => {
-                self.rt.spawn(async move {
-                    match done.await {
-                        Ok(_) => reply.ok(),
-                        Err(e) => reply.error(errno(&e)),
-                    }
-                });
-            }
+        let done = Box::new(move |r: Result<u64, VolumeError>| match r {
+            Ok(_) => reply.ok(),
             Err(e) => reply.error(errno(&e)),
+        });
+        match self.volume.discard(offset, length, done) {
+            Ok(work) => work.run(),
+            Err(e) => debug!("discard refused: {e}"),
         }
     }
 
-    fn getxattr(
-        &self,
-        _req: &Request,
-        _ino: INodeNo,
-        _name: &OsStr,
-        _size: u32,
-        reply: fuser::ReplyXattr,
-    ) {
+    fn getxattr(&self, _req: &Request, _ino: INodeNo, _name: &OsStr, _size: u32, reply: fuser::ReplyXattr) {
         // No extended attributes; ENOSYS makes the kernel stop asking.
         reply.error(Errno::ENOSYS);
     }
@@ -278,14 +235,7 @@ impl Filesystem for ImageFs {
         reply.error(Errno::ENOSYS);
     }
 
-    fn readdir(
-        &self,
-        _req: &Request,
-        ino: INodeNo,
-        _fh: FileHandle,
-        offset: u64,
-        mut reply: ReplyDirectory,
-    ) {
+    fn readdir(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
         if ino != INodeNo::ROOT {
             reply.error(Errno::ENOTDIR);
             return;

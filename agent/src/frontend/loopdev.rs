@@ -11,16 +11,10 @@ use anyhow::{anyhow, bail, Context, Result};
 use tracing::{info, warn};
 
 fn losetup(args: &[&str]) -> Result<String> {
-    let out = Command::new("losetup")
-        .args(args)
-        .output()
-        .context("cannot run losetup (install util-linux)")?;
+    let out =
+        Command::new("losetup").args(args).output().context("cannot run losetup (install util-linux)")?;
     if !out.status.success() {
-        bail!(
-            "losetup {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
+        bail!("losetup {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
     }
     Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
 }
@@ -28,9 +22,7 @@ fn losetup(args: &[&str]) -> Result<String> {
 /// Attaches a loop device to `file` with direct I/O and 4 KiB logical sectors; returns its
 /// path. Direct I/O keeps the loop driver from caching (and delaying) writes in front of us.
 pub fn attach(file: &Path) -> Result<String> {
-    let f = file
-        .to_str()
-        .ok_or_else(|| anyhow!("non-UTF-8 path {}", file.display()))?;
+    let f = file.to_str().ok_or_else(|| anyhow!("non-UTF-8 path {}", file.display()))?;
     let dev = losetup(&["-f", "--show", "--direct-io=on", "--sector-size", "4096", f])?;
     if !dev.starts_with("/dev/loop") {
         bail!("losetup returned an unexpected device {dev:?}");
@@ -48,11 +40,7 @@ pub fn attach(file: &Path) -> Result<String> {
 
 /// Whether something holds the device open exclusively (a mounted filesystem does).
 pub fn in_use(dev: &str) -> bool {
-    match std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_EXCL)
-        .open(dev)
-    {
+    match std::fs::OpenOptions::new().read(true).custom_flags(libc::O_EXCL).open(dev) {
         Ok(_) => false,
         Err(e) => e.raw_os_error() == Some(libc::EBUSY),
     }
@@ -74,11 +62,7 @@ pub fn attached_to(file: &Path) -> Vec<String> {
         return Vec::new();
     };
     match losetup(&["-j", f, "-n", "-O", "NAME"]) {
-        Ok(out) => out
-            .lines()
-            .map(|l| l.trim().to_string())
-            .filter(|l| !l.is_empty())
-            .collect(),
+        Ok(out) => out.lines().map(|l| l.trim().to_string()).filter(|l| !l.is_empty()).collect(),
         Err(_) => Vec::new(),
     }
 }

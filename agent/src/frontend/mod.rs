@@ -10,7 +10,6 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use tandem_replicator::Volume;
-use tokio::runtime::Handle;
 use tracing::{info, warn};
 
 /// A running frontend exposing the primary's volume as a block device.
@@ -23,6 +22,9 @@ pub trait Frontend: Send + Sync {
     /// return no request is in flight from this frontend.
     fn stop(self: Box<Self>) -> Result<(), (Box<Self>, anyhow::Error)>;
 }
+
+/// Threads reading FUSE requests.
+const FUSE_THREADS: usize = 8;
 
 /// FUSE file + loop device.
 pub struct FuseLoop {
@@ -49,9 +51,7 @@ pub fn clean_stale(mountpoint: &Path) -> Result<()> {
     }
     for dev in loopdev::attached_to(&image) {
         warn!(device = %dev, "detaching loop device left by a previous agent");
-        let _ = std::process::Command::new("losetup")
-            .args(["-d", &dev])
-            .status();
+        let _ = std::process::Command::new("losetup").args(["-d", &dev]).status();
     }
     warn!(mountpoint = %mountpoint.display(), "removing FUSE mount left by a previous agent");
     nix::mount::umount2(mountpoint, nix::mount::MntFlags::MNT_DETACH)
@@ -60,7 +60,7 @@ pub fn clean_stale(mountpoint: &Path) -> Result<()> {
 }
 
 impl FuseLoop {
-    pub fn start(volume: Arc<Volume>, rt: Handle, mountpoint: &Path) -> Result<Self> {
+    pub fn start(volume: Arc<Volume>, mountpoint: &Path) -> Result<Self> {
         std::fs::create_dir_all(mountpoint)
             .with_context(|| format!("cannot create {}", mountpoint.display()))?;
         clean_stale(mountpoint)?;
@@ -72,14 +72,13 @@ impl FuseLoop {
             ::fuser::MountOption::NoSuid,
             ::fuser::MountOption::NoDev,
         ];
-        cfg.n_threads = Some(2);
+        // Each thread performs its request's local I/O itself, so enough threads are needed
+        // to keep a deep queue busy; idle ones cost nothing but a stack.
+        cfg.n_threads = Some(FUSE_THREADS);
         cfg.clone_fd = true;
-        let fs = fuse::ImageFs::new(volume, rt);
+        let fs = fuse::ImageFs::new(volume);
         let session = ::fuser::spawn_mount(fs, mountpoint, &cfg).with_context(|| {
-            format!(
-                "cannot mount FUSE at {} (is /dev/fuse available?)",
-                mountpoint.display()
-            )
+            format!("cannot mount FUSE at {} (is /dev/fuse available?)", mountpoint.display())
         })?;
         let image = mountpoint.join(fuse::IMAGE_NAME);
         let device = match loopdev::attach(&image) {
@@ -90,11 +89,7 @@ impl FuseLoop {
             }
         };
         info!(device = %device, "frontend up");
-        Ok(Self {
-            session: Some(session),
-            mountpoint: mountpoint.to_path_buf(),
-            device,
-        })
+        Ok(Self { session: Some(session), mountpoint: mountpoint.to_path_buf(), device })
     }
 }
 
@@ -122,10 +117,7 @@ impl Frontend for FuseLoop {
         }
         let session = self.session.take().expect("session present until stop");
         if let Err(e) = session.umount_and_join() {
-            warn!(
-                "FUSE unmount of {} failed ({e}); detaching lazily",
-                self.mountpoint.display()
-            );
+            warn!("FUSE unmount of {} failed ({e}); detaching lazily", self.mountpoint.display());
             let _ = nix::mount::umount2(&self.mountpoint, nix::mount::MntFlags::MNT_DETACH);
         }
         info!(device = %self.device, "frontend down");

@@ -26,10 +26,7 @@ pub struct FrameReader {
 
 impl FrameReader {
     pub fn new(recv: RecvStream) -> Self {
-        Self {
-            recv,
-            decoder: FrameDecoder::default(),
-        }
+        Self { recv, decoder: FrameDecoder::default() }
     }
 
     /// The next frame; `Ok(None)` at the end of the stream.
@@ -39,7 +36,7 @@ impl FrameReader {
                 return Ok(Some(f));
             }
             match self.recv.read_chunk(1 << 20, true).await? {
-                Some(chunk) => self.decoder.push(&chunk.bytes),
+                Some(chunk) => self.decoder.push_bytes(chunk.bytes),
                 None => return Ok(None),
             }
         }
@@ -53,10 +50,7 @@ pub struct FrameWriter {
 
 impl FrameWriter {
     pub fn new(send: SendStream) -> Self {
-        Self {
-            send,
-            chunks: Vec::new(),
-        }
+        Self { send, chunks: Vec::new() }
     }
 
     fn push(&mut self, f: &Frame) {
@@ -87,7 +81,7 @@ impl FrameWriter {
 /// connection with the decoder's reason: the peer is broken or hostile, and nothing it sent
 /// after the bad frame can be trusted or even located.
 pub fn spawn_link(conn: Connection, mut w: FrameWriter, mut r: FrameReader, peer: String) -> Link {
-    let (to_net, mut from_engine) = mpsc::channel::<Frame>(LINK_CAPACITY);
+    let (to_net, mut from_engine) = mpsc::unbounded_channel::<Frame>();
     let (to_engine, from_net) = mpsc::channel::<Frame>(LINK_CAPACITY);
     tokio::spawn(async move {
         while let Some(f) = from_engine.recv().await {
@@ -117,10 +111,7 @@ pub fn spawn_link(conn: Connection, mut w: FrameWriter, mut r: FrameReader, peer
                 Err(RecvError::Malformed(e)) => {
                     let reason = format!("malformed frame from {peer}: {e}");
                     error!("{reason}; closing the connection");
-                    conn.close(
-                        VarInt::from_u32(close_code::PROTOCOL_ERROR),
-                        reason.as_bytes(),
-                    );
+                    conn.close(VarInt::from_u32(close_code::PROTOCOL_ERROR), reason.as_bytes());
                     return;
                 }
                 Err(RecvError::Read(e)) => {
@@ -130,8 +121,5 @@ pub fn spawn_link(conn: Connection, mut w: FrameWriter, mut r: FrameReader, peer
             }
         }
     });
-    Link {
-        tx: to_net,
-        rx: from_net,
-    }
+    Link { tx: to_net, rx: from_net }
 }

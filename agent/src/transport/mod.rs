@@ -34,6 +34,8 @@ pub struct TransportSettings {
     pub stream_window: u64,
     pub heartbeat_interval: Duration,
     pub timeout: Duration,
+    /// Largest UDP payload MTU discovery may try.
+    pub max_mtu: u16,
 }
 
 impl TransportSettings {
@@ -42,6 +44,7 @@ impl TransportSettings {
             stream_window: c.options.stream_window,
             heartbeat_interval: c.options.heartbeat_interval,
             timeout: c.options.timeout,
+            max_mtu: c.options.max_mtu,
         }
     }
 
@@ -54,10 +57,13 @@ impl TransportSettings {
             .max_concurrent_bidi_streams(VarInt::from_u32(256))
             .max_concurrent_uni_streams(VarInt::from_u32(0))
             // Our own heartbeats decide liveness; QUIC's idle timeout is the backstop.
-            .max_idle_timeout(Some(
-                IdleTimeout::try_from(self.timeout * 2).context("timeout too large")?,
-            ))
+            .max_idle_timeout(Some(IdleTimeout::try_from(self.timeout * 2).context("timeout too large")?))
             .keep_alive_interval(Some(self.heartbeat_interval));
+        // Probe for paths larger than Ethernet's 1500 bytes (jumbo frames, loopback): at
+        // 1 MiB per write, per-packet costs dominate the CPU spent on replication.
+        let mut mtu = quinn::MtuDiscoveryConfig::default();
+        mtu.upper_bound(self.max_mtu);
+        t.mtu_discovery_config(Some(mtu));
         Ok(Arc::new(t))
     }
 }
@@ -92,14 +98,8 @@ impl Transport {
             QuicServerConfig::try_from(server_tls).map_err(|e| anyhow!("QUIC TLS setup: {e}"))?,
         ));
         server.transport_config(settings.quinn()?);
-        let endpoint =
-            Endpoint::server(server, bind).with_context(|| format!("cannot listen on {bind}"))?;
-        Ok(Self {
-            endpoint,
-            identity,
-            pinned,
-            settings,
-        })
+        let endpoint = Endpoint::server(server, bind).with_context(|| format!("cannot listen on {bind}"))?;
+        Ok(Self { endpoint, identity, pinned, settings })
     }
 
     pub fn local_addr(&self) -> Result<SocketAddr> {
@@ -117,9 +117,7 @@ impl Transport {
             QuicClientConfig::try_from(tls).map_err(|e| anyhow!("QUIC TLS setup: {e}"))?,
         ));
         client.transport_config(self.settings.quinn()?);
-        let connecting = self
-            .endpoint
-            .connect_with(client, peer.address, SERVER_NAME)?;
+        let connecting = self.endpoint.connect_with(client, peer.address, SERVER_NAME)?;
         let conn = connecting.await.map_err(|e| anyhow!("{e}"))?;
         Ok(conn)
     }
@@ -129,10 +127,7 @@ impl Transport {
     }
 
     pub fn close(&self) {
-        self.endpoint.close(
-            VarInt::from_u32(close_code::SHUTDOWN),
-            b"agent shutting down",
-        );
+        self.endpoint.close(VarInt::from_u32(close_code::SHUTDOWN), b"agent shutting down");
     }
 
     pub async fn wait_idle(&self) {

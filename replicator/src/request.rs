@@ -1,0 +1,62 @@
+//! Completion of one application request on the primary: the local I/O and every peer ack
+//! the mode requires are parts; whichever part finishes last completes the request, on the
+//! thread it runs on. No task is spawned per request.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
+
+use crate::error::VolumeError;
+
+/// Called once with the request's sequence number or its local error.
+pub type Done = Box<dyn FnOnce(Result<u64, VolumeError>) + Send>;
+
+pub struct Request {
+    seq: u64,
+    remaining: AtomicUsize,
+    error: Mutex<Option<VolumeError>>,
+    done: Mutex<Option<Done>>,
+}
+
+impl std::fmt::Debug for Request {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Request").field("seq", &self.seq).field("remaining", &self.remaining).finish()
+    }
+}
+
+impl Request {
+    /// A request with `parts` outstanding parts.
+    pub fn new(seq: u64, parts: usize, done: Done) -> Self {
+        Self {
+            seq,
+            remaining: AtomicUsize::new(parts),
+            error: Mutex::new(None),
+            done: Mutex::new(Some(done)),
+        }
+    }
+
+    pub fn seq(&self) -> u64 {
+        self.seq
+    }
+
+    /// Adds a part (a peer the request must now wait for).
+    pub fn add_part(&self) {
+        self.remaining.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// Finishes one part; the last one completes the request.
+    pub fn part_done(&self, r: Result<(), VolumeError>) {
+        if let Err(e) = r {
+            self.error.lock().unwrap().get_or_insert(e);
+        }
+        if self.remaining.fetch_sub(1, Ordering::AcqRel) == 1 {
+            let done = self.done.lock().unwrap().take();
+            let err = self.error.lock().unwrap().take();
+            if let Some(done) = done {
+                done(match err {
+                    Some(e) => Err(e),
+                    None => Ok(self.seq),
+                });
+            }
+        }
+    }
+}
