@@ -71,6 +71,8 @@ struct FileResource {
     #[serde(default)]
     bitmap_granularity: Option<String>,
     #[serde(default)]
+    allocate: Option<String>,
+    #[serde(default)]
     disk: BTreeMap<String, FileDisk>,
 }
 
@@ -105,6 +107,8 @@ pub struct Resource {
     /// How long a peer may leave a request unanswered before it is declared disconnected.
     pub timeout: Duration,
     pub bitmap_granularity: u64,
+    /// Write out new images in full (default) rather than leaving them sparse.
+    pub allocate_full: bool,
     /// Nodes holding a copy, by name.
     pub disks: BTreeMap<String, Disk>,
 }
@@ -276,6 +280,11 @@ impl Config {
             if !bitmap_granularity.is_power_of_two() || !(4096..=(1 << 20)).contains(&bitmap_granularity) {
                 return Err(ctx("bitmap_granularity must be a power of two from 4KiB to 1MiB".into()));
             }
+            let allocate_full = match r.allocate.as_deref() {
+                None | Some("full") => true,
+                Some("sparse") => false,
+                Some(other) => return Err(ctx(format!("allocate {other:?} must be \"full\" or \"sparse\""))),
+            };
             let mut disks = BTreeMap::new();
             for (node, d) in r.disk {
                 if !names.contains(&node) {
@@ -292,7 +301,15 @@ impl Config {
             if disks.is_empty() {
                 return Err(ctx("no [resource.disk.NODE] entries".into()));
             }
-            resources.push(Resource { name: r.name, size, mode, timeout, bitmap_granularity, disks });
+            resources.push(Resource {
+                name: r.name,
+                size,
+                mode,
+                timeout,
+                bitmap_granularity,
+                allocate_full,
+                disks,
+            });
         }
         Ok(Config { path: path.to_path_buf(), cluster: f.cluster, options, nodes, resources })
     }

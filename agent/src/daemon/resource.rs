@@ -84,7 +84,7 @@ impl Resource {
     ) -> Result<Arc<Self>> {
         let disk =
             cfg.disks.get(me).ok_or_else(|| anyhow!("resource {} has no disk on node {me}", cfg.name))?;
-        let created = FileStore::create_if_missing(&disk.image, cfg.size)?;
+        let created = FileStore::create_if_missing(&disk.image, cfg.size, cfg.allocate_full)?;
         let store = Arc::new(
             FileStore::open(&disk.image, cfg.size).with_context(|| format!("resource {}", cfg.name))?,
         );
