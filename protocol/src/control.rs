@@ -26,7 +26,16 @@ pub enum DiskState {
     Inconsistent,
 }
 
-/// Per-resource part of the handshake: both sides must agree on identity and geometry.
+/// A node's data generation identifiers for a resource (DRBD's UUIDs): `current` names
+/// the data the node holds; `history` the generations it descends from, newest first.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Encode, Decode)]
+pub struct Generation {
+    pub current: u64,
+    pub history: Vec<u64>,
+}
+
+/// Per-resource part of the handshake: identity, geometry, and what decides whether and
+/// in which direction the two copies must be synchronised.
 #[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
 pub struct ResourceHello {
     pub name: String,
@@ -34,6 +43,15 @@ pub struct ResourceHello {
     pub block_size: u32,
     pub role: Role,
     pub disk: DiskState,
+    pub generation: Generation,
+    /// The generation the sender had when it last was in sync with the receiver, if the
+    /// sender has written since without it (0 = none).
+    pub bitmap_uuid: u64,
+    /// Bytes the sender has marked out of sync for the receiver.
+    pub out_of_sync_bytes: u64,
+    /// The sender was primary when it stopped without a clean shutdown: what its activity
+    /// log covers may differ from the peer.
+    pub crashed_primary: bool,
 }
 
 /// The handshake body. The protocol version travels in front of it, outside bincode.
@@ -60,6 +78,18 @@ pub struct PeerView {
 pub enum StreamPurpose {
     /// Application writes, flushes and discards from the primary; acks back.
     Replication,
+    /// Resync data (or checksums) from the sync source; acks back. Separate from
+    /// replication so a resync never queues ahead of application writes.
+    Resync,
+}
+
+/// How a resync transfers data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Encode, Decode)]
+pub struct ResyncKind {
+    /// Every block, not only those marked in the bitmaps.
+    pub full: bool,
+    /// Compare 128-bit hashes per chunk first and send only chunks that differ.
+    pub checksum: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
@@ -74,6 +104,14 @@ pub enum ControlMsg {
     PeerView(PeerView),
     /// First frame on a new stream.
     OpenStream { resource: String, purpose: StreamPurpose },
+    /// Part of the sender's dirty bitmap for the receiver, as byte ranges; `last` ends it.
+    Bitmap { resource: String, runs: Vec<(u64, u64)>, last: bool },
+    /// The sender (sync source) starts a resync of the receiver.
+    ResyncStart { resource: String, kind: ResyncKind, total_bytes: u64 },
+    /// Every block of the resync is on the receiver's disk; it now holds `generation`.
+    ResyncDone { resource: String, generation: Generation },
+    /// The sender discards its copy and asks for a full resync from the receiver.
+    Invalidate { resource: String, checksum: bool },
 }
 
 fn config() -> impl bincode::config::Config {

@@ -18,7 +18,11 @@ pub const PAYLOAD_ALIGN: usize = 4096;
 /// Largest body the decoder will buffer for a frame kind.
 fn body_limit(kind: FrameKind, max_payload: usize) -> usize {
     match kind {
-        FrameKind::Data => DataFrame::FIXED_LEN + max_payload,
+        FrameKind::Data | FrameKind::ResyncData => DataFrame::FIXED_LEN + max_payload,
+        FrameKind::ResyncCheck => 16 + (max_payload / crate::frame::VERIFY_BLOCK as usize) * 16,
+        FrameKind::CheckReply => 8 + (max_payload / crate::frame::VERIFY_BLOCK as usize).div_ceil(8),
+        FrameKind::Verify => 24,
+        FrameKind::VerifyReply => 16 + (max_payload / crate::frame::VERIFY_BLOCK as usize) * 16,
         FrameKind::Hello | FrameKind::Control => MAX_CONTROL_BODY + 8,
         FrameKind::Flush | FrameKind::Ack | FrameKind::Heartbeat => 8,
         FrameKind::Discard => 24,
@@ -163,7 +167,7 @@ impl FrameDecoder {
             return Ok(None);
         }
         self.pending = None;
-        if header.kind == FrameKind::Data && len >= DataFrame::FIXED_LEN {
+        if matches!(header.kind, FrameKind::Data | FrameKind::ResyncData) && len >= DataFrame::FIXED_LEN {
             let mut fixed = [0u8; DataFrame::FIXED_LEN];
             self.copy_out(&mut fixed);
             let payload = self.take_aligned(len - DataFrame::FIXED_LEN);

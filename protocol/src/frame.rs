@@ -35,9 +35,14 @@ impl DataFrame {
 
     /// The header and fixed fields; the payload is sent after it without copying.
     pub fn encode_head(&self) -> [u8; HEADER_LEN + Self::FIXED_LEN] {
+        self.encode_head_as(FrameKind::Data)
+    }
+
+    /// As [`DataFrame::encode_head`] for a frame kind with the data layout.
+    pub fn encode_head_as(&self, kind: FrameKind) -> [u8; HEADER_LEN + Self::FIXED_LEN] {
         let mut b = [0u8; HEADER_LEN + Self::FIXED_LEN];
         let body_len = Self::FIXED_LEN + self.payload.len();
-        let h = Header { kind: FrameKind::Data, flags: self.flags, body_len: body_len as u32 };
+        let h = Header { kind, flags: self.flags, body_len: body_len as u32 };
         b[..HEADER_LEN].copy_from_slice(&h.encode());
         let f = &mut b[HEADER_LEN..];
         f[0..8].copy_from_slice(&self.seq.to_le_bytes());
@@ -92,7 +97,36 @@ pub enum Frame {
         body: Bytes,
     },
     Control(ControlMsg),
+    /// A block copied by a resync, on the resync stream. `seq` is the source's change-stream
+    /// position when it read the block: replicated writes with a higher seq are newer.
+    ResyncData(DataFrame),
+    /// Checksum-based resync: the source's hashes of a range, one [`crate::BlockHash`] per
+    /// [`VERIFY_BLOCK`]; the target answers which blocks of its copy hash differently.
+    ResyncCheck {
+        seq: u64,
+        offset: u64,
+        hashes: Bytes,
+    },
+    /// Bit `i` (LSB first) set: block `i` of the checked range differs on the target.
+    CheckReply {
+        seq: u64,
+        differ: Bytes,
+    },
+    /// Online verify, in the change stream: hash `[offset, +len)` as of this point.
+    Verify {
+        seq: u64,
+        offset: u64,
+        len: u32,
+    },
+    /// The target's hashes of the verified range, one [`crate::BlockHash`] per 4 KiB block.
+    VerifyReply {
+        seq: u64,
+        hashes: Bytes,
+    },
 }
+
+/// Granularity of online verify: one hash per block of this size.
+pub const VERIFY_BLOCK: u32 = 4096;
 
 /// On data, flush and discard frames: the sender also wants an [`AckLevel::Received`] ack
 /// as soon as the frame arrives (`memory` mode). A `Durable` ack is always sent.
@@ -124,6 +158,11 @@ impl Frame {
             Frame::Heartbeat { .. } => FrameKind::Heartbeat,
             Frame::Hello { .. } => FrameKind::Hello,
             Frame::Control(_) => FrameKind::Control,
+            Frame::ResyncData(_) => FrameKind::ResyncData,
+            Frame::ResyncCheck { .. } => FrameKind::ResyncCheck,
+            Frame::CheckReply { .. } => FrameKind::CheckReply,
+            Frame::Verify { .. } => FrameKind::Verify,
+            Frame::VerifyReply { .. } => FrameKind::VerifyReply,
         }
     }
 
@@ -132,6 +171,9 @@ impl Frame {
     pub fn encode_chunks(&self) -> (Bytes, Option<Bytes>) {
         match self {
             Frame::Data(d) => (Bytes::copy_from_slice(&d.encode_head()), Some(d.payload.clone())),
+            Frame::ResyncData(d) => {
+                (Bytes::copy_from_slice(&d.encode_head_as(FrameKind::ResyncData)), Some(d.payload.clone()))
+            }
             other => (Bytes::from(other.encode_small()), None),
         }
     }
@@ -139,10 +181,10 @@ impl Frame {
     /// Encodes the whole frame into one buffer (copies a data payload).
     pub fn encode_to_vec(&self) -> Vec<u8> {
         match self {
-            Frame::Data(d) => {
-                let mut v = Vec::with_capacity(HEADER_LEN + DataFrame::FIXED_LEN + d.payload.len());
-                v.extend_from_slice(&d.encode_head());
-                v.extend_from_slice(&d.payload);
+            Frame::Data(_) | Frame::ResyncData(_) => {
+                let (head, payload) = self.encode_chunks();
+                let mut v = head.to_vec();
+                v.extend_from_slice(&payload.unwrap_or_default());
                 v
             }
             other => other.encode_small(),
@@ -152,7 +194,32 @@ impl Frame {
     fn encode_small(&self) -> Vec<u8> {
         let mut body = Vec::with_capacity(32);
         let flags = match self {
-            Frame::Data(_) => unreachable!("data frames are encoded by encode_head"),
+            Frame::Data(_) | Frame::ResyncData(_) => unreachable!("data frames are encoded by encode_head"),
+            Frame::ResyncCheck { seq, offset, hashes } => {
+                body.extend_from_slice(&seq.to_le_bytes());
+                body.extend_from_slice(&offset.to_le_bytes());
+                body.extend_from_slice(hashes);
+                0
+            }
+            Frame::CheckReply { seq, differ } => {
+                body.extend_from_slice(&seq.to_le_bytes());
+                body.extend_from_slice(differ);
+                0
+            }
+            Frame::Verify { seq, offset, len } => {
+                body.extend_from_slice(&seq.to_le_bytes());
+                body.extend_from_slice(&offset.to_le_bytes());
+                body.extend_from_slice(&len.to_le_bytes());
+                body.extend_from_slice(&0u32.to_le_bytes());
+                0
+            }
+            Frame::VerifyReply { seq, hashes } => {
+                body.extend_from_slice(&seq.to_le_bytes());
+                body.extend_from_slice(&((hashes.len() / 16) as u32).to_le_bytes());
+                body.extend_from_slice(&0u32.to_le_bytes());
+                body.extend_from_slice(hashes);
+                0
+            }
             Frame::Flush { seq, flags } => {
                 body.extend_from_slice(&seq.to_le_bytes());
                 *flags
@@ -216,6 +283,14 @@ fn exact(kind: FrameKind, body: &[u8], need: usize) -> Result<(), DecodeError> {
     Ok(())
 }
 
+/// A range in a resync or verify request: non-empty, at most one maximal payload, no overflow.
+fn check_range_len(offset: u64, len: u32) -> Result<(), DecodeError> {
+    if len == 0 || len as usize > crate::MAX_DATA_PAYLOAD || offset.checked_add(len as u64).is_none() {
+        return Err(DecodeError::RangeOverflow { offset, len: len as u64 });
+    }
+    Ok(())
+}
+
 fn no_flags(kind: FrameKind, flags: u8) -> Result<(), DecodeError> {
     only_flags(kind, flags, 0)
 }
@@ -227,13 +302,14 @@ fn only_flags(kind: FrameKind, flags: u8, allowed: u8) -> Result<(), DecodeError
     Ok(())
 }
 
-/// Decodes a data frame from its fixed part and its payload.
+/// Decodes a data or resync-data frame from its fixed part and its payload.
 pub(crate) fn decode_data(
     h: Header,
     fixed: &[u8; DataFrame::FIXED_LEN],
     payload: Bytes,
 ) -> Result<Frame, DecodeError> {
-    only_flags(h.kind, h.flags, FLAG_ACK_RECEIVED)?;
+    let allowed = if h.kind == FrameKind::Data { FLAG_ACK_RECEIVED } else { 0 };
+    only_flags(h.kind, h.flags, allowed)?;
     let seq = le_u64(&fixed[0..]);
     let offset = le_u64(&fixed[8..]);
     let declared = le_u32(&fixed[16..]);
@@ -247,7 +323,8 @@ pub(crate) fn decode_data(
     if offset.checked_add(declared as u64).is_none() {
         return Err(DecodeError::RangeOverflow { offset, len: declared as u64 });
     }
-    Ok(Frame::Data(DataFrame { seq, offset, flags: h.flags, checksum, payload }))
+    let d = DataFrame { seq, offset, flags: h.flags, checksum, payload };
+    Ok(if h.kind == FrameKind::Data { Frame::Data(d) } else { Frame::ResyncData(d) })
 }
 
 /// Decodes a frame body whose header has been validated and whose length is within limits.
@@ -255,7 +332,7 @@ pub(crate) fn decode_data(
 pub(crate) fn decode_body(h: Header, body: Bytes) -> Result<Frame, DecodeError> {
     let kind = h.kind;
     Ok(match kind {
-        FrameKind::Data => {
+        FrameKind::Data | FrameKind::ResyncData => {
             if body.len() < DataFrame::FIXED_LEN {
                 return Err(DecodeError::TooShort {
                     kind: kind.name(),
@@ -266,6 +343,42 @@ pub(crate) fn decode_body(h: Header, body: Bytes) -> Result<Frame, DecodeError> 
             let mut fixed = [0u8; DataFrame::FIXED_LEN];
             fixed.copy_from_slice(&body[..DataFrame::FIXED_LEN]);
             decode_data(h, &fixed, body.slice(DataFrame::FIXED_LEN..))?
+        }
+        FrameKind::ResyncCheck => {
+            no_flags(kind, h.flags)?;
+            let hashes = body.len().saturating_sub(16);
+            if body.len() < 16 + 16 || hashes % 16 != 0 {
+                return Err(DecodeError::WrongLength { kind: kind.name(), len: body.len(), need: 16 + 16 });
+            }
+            let (seq, offset) = (le_u64(&body), le_u64(&body[8..]));
+            check_range_len(offset, (hashes / 16) as u32 * VERIFY_BLOCK)?;
+            Frame::ResyncCheck { seq, offset, hashes: body.slice(16..) }
+        }
+        FrameKind::CheckReply => {
+            no_flags(kind, h.flags)?;
+            if body.len() < 9 {
+                return Err(DecodeError::TooShort { kind: kind.name(), len: body.len(), need: 9 });
+            }
+            Frame::CheckReply { seq: le_u64(&body), differ: body.slice(8..) }
+        }
+        FrameKind::Verify => {
+            exact(kind, &body, 24)?;
+            no_flags(kind, h.flags)?;
+            let (seq, offset, len) = (le_u64(&body), le_u64(&body[8..]), le_u32(&body[16..]));
+            check_range_len(offset, len)?;
+            Frame::Verify { seq, offset, len }
+        }
+        FrameKind::VerifyReply => {
+            if body.len() < 16 {
+                return Err(DecodeError::TooShort { kind: kind.name(), len: body.len(), need: 16 });
+            }
+            no_flags(kind, h.flags)?;
+            let count = le_u32(&body[8..]) as usize;
+            let need = 16 + count * 16;
+            if body.len() != need {
+                return Err(DecodeError::WrongLength { kind: kind.name(), len: body.len(), need });
+            }
+            Frame::VerifyReply { seq: le_u64(&body), hashes: body.slice(16..) }
         }
         FrameKind::Flush => {
             exact(kind, &body, 8)?;

@@ -24,6 +24,11 @@ pub enum FrameKind {
     Heartbeat = 5,
     Hello = 6,
     Control = 7,
+    ResyncData = 8,
+    ResyncCheck = 9,
+    CheckReply = 10,
+    Verify = 11,
+    VerifyReply = 12,
 }
 
 impl FrameKind {
@@ -36,6 +41,11 @@ impl FrameKind {
             5 => Self::Heartbeat,
             6 => Self::Hello,
             7 => Self::Control,
+            8 => Self::ResyncData,
+            9 => Self::ResyncCheck,
+            10 => Self::CheckReply,
+            11 => Self::Verify,
+            12 => Self::VerifyReply,
             other => return Err(DecodeError::UnknownKind(other)),
         })
     }
@@ -49,6 +59,11 @@ impl FrameKind {
             Self::Heartbeat => "heartbeat",
             Self::Hello => "hello",
             Self::Control => "control",
+            Self::ResyncData => "resync-data",
+            Self::ResyncCheck => "resync-check",
+            Self::CheckReply => "check-reply",
+            Self::Verify => "verify",
+            Self::VerifyReply => "verify-reply",
         }
     }
 }

@@ -16,13 +16,14 @@ mod error;
 mod frame;
 pub mod header;
 
-pub use checksum::block_checksum;
+pub use checksum::{block_checksum, block_hash, BlockHash};
 pub use control::{
-    ControlMsg, DiskState, Hello, PeerView, ResourceHello, Role, StreamPurpose, CONTROL_ENVELOPE_VERSION,
+    ControlMsg, DiskState, Generation, Hello, PeerView, ResourceHello, ResyncKind, Role, StreamPurpose,
+    CONTROL_ENVELOPE_VERSION,
 };
 pub use decoder::FrameDecoder;
 pub use error::DecodeError;
-pub use frame::{AckLevel, DataFrame, Frame, FLAG_ACK_RECEIVED};
+pub use frame::{AckLevel, DataFrame, Frame, FLAG_ACK_RECEIVED, VERIFY_BLOCK};
 pub use header::{FrameKind, HEADER_LEN, MAGIC};
 
 /// The replication protocol version this build speaks. Peers exchange it in [`Hello`];

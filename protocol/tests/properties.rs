@@ -13,9 +13,29 @@ fn arb_disk() -> impl Strategy<Value = DiskState> {
     prop_oneof![Just(DiskState::UpToDate), Just(DiskState::Outdated), Just(DiskState::Inconsistent)]
 }
 
+fn arb_generation() -> impl Strategy<Value = Generation> {
+    (any::<u64>(), proptest::collection::vec(any::<u64>(), 0..5))
+        .prop_map(|(current, history)| Generation { current, history })
+}
+
 fn arb_resource_hello() -> impl Strategy<Value = ResourceHello> {
-    ("[a-z]{1,12}", any::<u64>(), any::<u32>(), arb_role(), arb_disk())
-        .prop_map(|(name, size, block_size, role, disk)| ResourceHello { name, size, block_size, role, disk })
+    (
+        ("[a-z]{1,12}", any::<u64>(), any::<u32>(), arb_role(), arb_disk()),
+        (arb_generation(), any::<u64>(), any::<u64>(), any::<bool>()),
+    )
+        .prop_map(|((name, size, block_size, role, disk), (generation, bitmap_uuid, oos, crashed))| {
+            ResourceHello {
+                name,
+                size,
+                block_size,
+                role,
+                disk,
+                generation,
+                bitmap_uuid,
+                out_of_sync_bytes: oos,
+                crashed_primary: crashed,
+            }
+        })
 }
 
 fn arb_control() -> impl Strategy<Value = ControlMsg> {
@@ -28,6 +48,17 @@ fn arb_control() -> impl Strategy<Value = ControlMsg> {
         }),
         "[a-z]{1,8}"
             .prop_map(|resource| ControlMsg::OpenStream { resource, purpose: StreamPurpose::Replication }),
+        ("[a-z]{1,8}", proptest::collection::vec((any::<u64>(), any::<u64>()), 0..20), any::<bool>())
+            .prop_map(|(resource, runs, last)| ControlMsg::Bitmap { resource, runs, last }),
+        ("[a-z]{1,8}", any::<bool>(), any::<bool>(), any::<u64>()).prop_map(
+            |(resource, full, checksum, total)| {
+                ControlMsg::ResyncStart { resource, kind: ResyncKind { full, checksum }, total_bytes: total }
+            }
+        ),
+        ("[a-z]{1,8}", arb_generation())
+            .prop_map(|(resource, generation)| ControlMsg::ResyncDone { resource, generation }),
+        ("[a-z]{1,8}", any::<bool>())
+            .prop_map(|(resource, checksum)| ControlMsg::Invalidate { resource, checksum }),
     ]
 }
 
@@ -50,6 +81,24 @@ fn arb_frame() -> impl Strategy<Value = Frame> {
         ("[a-z]{1,10}", "[a-z]{1,10}", proptest::collection::vec(arb_resource_hello(), 0..4))
             .prop_map(|(cluster, node, resources)| Frame::hello(&Hello { cluster, node, resources })),
         arb_control().prop_map(Frame::Control),
+        (any::<u64>(), 0u64..(1 << 40), proptest::collection::vec(any::<u8>(), 1..9000)).prop_map(
+            |(seq, offset, data)| {
+                let checksum = block_checksum(&data);
+                Frame::ResyncData(DataFrame { seq, offset, flags: 0, checksum, payload: Bytes::from(data) })
+            }
+        ),
+        (any::<u64>(), 0u64..(1 << 40), proptest::collection::vec(any::<[u8; 16]>(), 1..64)).prop_map(
+            |(seq, offset, hs)| Frame::ResyncCheck { seq, offset, hashes: Bytes::from(hs.concat()) }
+        ),
+        (any::<u64>(), proptest::collection::vec(any::<u8>(), 1..32))
+            .prop_map(|(seq, d)| Frame::CheckReply { seq, differ: Bytes::from(d) }),
+        (any::<u64>(), 0u64..(1 << 40), 1u32..(1 << 20)).prop_map(|(seq, offset, len)| Frame::Verify {
+            seq,
+            offset,
+            len
+        }),
+        (any::<u64>(), proptest::collection::vec(any::<[u8; 16]>(), 0..64))
+            .prop_map(|(seq, hs)| { Frame::VerifyReply { seq, hashes: Bytes::from(hs.concat()) } }),
     ]
 }
 

@@ -9,6 +9,10 @@ pub struct DirtyBitmap {
     granularity: u64,
     size: u64,
     set_count: u64,
+    /// Bumped whenever a bit goes from clear to set. A resync records it when it reads a
+    /// chunk and clears the chunk's bits on the peer's ack only if it has not moved: a bit
+    /// set in between (a write the peer then missed) is never cleared by an older copy.
+    version: u64,
 }
 
 impl DirtyBitmap {
@@ -16,7 +20,7 @@ impl DirtyBitmap {
     pub fn new(size: u64, granularity: u64) -> Self {
         assert!(granularity.is_power_of_two(), "bitmap granularity must be a power of two");
         let bits = size.div_ceil(granularity);
-        Self { words: vec![0; bits.div_ceil(64) as usize], bits, granularity, size, set_count: 0 }
+        Self { words: vec![0; bits.div_ceil(64) as usize], bits, granularity, size, set_count: 0, version: 0 }
     }
 
     pub fn granularity(&self) -> u64 {
@@ -63,6 +67,7 @@ impl DirtyBitmap {
         if self.words[w] & m == 0 {
             self.words[w] |= m;
             self.set_count += 1;
+            self.version += 1;
         }
     }
 
@@ -82,6 +87,43 @@ impl DirtyBitmap {
     pub fn any_in(&self, offset: u64, len: u64) -> bool {
         let (a, b) = self.bit_range(offset, len);
         (a..b).any(|bit| self.is_set(bit))
+    }
+
+    pub fn version(&self) -> u64 {
+        self.version
+    }
+
+    /// Clears the range if no bit was set since `version` was read; returns whether it did.
+    pub fn clear_range_if_unchanged(&mut self, offset: u64, len: u64, version: u64) -> bool {
+        if self.version != version {
+            return false;
+        }
+        self.clear_range(offset, len);
+        true
+    }
+
+    /// The first run of set bits at or after byte `from`, at most `max_len` bytes long.
+    pub fn next_dirty(&self, from: u64, max_len: u64) -> Option<(u64, u64)> {
+        let mut bit = from / self.granularity;
+        while bit < self.bits {
+            let w = self.words[(bit / 64) as usize];
+            if w == 0 && bit % 64 == 0 {
+                bit += 64;
+                continue;
+            }
+            if w & (1u64 << (bit % 64)) == 0 {
+                bit += 1;
+                continue;
+            }
+            let start = bit;
+            let max_bits = (max_len / self.granularity).max(1);
+            while bit < self.bits && bit - start < max_bits && self.is_set(bit) {
+                bit += 1;
+            }
+            let off = start * self.granularity;
+            return Some((off, (bit * self.granularity).min(self.size) - off));
+        }
+        None
     }
 
     pub fn set_all(&mut self) {
@@ -125,6 +167,23 @@ impl DirtyBitmap {
     /// Raw words, for persistence.
     pub fn words(&self) -> &[u64] {
         &self.words
+    }
+
+    /// Overwrites bits `[first_bit, first_bit + 64 * words.len())` from persisted words.
+    pub fn load_words(&mut self, first_word: usize, words: &[u64]) {
+        for (i, w) in words.iter().enumerate() {
+            for b in 0..64u64 {
+                let bit = (first_word + i) as u64 * 64 + b;
+                if bit >= self.bits {
+                    return;
+                }
+                if w & (1u64 << b) != 0 {
+                    self.set_bit(bit);
+                } else {
+                    self.clear_bit(bit);
+                }
+            }
+        }
     }
 
     /// Rebuilds from persisted words; bits beyond the volume are ignored.
@@ -198,7 +257,18 @@ mod tests {
             }
             let runs: u64 = b.dirty_runs().iter().map(|r| r.1).sum();
             prop_assert_eq!(runs, b.dirty_bytes());
-            prop_assert_eq!(DirtyBitmap::from_words(size, 4096, b.words()), b);
+            let mut copy = DirtyBitmap::from_words(size, 4096, b.words());
+            copy.version = b.version;
+            prop_assert_eq!(&copy, &b);
+            let mut walked = 0;
+            let mut at = 0;
+            while let Some((off, len)) = b.next_dirty(at, 1 << 16) {
+                prop_assert!(off >= at && len > 0 && len <= 1 << 16);
+                prop_assert!(b.any_in(off, len));
+                walked += len;
+                at = off + len;
+            }
+            prop_assert_eq!(walked, b.dirty_bytes());
         }
     }
 }

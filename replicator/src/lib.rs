@@ -7,26 +7,32 @@
 //! - [`BlockStore`] and [`Link`] are the seams: the agent plugs in a file and QUIC; tests plug
 //!   in [`MemStore`] and [`sim`].
 
+mod activity_log;
 mod bitmap;
 mod error;
+pub mod generation;
 mod inflight;
+mod io_pool;
 mod latch;
 mod link;
 mod mode;
 mod peer;
 mod primary;
 mod request;
+pub mod resync;
 mod secondary;
 pub mod sim;
 mod stats;
 mod store;
 
+pub use activity_log::{ActivityLog, ActivityLogStats, ActivityLogStore, AlGuard};
 pub use bitmap::DirtyBitmap;
 pub use error::{ApplyError, AttachError, VolumeError};
 pub use link::{Link, LINK_CAPACITY};
 pub use mode::Mode;
 pub use primary::{LocalWork, PeerConfig, PeerHandle, PeerReplication, Volume};
 pub use request::Done;
-pub use secondary::Applier;
+pub use secondary::{Applier, TargetState};
 pub use stats::{ApplierStats, Counter, VolumeStats};
 pub use store::{BlockStore, MemStore};
+pub use tandem_protocol::ResyncKind;

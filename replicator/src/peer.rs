@@ -10,8 +10,9 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use bytes::Bytes;
 use tandem_protocol::{AckLevel, ControlMsg, Frame};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 use tracing::{debug, warn};
 
@@ -21,10 +22,12 @@ use crate::mode::Mode;
 use crate::request::Request;
 
 struct Pending {
-    /// Byte range of a write or discard; `None` for a flush.
+    /// Byte range of a write or discard; `None` for a flush or verify.
     range: Option<(u64, u64)>,
     /// The request waiting for this peer, and the ack level that releases it.
     waiter: Option<(AckLevel, Arc<Request>)>,
+    /// A verify request waiting for the peer's hashes.
+    verify: Option<oneshot::Sender<Bytes>>,
     since: Instant,
 }
 
@@ -77,11 +80,35 @@ impl PeerSession {
             req.add_part();
             (level, req.clone())
         });
-        p.by_seq.insert(seq, Pending { range, waiter, since: Instant::now() });
+        p.by_seq.insert(seq, Pending { range, waiter, verify: None, since: Instant::now() });
         // Straight to the transport's writer. If it is gone, the receiver sees the link
         // closed and close() accounts for this entry with the rest.
         if let Some(tx) = &p.tx {
             let _ = tx.send(frame);
+        }
+    }
+
+    /// Queues a verify request; the receiver gets the peer's hashes, or is dropped if the
+    /// session ends first.
+    pub fn enqueue_verify(&self, seq: u64, frame: Frame) -> Option<oneshot::Receiver<Bytes>> {
+        let mut p = self.pending.lock().unwrap();
+        if p.closed {
+            return None;
+        }
+        let (tx, rx) = oneshot::channel();
+        p.by_seq.insert(seq, Pending { range: None, waiter: None, verify: Some(tx), since: Instant::now() });
+        p.tx.as_ref()?.send(frame).ok()?;
+        Some(rx)
+    }
+
+    fn on_verify_reply(&self, seq: u64, hashes: Bytes) -> Result<(), String> {
+        let mut p = self.pending.lock().unwrap();
+        match p.by_seq.remove(&seq) {
+            Some(Pending { verify: Some(tx), .. }) => {
+                let _ = tx.send(hashes);
+                Ok(())
+            }
+            _ => Err(format!("verify reply for seq {seq}, which is not a pending verify")),
         }
     }
 
@@ -174,6 +201,11 @@ impl PeerSession {
                     None => return "connection closed".to_string(),
                     Some(Frame::Ack { seq, level }) => {
                         if let Err(e) = self.on_ack(seq, level) {
+                            return format!("protocol violation by peer: {e}");
+                        }
+                    }
+                    Some(Frame::VerifyReply { seq, hashes }) => {
+                        if let Err(e) = self.on_verify_reply(seq, hashes) {
                             return format!("protocol violation by peer: {e}");
                         }
                     }

@@ -15,9 +15,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use tandem_protocol::{block_checksum, DataFrame, Frame};
+use tandem_protocol::{block_checksum, block_hash, DataFrame, Frame, VERIFY_BLOCK};
 use tokio::sync::oneshot;
 
+use crate::activity_log::ActivityLog;
 use crate::bitmap::DirtyBitmap;
 use crate::error::{AttachError, VolumeError};
 use crate::inflight::InflightRanges;
@@ -101,6 +102,8 @@ pub struct LocalWork {
     volume: Arc<Volume>,
     req: Arc<Request>,
     op: LocalOp,
+    /// The request's entry in the in-flight ranges (none for a flush).
+    inflight_id: Option<u64>,
     /// Earlier requests that must finish locally first.
     wait_for: Vec<Arc<Latch>>,
 }
@@ -133,8 +136,8 @@ impl LocalWork {
                 store.flush()
             }
         };
-        if !matches!(self.op, LocalOp::Flush) {
-            v.core.lock().unwrap().inflight.finish(self.req.seq());
+        if let Some(id) = self.inflight_id {
+            v.core.lock().unwrap().inflight.finish(id);
         }
         self.req.part_done(v.local_result(r));
     }
@@ -145,6 +148,8 @@ pub struct Volume {
     size: u64,
     core: Mutex<Core>,
     timeout: Duration,
+    /// Present when the resource has peers: makes every write's region durable-hot first.
+    al: Option<Arc<ActivityLog>>,
     pub stats: VolumeStats,
 }
 
@@ -157,6 +162,17 @@ impl Volume {
         first_seq: u64,
         timeout: Duration,
     ) -> Arc<Self> {
+        Self::with_activity_log(store, peers, first_seq, timeout, None)
+    }
+
+    /// As [`Volume::new`], with an activity log recording hot regions before writes to them.
+    pub fn with_activity_log(
+        store: Arc<dyn BlockStore>,
+        peers: Vec<PeerConfig>,
+        first_seq: u64,
+        timeout: Duration,
+        al: Option<Arc<ActivityLog>>,
+    ) -> Arc<Self> {
         let size = store.size();
         let peers = peers
             .into_iter()
@@ -167,6 +183,7 @@ impl Volume {
             size,
             core: Mutex::new(Core { next_seq: first_seq.max(1), inflight: InflightRanges::default(), peers }),
             timeout,
+            al,
             stats: VolumeStats::default(),
         })
     }
@@ -193,21 +210,29 @@ impl Volume {
         range: Option<(u64, u64)>,
         done: Done,
         frame: impl Fn(u64, u8) -> Frame,
-    ) -> LocalWork {
+    ) -> Result<LocalWork, VolumeError> {
+        // The region is recorded hot before anything is written anywhere.
+        let al = match (&self.al, range) {
+            (Some(al), Some((off, len))) => Some(al.begin(off, len).map_err(|e| self.io_error(e))?),
+            _ => None,
+        };
         let mut core = self.core.lock().unwrap();
         let seq = core.take_seq();
         // Two parts to start with: the local I/O, and admission itself (released below, once
         // every peer this request waits for has added its part).
-        let req = Arc::new(Request::new(seq, 2, done));
-        let wait_for = match range {
-            Some((off, len)) => core.inflight.admit(seq, off, off + len).wait_for,
+        let req = Arc::new(Request::new(seq, 2, done, al));
+        let (inflight_id, wait_for) = match range {
+            Some((off, len)) => {
+                let a = core.inflight.admit(off, off + len);
+                (Some(a.id), a.wait_for)
+            }
             // A flush waits for everything admitted before it.
-            None => core.inflight.all(),
+            None => (None, core.inflight.all()),
         };
         core.fan_out(seq, range, &req, |flags| frame(seq, flags));
         drop(core);
         req.part_done(Ok(()));
-        LocalWork { volume: self.clone(), req, op, wait_for }
+        Ok(LocalWork { volume: self.clone(), req, op, inflight_id, wait_for })
     }
 
     /// Admits a write of `data` at `offset`. `data` must already be the request's own copy
@@ -221,9 +246,9 @@ impl Volume {
         self.check_range(offset, len)?;
         let checksum = block_checksum(&data);
         let payload = data.clone();
-        Ok(self.admit(LocalOp::Write { offset, data }, Some((offset, len)), done, move |seq, flags| {
+        self.admit(LocalOp::Write { offset, data }, Some((offset, len)), done, move |seq, flags| {
             Frame::Data(DataFrame { seq, offset, flags, checksum, payload: payload.clone() })
-        }))
+        })
     }
 
     /// Admits a discard (zeroing) of a range, ordered like a write.
@@ -232,15 +257,16 @@ impl Volume {
             return Err(VolumeError::Empty);
         }
         self.check_range(offset, len)?;
-        Ok(self.admit(LocalOp::Discard { offset, len }, Some((offset, len)), done, move |seq, flags| {
+        self.admit(LocalOp::Discard { offset, len }, Some((offset, len)), done, move |seq, flags| {
             Frame::Discard { seq, offset, len, flags }
-        }))
+        })
     }
 
     /// Admits a flush: a barrier that closes the current epoch. It completes once every
     /// request admitted before it is on stable storage locally and, per mode, on the peers.
     pub fn flush(self: &Arc<Self>, done: Done) -> LocalWork {
         self.admit(LocalOp::Flush, None, done, |seq, flags| Frame::Flush { seq, flags })
+            .expect("a flush touches no activity-log extent")
     }
 
     /// Reads from the local copy on the calling thread.
@@ -252,12 +278,102 @@ impl Volume {
         self.local_result(r)
     }
 
+    fn io_error(&self, e: std::io::Error) -> VolumeError {
+        self.stats.local_io_errors.inc();
+        tracing::error!("local I/O error on the primary: {e}");
+        VolumeError::Io(e)
+    }
+
     fn local_result<T>(&self, r: std::io::Result<T>) -> Result<T, VolumeError> {
-        r.map_err(|e| {
-            self.stats.local_io_errors.inc();
-            tracing::error!("local I/O error on the primary's image: {e}");
-            VolumeError::Io(e)
+        r.map_err(|e| self.io_error(e))
+    }
+
+    /// Reads a range for a resync, as of a point in the change stream: every request
+    /// admitted before the returned sequence number is in the data, and none admitted after
+    /// it touches the range until the read is done. Blocking.
+    pub fn read_at_seq(&self, offset: u64, len: u64) -> std::io::Result<(u64, Bytes)> {
+        let (seq, admitted) = {
+            let mut core = self.core.lock().unwrap();
+            let seq = core.take_seq();
+            (seq, core.inflight.admit(offset, offset + len))
+        };
+        for dep in &admitted.wait_for {
+            dep.wait_blocking();
+        }
+        let mut buf = vec![0u8; len as usize];
+        let r = self.store.read_at(offset, &mut buf);
+        self.core.lock().unwrap().inflight.finish(admitted.id);
+        r.map(|_| (seq, Bytes::from(buf)))
+    }
+
+    /// Online verify of `[offset, +len)` against `peer`, ordered in the change stream like a
+    /// write: both sides hash the range exactly as of this point, so a write racing the
+    /// comparison can never show up as a difference. Returns the byte ranges that differ,
+    /// or an error if the peer is not connected or is lost meanwhile.
+    pub async fn verify_range(
+        self: &Arc<Self>,
+        peer: &str,
+        offset: u64,
+        len: u64,
+    ) -> Result<Vec<(u64, u64)>, String> {
+        self.check_range(offset, len).map_err(|e| e.to_string())?;
+        let len32 = u32::try_from(len).map_err(|_| "verify range too long".to_string())?;
+        let (admitted, remote) = {
+            let mut core = self.core.lock().unwrap();
+            let seq = core.take_seq();
+            let slot = core.peers.get(peer).ok_or_else(|| format!("{peer} is not a peer"))?;
+            let session = slot
+                .session
+                .clone()
+                .filter(|s| !s.is_closed())
+                .ok_or_else(|| format!("{peer} is not connected"))?;
+            let admitted = core.inflight.admit(offset, offset + len);
+            let remote = session.enqueue_verify(seq, Frame::Verify { seq, offset, len: len32 });
+            (admitted, remote)
+        };
+        let this = self.clone();
+        let local = tokio::task::spawn_blocking(move || {
+            for dep in &admitted.wait_for {
+                dep.wait_blocking();
+            }
+            let mut buf = vec![0u8; len as usize];
+            let r = this.store.read_at(offset, &mut buf);
+            this.core.lock().unwrap().inflight.finish(admitted.id);
+            r.map(|_| buf)
         })
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| format!("local read: {e}"))?;
+        let remote = match remote {
+            Some(rx) => rx.await.map_err(|_| format!("connection to {peer} lost during verify"))?,
+            None => return Err(format!("connection to {peer} lost during verify")),
+        };
+        let block = VERIFY_BLOCK as usize;
+        let blocks = local.len().div_ceil(block);
+        if remote.len() != blocks * 16 {
+            return Err(format!("{peer} returned {} hashes for {blocks} blocks", remote.len() / 16));
+        }
+        let mut differ: Vec<(u64, u64)> = Vec::new();
+        for (i, chunk) in local.chunks(block).enumerate() {
+            if block_hash(chunk)[..] != remote[i * 16..(i + 1) * 16] {
+                let off = offset + (i * block) as u64;
+                match differ.last_mut() {
+                    Some((o, l)) if *o + *l == off => *l += chunk.len() as u64,
+                    _ => differ.push((off, chunk.len() as u64)),
+                }
+            }
+        }
+        Ok(differ)
+    }
+
+    /// Bytes written by the application so far (the resync controller backs off while
+    /// this moves).
+    pub fn app_write_bytes(&self) -> u64 {
+        self.stats.write_bytes.get()
+    }
+
+    pub fn activity_log(&self) -> Option<&Arc<ActivityLog>> {
+        self.al.as_ref()
     }
 
     // ------------------------------------------------------------ async conveniences

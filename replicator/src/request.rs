@@ -5,6 +5,7 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 
+use crate::activity_log::AlGuard;
 use crate::error::VolumeError;
 
 /// Called once with the request's sequence number or its local error.
@@ -15,6 +16,8 @@ pub struct Request {
     remaining: AtomicUsize,
     error: Mutex<Option<VolumeError>>,
     done: Mutex<Option<Done>>,
+    /// Keeps the request's activity-log extents hot until it completes everywhere.
+    al: Mutex<Option<AlGuard>>,
 }
 
 impl std::fmt::Debug for Request {
@@ -25,12 +28,13 @@ impl std::fmt::Debug for Request {
 
 impl Request {
     /// A request with `parts` outstanding parts.
-    pub fn new(seq: u64, parts: usize, done: Done) -> Self {
+    pub fn new(seq: u64, parts: usize, done: Done, al: Option<AlGuard>) -> Self {
         Self {
             seq,
             remaining: AtomicUsize::new(parts),
             error: Mutex::new(None),
             done: Mutex::new(Some(done)),
+            al: Mutex::new(al),
         }
     }
 
@@ -49,6 +53,7 @@ impl Request {
             self.error.lock().unwrap().get_or_insert(e);
         }
         if self.remaining.fetch_sub(1, Ordering::AcqRel) == 1 {
+            drop(self.al.lock().unwrap().take());
             let done = self.done.lock().unwrap().take();
             let err = self.error.lock().unwrap().take();
             if let Some(done) = done {

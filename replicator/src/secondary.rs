@@ -2,31 +2,138 @@
 //! change stream, and acknowledge it.
 //!
 //! Epochs are applied strictly in order: writes of one epoch run concurrently (overlapping
-//! ones in sequence order), and the flush that closes the epoch waits for all of them and
+//! ones in arrival order), and the flush that closes the epoch waits for all of them and
 //! for the local flush before the next frame is even looked at. So the standby image is, at
 //! every instant, the primary's state at some barrier plus part of the following epoch —
 //! crash-consistent — and nothing of a later epoch.
 
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
-use tandem_protocol::{AckLevel, ControlMsg, DataFrame, Frame};
+use tandem_protocol::{block_hash, AckLevel, ControlMsg, DataFrame, Frame, FLAG_ACK_RECEIVED, VERIFY_BLOCK};
 use tokio::sync::mpsc;
 use tracing::{error, warn};
 
 use crate::error::ApplyError;
-use crate::inflight::InflightRanges;
+use crate::inflight::{Admitted, InflightRanges};
+use crate::io_pool::IoPool;
 use crate::link::Link;
 use crate::stats::ApplierStats;
 use crate::store::BlockStore;
 
-/// Threads applying one replication stream's writes concurrently.
+/// Threads applying a node's replicated and resynced writes.
 const IO_THREADS: usize = 8;
 
-pub struct Applier {
-    store: Arc<dyn BlockStore>,
-    size: u64,
+/// What a node receiving data shares between its replication stream and a resync stream:
+/// one ordering of operations on its disk, and — while a resync runs — the newest
+/// replicated write per block, so an older resync copy never overwrites it.
+pub struct TargetState {
+    pub(crate) store: Arc<dyn BlockStore>,
+    pub(crate) inflight: Mutex<InflightRanges>,
+    /// Block index -> highest seq of a replicated write or discard admitted for it, kept
+    /// while a resync is in progress.
+    recent: Mutex<Option<HashMap<u64, u64>>>,
+    pub(crate) pool: IoPool,
     pub stats: Arc<ApplierStats>,
+}
+
+impl TargetState {
+    pub fn new(store: Arc<dyn BlockStore>, stats: Arc<ApplierStats>) -> Arc<Self> {
+        Arc::new(Self {
+            store,
+            inflight: Mutex::new(InflightRanges::default()),
+            recent: Mutex::new(None),
+            pool: IoPool::new(IO_THREADS, "tandem-apply"),
+            stats,
+        })
+    }
+
+    /// Starts tracking replicated writes per block (a resync is about to run).
+    pub fn begin_resync(&self) {
+        self.recent.lock().unwrap().get_or_insert_with(HashMap::new);
+    }
+
+    pub fn end_resync(&self) {
+        *self.recent.lock().unwrap() = None;
+    }
+
+    fn note_replicated(&self, seq: u64, offset: u64, len: u64) {
+        if let Some(map) = self.recent.lock().unwrap().as_mut() {
+            let b = VERIFY_BLOCK as u64;
+            for blk in offset / b..(offset + len).div_ceil(b) {
+                let e = map.entry(blk).or_insert(seq);
+                *e = (*e).max(seq);
+            }
+        }
+    }
+
+    /// Blocks of `[offset, +len)` that a replicated write newer than `seq` has touched.
+    pub(crate) fn newer_than(&self, seq: u64, offset: u64, len: u64) -> Vec<bool> {
+        let b = VERIFY_BLOCK as u64;
+        let n = len.div_ceil(b) as usize;
+        match self.recent.lock().unwrap().as_ref() {
+            None => vec![false; n],
+            Some(map) => {
+                (0..n as u64).map(|i| map.get(&(offset / b + i)).is_some_and(|s| *s > seq)).collect()
+            }
+        }
+    }
+
+    pub(crate) fn admit(&self, offset: u64, len: u64) -> Admitted {
+        self.inflight.lock().unwrap().admit(offset, offset + len)
+    }
+
+    pub(crate) fn finish(&self, id: u64) {
+        self.inflight.lock().unwrap().finish(id);
+    }
+
+    /// Waits until everything admitted so far has finished.
+    pub(crate) async fn drain(&self) {
+        let earlier = self.inflight.lock().unwrap().all();
+        for l in earlier {
+            l.wait().await;
+        }
+    }
+
+    pub fn size(&self) -> u64 {
+        self.store.size()
+    }
+
+    pub(crate) fn check_range(&self, offset: u64, len: u64) -> Result<(), ApplyError> {
+        match offset.checked_add(len) {
+            Some(end) if end <= self.size() && len > 0 => Ok(()),
+            _ => Err(ApplyError::Protocol(format!(
+                "range [{offset}, +{len}) outside the {}-byte volume",
+                self.size()
+            ))),
+        }
+    }
+
+    pub(crate) fn check_data(&self, d: &DataFrame) -> Result<(), ApplyError> {
+        self.check_range(d.offset, d.payload.len() as u64)?;
+        if !d.checksum_ok() {
+            warn!(
+                seq = d.seq,
+                offset = d.offset,
+                len = d.payload.len(),
+                "checksum mismatch: block not written"
+            );
+            return Err(ApplyError::ChecksumMismatch { seq: d.seq, offset: d.offset, len: d.payload.len() });
+        }
+        Ok(())
+    }
+
+    /// Hashes `[offset, +len)` per [`VERIFY_BLOCK`] (blocking).
+    pub(crate) fn hash_range(&self, offset: u64, len: u64) -> std::io::Result<Vec<u8>> {
+        let mut buf = vec![0u8; len as usize];
+        self.store.read_at(offset, &mut buf)?;
+        Ok(buf.chunks(VERIFY_BLOCK as usize).flat_map(block_hash).collect())
+    }
+}
+
+pub struct Applier {
+    state: Arc<TargetState>,
 }
 
 enum Op {
@@ -35,9 +142,8 @@ enum Op {
 }
 
 impl Applier {
-    pub fn new(store: Arc<dyn BlockStore>, stats: Arc<ApplierStats>) -> Self {
-        let size = store.size();
-        Self { store, size, stats }
+    pub fn new(state: Arc<TargetState>) -> Self {
+        Self { state }
     }
 
     /// Applies the stream on `link` until the primary closes it (`Ok`) or it must be dropped
@@ -45,16 +151,8 @@ impl Applier {
     /// started has finished, so no write lands on the image after it returns.
     pub async fn run(&self, link: Link) -> Result<(), ApplyError> {
         let Link { tx, mut rx } = link;
-        let inflight = Arc::new(Mutex::new(InflightRanges::default()));
+        let st = &self.state;
         let (fail_tx, mut fail_rx) = mpsc::unbounded_channel::<String>();
-        let pool = spawn_pool(
-            IO_THREADS,
-            self.store.clone(),
-            inflight.clone(),
-            tx.clone(),
-            fail_tx.clone(),
-            self.stats.clone(),
-        );
         let mut last_seq = 0u64;
         let result = loop {
             let frame = tokio::select! {
@@ -75,7 +173,7 @@ impl Applier {
             }
             match frame {
                 Frame::Data(d) => {
-                    if let Err(e) = self.check_data(&d) {
+                    if let Err(e) = st.check_data(&d) {
                         break Err(e);
                     }
                     if d.wants_received_ack()
@@ -84,44 +182,60 @@ impl Applier {
                         break Ok(());
                     }
                     let DataFrame { seq, offset, payload, .. } = d;
-                    self.start(seq, offset, Op::Write(payload), &inflight, &pool);
+                    self.start(seq, offset, Op::Write(payload), &tx, &fail_tx);
                 }
                 Frame::Discard { seq, offset, len, flags } => {
-                    if let Err(e) = self.check_range(offset, len) {
+                    if let Err(e) = st.check_range(offset, len) {
                         break Err(e);
                     }
-                    if flags & tandem_protocol::FLAG_ACK_RECEIVED != 0
+                    if flags & FLAG_ACK_RECEIVED != 0
                         && tx.send(Frame::Ack { seq, level: AckLevel::Received }).is_err()
                     {
                         break Ok(());
                     }
-                    self.start(seq, offset, Op::Discard(len), &inflight, &pool);
+                    self.start(seq, offset, Op::Discard(len), &tx, &fail_tx);
                 }
                 Frame::Flush { seq, flags } => {
-                    if flags & tandem_protocol::FLAG_ACK_RECEIVED != 0
+                    if flags & FLAG_ACK_RECEIVED != 0
                         && tx.send(Frame::Ack { seq, level: AckLevel::Received }).is_err()
                     {
                         break Ok(());
                     }
                     // The barrier: everything before it, then the device flush, before
                     // anything after it.
-                    let earlier = inflight.lock().unwrap().all();
-                    for l in earlier {
-                        l.wait().await;
-                    }
+                    st.drain().await;
                     if let Ok(e) = fail_rx.try_recv() {
                         break Err(ApplyError::Io(e));
                     }
-                    let store = self.store.clone();
+                    let store = st.store.clone();
                     let flushed = tokio::task::spawn_blocking(move || store.flush())
                         .await
                         .unwrap_or_else(|e| Err(std::io::Error::other(e.to_string())));
                     if let Err(e) = flushed {
-                        self.stats.io_errors.inc();
+                        st.stats.io_errors.inc();
                         break Err(ApplyError::Io(format!("flush: {e}")));
                     }
-                    self.stats.flushes.inc();
+                    st.stats.flushes.inc();
                     let _ = tx.send(Frame::Ack { seq, level: AckLevel::Durable });
+                }
+                Frame::Verify { seq, offset, len } => {
+                    if let Err(e) = st.check_range(offset, len as u64) {
+                        break Err(e);
+                    }
+                    let admitted = st.admit(offset, len as u64);
+                    let (state, tx, fail) = (st.clone(), tx.clone(), fail_tx.clone());
+                    st.pool.submit(admitted.wait_for, move || {
+                        let r = state.hash_range(offset, len as u64);
+                        state.finish(admitted.id);
+                        match r {
+                            Ok(h) => {
+                                let _ = tx.send(Frame::VerifyReply { seq, hashes: Bytes::from(h) });
+                            }
+                            Err(e) => {
+                                let _ = fail.send(format!("verify read at offset {offset}: {e}"));
+                            }
+                        }
+                    });
                 }
                 Frame::Control(ControlMsg::Error { reason }) => break Err(ApplyError::Peer(reason)),
                 other => {
@@ -133,15 +247,11 @@ impl Applier {
             }
         };
         // Let every started write finish before reporting, so nothing lands afterwards.
-        drop(pool);
-        let earlier = inflight.lock().unwrap().all();
-        for l in earlier {
-            l.wait().await;
-        }
+        st.drain().await;
         if let Err(e) = &result {
             match e {
-                ApplyError::ChecksumMismatch { .. } => self.stats.checksum_errors.inc(),
-                ApplyError::Protocol(_) => self.stats.protocol_errors.inc(),
+                ApplyError::ChecksumMismatch { .. } => st.stats.checksum_errors.inc(),
+                ApplyError::Protocol(_) => st.stats.protocol_errors.inc(),
                 _ => {}
             }
             error!("dropping replication stream: {e}");
@@ -150,111 +260,52 @@ impl Applier {
         result
     }
 
-    fn check_range(&self, offset: u64, len: u64) -> Result<(), ApplyError> {
-        match offset.checked_add(len) {
-            Some(end) if end <= self.size => Ok(()),
-            _ => Err(ApplyError::Protocol(format!(
-                "range [{offset}, +{len}) beyond the end of the {}-byte volume",
-                self.size
-            ))),
-        }
-    }
-
-    fn check_data(&self, d: &DataFrame) -> Result<(), ApplyError> {
-        self.check_range(d.offset, d.payload.len() as u64)?;
-        if !d.checksum_ok() {
-            warn!(
-                seq = d.seq,
-                offset = d.offset,
-                len = d.payload.len(),
-                "checksum mismatch: block not written"
-            );
-            return Err(ApplyError::ChecksumMismatch { seq: d.seq, offset: d.offset, len: d.payload.len() });
-        }
-        Ok(())
-    }
-
     fn start(
         &self,
         seq: u64,
         offset: u64,
         op: Op,
-        inflight: &Arc<Mutex<InflightRanges>>,
-        pool: &std::sync::mpsc::Sender<Job>,
+        acks: &mpsc::UnboundedSender<Frame>,
+        fail: &mpsc::UnboundedSender<String>,
     ) {
+        let st = &self.state;
         let len = match &op {
             Op::Write(b) => b.len() as u64,
             Op::Discard(l) => *l,
         };
-        let admitted = inflight.lock().unwrap().admit(seq, offset, offset + len);
-        // The pool outlives every job sent to it (it ends when `run` drops the sender).
-        let _ = pool.send(Job { seq, offset, op, wait_for: admitted.wait_for });
-    }
-}
-
-/// One write or discard for the standby's I/O threads.
-struct Job {
-    seq: u64,
-    offset: u64,
-    op: Op,
-    wait_for: Vec<Arc<crate::latch::Latch>>,
-}
-
-/// Threads that apply jobs to the store: a write goes from the stream to a thread that
-/// writes it and acknowledges it, with no async hand-off in between.
-fn spawn_pool(
-    threads: usize,
-    store: Arc<dyn BlockStore>,
-    inflight: Arc<Mutex<InflightRanges>>,
-    acks: mpsc::UnboundedSender<Frame>,
-    fail: mpsc::UnboundedSender<String>,
-    stats: Arc<ApplierStats>,
-) -> std::sync::mpsc::Sender<Job> {
-    let (tx, rx) = std::sync::mpsc::channel::<Job>();
-    let rx = Arc::new(Mutex::new(rx));
-    for i in 0..threads {
-        let (rx, store, inflight, acks, job_fail, stats) =
-            (rx.clone(), store.clone(), inflight.clone(), acks.clone(), fail.clone(), stats.clone());
-        let spawned = std::thread::Builder::new().name(format!("tandem-apply-{i}")).spawn(move || loop {
-            let job = match rx.lock().unwrap().recv() {
-                Ok(j) => j,
-                Err(_) => return,
+        let admitted = st.admit(offset, len);
+        st.note_replicated(seq, offset, len);
+        let (state, acks, fail) = (st.clone(), acks.clone(), fail.clone());
+        st.pool.submit(admitted.wait_for, move || {
+            let r = match &op {
+                Op::Write(data) => state.store.write_at(offset, data),
+                Op::Discard(len) => state.store.discard(offset, *len),
             };
-            for dep in &job.wait_for {
-                dep.wait_blocking();
-            }
-            let (r, len) = match &job.op {
-                Op::Write(data) => (store.write_at(job.offset, data), data.len() as u64),
-                Op::Discard(len) => (store.discard(job.offset, *len), 0),
-            };
-            inflight.lock().unwrap().finish(job.seq);
+            state.finish(admitted.id);
             match r {
                 Ok(()) => {
-                    if len > 0 {
-                        stats.writes.inc();
-                        stats.write_bytes.add(len);
-                    } else {
-                        stats.discards.inc();
+                    match op {
+                        Op::Write(_) => {
+                            state.stats.writes.inc();
+                            state.stats.write_bytes.add(len);
+                        }
+                        Op::Discard(_) => state.stats.discards.inc(),
                     }
-                    let _ = acks.send(Frame::Ack { seq: job.seq, level: AckLevel::Durable });
+                    let _ = acks.send(Frame::Ack { seq, level: AckLevel::Durable });
                 }
                 Err(e) => {
-                    stats.io_errors.inc();
-                    let _ = job_fail.send(format!("seq {} at offset {}: {e}", job.seq, job.offset));
+                    state.stats.io_errors.inc();
+                    let _ = fail.send(format!("seq {seq} at offset {offset}: {e}"));
                 }
             }
         });
-        if let Err(e) = spawned {
-            let _ = fail.send(format!("cannot start I/O thread: {e}"));
-        }
     }
-    tx
 }
 
 fn frame_seq(f: &Frame) -> Option<u64> {
     match f {
         Frame::Data(d) => Some(d.seq),
-        Frame::Flush { seq, .. } | Frame::Discard { seq, .. } => Some(*seq),
+        Frame::Flush { seq, .. } | Frame::Discard { seq, .. } | Frame::Verify { seq, .. } => Some(*seq),
         _ => None,
     }
 }

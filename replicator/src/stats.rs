@@ -37,6 +37,8 @@ pub struct ApplierStats {
     pub write_bytes: Counter,
     pub flushes: Counter,
     pub discards: Counter,
+    pub resync_writes: Counter,
+    pub resync_bytes: Counter,
     pub checksum_errors: Counter,
     pub protocol_errors: Counter,
     pub io_errors: Counter,

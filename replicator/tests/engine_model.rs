@@ -71,7 +71,7 @@ fn pair(mode: Mode, latency: Duration, timeout: Duration) -> Pair {
     );
     let (a, b, ctl) = sim_pair(SimOptions { latency });
     let applier_stats = Arc::new(ApplierStats::default());
-    let applier = Applier::new(standby_disk.clone(), applier_stats.clone());
+    let applier = Applier::new(TargetState::new(standby_disk.clone(), applier_stats.clone()));
     let applier = tokio::spawn(async move { applier.run(b).await });
     let peer = volume.attach_peer("beta", a).unwrap();
     Pair { primary_disk, standby_disk, volume, bitmap, ctl, applier, applier_stats, peer }
@@ -243,7 +243,7 @@ fn standby_applies_epochs_in_order() {
             Duration::from_secs(30),
         );
         let (a, b, _ctl) = sim_pair(SimOptions::default());
-        let applier = Applier::new(standby.clone(), Arc::new(ApplierStats::default()));
+        let applier = Applier::new(TargetState::new(standby.clone(), Arc::new(ApplierStats::default())));
         let applier = tokio::spawn(async move { applier.run(b).await });
         let _peer = volume.attach_peer("beta", a).unwrap();
         // epoch e: 8 writes to distinct blocks, then a flush.
