@@ -51,6 +51,37 @@ pub enum Command {
     },
     /// Remove the device and make this node secondary for RESOURCE.
     Demote { resource: String },
+    /// Discard this node's copy of RESOURCE and take a full resync from an up-to-date peer.
+    Invalidate {
+        resource: String,
+        /// Compare block checksums and copy only blocks that differ (seeding from an old copy).
+        #[arg(long)]
+        checksum: bool,
+    },
+    /// Resume replication of RESOURCE after `disconnect`.
+    Connect { resource: String },
+    /// Stop replicating RESOURCE with its peers (planned maintenance); the primary tracks
+    /// what they miss.
+    Disconnect { resource: String },
+    /// Compare every block of RESOURCE with each peer while it is in use (run on the primary).
+    Verify {
+        resource: String,
+        /// Resync the blocks found different right away.
+        #[arg(long)]
+        repair: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Resync the blocks marked out of sync (after `verify`) to connected peers.
+    Resync { resource: String },
+    /// Create RESOURCE's metadata (and its image if missing) on this node without an agent.
+    CreateMd { resource: String },
+    /// Print RESOURCE's metadata on this node: identity, generations, activity log, bitmaps.
+    DumpMd {
+        resource: String,
+        #[arg(long)]
+        json: bool,
+    },
     /// Run a complete two-node replication on this machine and verify it.
     Demo {
         /// Mail messages to deliver into the replicated Maildir.

@@ -73,6 +73,16 @@ struct FileResource {
     #[serde(default)]
     allocate: Option<String>,
     #[serde(default)]
+    resync_max_rate: Option<String>,
+    #[serde(default)]
+    resync_min_rate: Option<String>,
+    #[serde(default)]
+    resync_checksum: Option<bool>,
+    #[serde(default)]
+    al_extents: Option<usize>,
+    #[serde(default)]
+    al_extent_size: Option<String>,
+    #[serde(default)]
     disk: BTreeMap<String, FileDisk>,
 }
 
@@ -109,6 +119,15 @@ pub struct Resource {
     pub bitmap_granularity: u64,
     /// Write out new images in full (default) rather than leaving them sparse.
     pub allocate_full: bool,
+    /// Resync bandwidth cap in bytes per second (None: unlimited).
+    pub resync_max_rate: Option<u64>,
+    /// Resync rate while the application writes, bytes per second.
+    pub resync_min_rate: u64,
+    /// Compare checksums and send only differing blocks in every resync.
+    pub resync_checksum: bool,
+    /// Activity log: hot extents kept, and extent size.
+    pub al_extents: usize,
+    pub al_extent_size: u64,
     /// Nodes holding a copy, by name.
     pub disks: BTreeMap<String, Disk>,
 }
@@ -285,6 +304,36 @@ impl Config {
                 Some("sparse") => false,
                 Some(other) => return Err(ctx(format!("allocate {other:?} must be \"full\" or \"sparse\""))),
             };
+            let rate = |what: &str, v: &Option<String>| -> Result<Option<u64>, ConfigError> {
+                match v {
+                    None => Ok(None),
+                    Some(s) => {
+                        let s = s.trim().trim_end_matches("/s");
+                        parse_size(s).map(Some).map_err(|e| ctx(format!("{what}: {e} (e.g. \"100MiB\")")))
+                    }
+                }
+            };
+            let resync_max_rate = rate("resync_max_rate", &r.resync_max_rate)?;
+            let resync_min_rate = rate("resync_min_rate", &r.resync_min_rate)?.unwrap_or(16 << 20);
+            if resync_max_rate == Some(0) || resync_min_rate == 0 {
+                return Err(ctx("resync rates must be positive".into()));
+            }
+            let al_extents = r.al_extents.unwrap_or(1000);
+            if !(1..=crate::meta::AL_MAX_EXTENTS).contains(&al_extents) {
+                return Err(ctx(format!("al_extents must be 1..={}", crate::meta::AL_MAX_EXTENTS)));
+            }
+            let al_extent_size = match &r.al_extent_size {
+                None => 4 << 20,
+                Some(v) => parse_size(v).map_err(|e| ctx(format!("al_extent_size: {e}")))?,
+            };
+            if !al_extent_size.is_power_of_two()
+                || al_extent_size < bitmap_granularity
+                || al_extent_size > (1 << 30)
+            {
+                return Err(ctx(
+                    "al_extent_size must be a power of two, at least bitmap_granularity, at most 1GiB".into(),
+                ));
+            }
             let mut disks = BTreeMap::new();
             for (node, d) in r.disk {
                 if !names.contains(&node) {
@@ -308,6 +357,11 @@ impl Config {
                 timeout,
                 bitmap_granularity,
                 allocate_full,
+                resync_max_rate,
+                resync_min_rate,
+                resync_checksum: r.resync_checksum.unwrap_or(false),
+                al_extents,
+                al_extent_size,
                 disks,
             });
         }

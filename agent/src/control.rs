@@ -9,7 +9,7 @@ use std::time::Duration;
 use anyhow::{anyhow, Context, Result};
 use serde::{Deserialize, Serialize};
 
-use crate::status::NodeStatus;
+use crate::status::{NodeStatus, VerifyReport};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "cmd", rename_all = "snake_case")]
@@ -17,6 +17,11 @@ pub enum Request {
     Status,
     Promote { resource: String, force: bool },
     Demote { resource: String },
+    Invalidate { resource: String, checksum: bool },
+    Connect { resource: String },
+    Disconnect { resource: String },
+    Verify { resource: String, repair: bool },
+    Resync { resource: String },
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -28,6 +33,8 @@ pub struct Response {
     pub message: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub status: Option<NodeStatus>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub verify: Option<Vec<VerifyReport>>,
 }
 
 impl Response {

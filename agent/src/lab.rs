@@ -60,6 +60,8 @@ pub struct LabOptions {
     pub timeout: Duration,
     /// Extra lines appended to the `[options]` table.
     pub extra_options: String,
+    /// Extra lines appended to the `[[resource]]` table (e.g. `resync_max_rate = "1MiB"`).
+    pub resource_extra: String,
 }
 
 impl Default for LabOptions {
@@ -69,6 +71,7 @@ impl Default for LabOptions {
             mode: "sync".into(),
             timeout: Duration::from_secs(3),
             extra_options: String::new(),
+            resource_extra: String::new(),
         }
     }
 }
@@ -117,8 +120,8 @@ impl Lab {
             );
         }
         s += &format!(
-            "[[resource]]\nname = \"{}\"\nsize = \"{}\"\nmode = \"{}\"\n\n",
-            self.resource, o.size, o.mode
+            "[[resource]]\nname = \"{}\"\nsize = \"{}\"\nmode = \"{}\"\n{}\n\n",
+            self.resource, o.size, o.mode, o.resource_extra
         );
         for n in &self.nodes {
             let name = &n.name;

@@ -84,6 +84,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 println!("{}", serde_json::to_string_pretty(&status)?);
             } else {
                 print!("{}", status.render());
+                draw_resync_bars(&status);
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -91,6 +92,54 @@ fn run(cli: Cli) -> Result<ExitCode> {
             verb(call(&cli, Request::Promote { resource: resource.clone(), force: *force })?)
         }
         Command::Demote { resource } => verb(call(&cli, Request::Demote { resource: resource.clone() })?),
+        Command::Invalidate { resource, checksum } => {
+            verb(call(&cli, Request::Invalidate { resource: resource.clone(), checksum: *checksum })?)
+        }
+        Command::Connect { resource } => verb(call(&cli, Request::Connect { resource: resource.clone() })?),
+        Command::Disconnect { resource } => {
+            verb(call(&cli, Request::Disconnect { resource: resource.clone() })?)
+        }
+        Command::Resync { resource } => verb(call(&cli, Request::Resync { resource: resource.clone() })?),
+        Command::Verify { resource, repair, json } => {
+            let resp = call(&cli, Request::Verify { resource: resource.clone(), repair: *repair })?;
+            if *json && resp.ok {
+                println!("{}", serde_json::to_string_pretty(&resp.verify)?);
+                return Ok(ExitCode::SUCCESS);
+            }
+            for r in resp.verify.iter().flatten() {
+                println!("{}: {} of {} bytes differ", r.peer, r.differing_bytes, r.checked_bytes);
+                for (off, len) in r.ranges.iter().take(20) {
+                    println!("  [{off}, +{len})");
+                }
+                if r.ranges.len() > 20 {
+                    println!("  ... {} more ranges", r.ranges.len() - 20);
+                }
+            }
+            verb(resp)
+        }
+        Command::CreateMd { resource } => {
+            let cfg = Config::load(&cli.config)?;
+            let node = node_name(&cli, &cfg)?;
+            let r =
+                cfg.resource(resource).ok_or_else(|| anyhow!("no resource {resource:?} in the config"))?;
+            println!("{}", tandem_agent::daemon::resource::create_md(&cfg.cluster, &node, r)?);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::DumpMd { resource, json } => {
+            let cfg = Config::load(&cli.config)?;
+            let node = node_name(&cli, &cfg)?;
+            let r =
+                cfg.resource(resource).ok_or_else(|| anyhow!("no resource {resource:?} in the config"))?;
+            let disk =
+                r.disks.get(&node).ok_or_else(|| anyhow!("resource {resource} has no disk on {node}"))?;
+            let dump = tandem_agent::meta::dump(&disk.meta)?;
+            if *json {
+                println!("{}", serde_json::to_string_pretty(&dump)?);
+            } else {
+                print!("{}", dump.render());
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Demo { messages, size, keep, workdir } => {
             let ok = demo::run(&demo::DemoOptions {
                 messages: *messages,
@@ -110,5 +159,27 @@ fn verb(resp: control::Response) -> Result<ExitCode> {
     } else {
         eprintln!("error: {}", resp.error.unwrap_or_else(|| "failed".into()));
         Ok(ExitCode::from(1))
+    }
+}
+
+/// On a terminal, draws each running resync as a progress bar.
+fn draw_resync_bars(status: &tandem_agent::status::NodeStatus) {
+    use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+    if !std::io::IsTerminal::is_terminal(&std::io::stdout()) {
+        return;
+    }
+    for r in &status.resources {
+        for p in &r.peers {
+            let Some(rs) = p.resync.as_ref().filter(|x| x.active) else { continue };
+            let pb = ProgressBar::with_draw_target(Some(rs.total_bytes), ProgressDrawTarget::stdout());
+            if let Ok(style) = ProgressStyle::with_template(
+                "{msg} [{bar:40}] {percent}% {bytes}/{total_bytes} ({bytes_per_sec}, eta {eta})",
+            ) {
+                pb.set_style(style.progress_chars("=> "));
+            }
+            pb.set_message(format!("{} -> {}", r.name, p.node));
+            pb.set_position(rs.done_bytes);
+            pb.abandon();
+        }
     }
 }

@@ -20,6 +20,8 @@ pub struct ResourceStatus {
     /// The block device on the primary, e.g. "/dev/loop3"; null on a secondary.
     pub device: Option<String>,
     pub size: u64,
+    /// The data generation this node holds (hex).
+    pub generation: String,
     pub peers: Vec<PeerStatus>,
     pub stats: ResourceStats,
 }
@@ -29,7 +31,7 @@ pub struct PeerStatus {
     pub node: String,
     /// "connected" | "connecting" | "standalone"
     pub connection: String,
-    /// "established" (replicating) | "off"
+    /// "established" (replicating) | "sync_source" | "sync_target" | "split_brain" | "off"
     pub replication: String,
     /// "sync" | "memory" | "async"
     pub mode: String,
@@ -39,7 +41,76 @@ pub struct PeerStatus {
     pub peer_disk: Option<String>,
     /// Requests sent to the peer and not yet durably acknowledged.
     pub pending_requests: usize,
+    /// Resync progress with this peer (this node as source), once one has run.
+    pub resync: Option<ResyncStatus>,
     pub last_error: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct ResyncStatus {
+    pub active: bool,
+    pub total_bytes: u64,
+    pub done_bytes: u64,
+    pub rate_bytes_per_sec: u64,
+    pub eta_secs: Option<u64>,
+    pub elapsed_secs: u64,
+    /// Cumulative since the agent started: block data sent, hashes sent (checksum mode),
+    /// and bytes found equal by checksum and not sent.
+    pub data_bytes_sent: u64,
+    pub hash_bytes_sent: u64,
+    pub equal_bytes: u64,
+}
+
+impl ResyncStatus {
+    pub fn percent(&self) -> f64 {
+        if self.total_bytes == 0 {
+            100.0
+        } else {
+            100.0 * self.done_bytes as f64 / self.total_bytes as f64
+        }
+    }
+
+    /// One line: a bar, done/total, rate and ETA.
+    pub fn line(&self) -> String {
+        let width = 30;
+        let filled = ((self.percent() / 100.0) * width as f64) as usize;
+        format!(
+            "resync [{}{}] {:.1}%  {} of {}  {}/s  ETA {}",
+            "=".repeat(filled),
+            " ".repeat(width - filled.min(width)),
+            self.percent(),
+            human_bytes(self.done_bytes),
+            human_bytes(self.total_bytes),
+            human_bytes(self.rate_bytes_per_sec),
+            self.eta_secs.map_or("-".to_string(), |s| format!("{s}s"))
+        )
+    }
+}
+
+impl From<tandem_replicator::resync::stats::ResyncProgress> for ResyncStatus {
+    fn from(p: tandem_replicator::resync::stats::ResyncProgress) -> Self {
+        Self {
+            active: p.active,
+            total_bytes: p.total_bytes,
+            done_bytes: p.done_bytes,
+            rate_bytes_per_sec: p.rate_bytes_per_sec,
+            eta_secs: p.eta_secs,
+            elapsed_secs: p.elapsed_secs,
+            data_bytes_sent: p.data_bytes_sent,
+            hash_bytes_sent: p.hash_bytes_sent,
+            equal_bytes: p.equal_bytes,
+        }
+    }
+}
+
+/// The result of `tandem verify` for one peer.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct VerifyReport {
+    pub peer: String,
+    pub checked_bytes: u64,
+    pub differing_bytes: u64,
+    /// Byte ranges `(offset, length)` that differ.
+    pub ranges: Vec<(u64, u64)>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -55,12 +126,17 @@ pub struct ResourceStats {
     pub replicated_writes: u64,
     pub replicated_bytes: u64,
     pub replicated_flushes: u64,
+    /// Resync data written on this node as target.
+    pub resync_received_bytes: u64,
     pub checksum_errors: u64,
     pub protocol_errors: u64,
     pub standby_io_errors: u64,
+    /// Activity-log transactions (metadata writes) so far, and extents now hot.
+    pub al_writes: u64,
+    pub al_hot_extents: u64,
 }
 
-fn human_bytes(b: u64) -> String {
+pub fn human_bytes(b: u64) -> String {
     const U: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
     let mut v = b as f64;
     let mut i = 0;
@@ -101,6 +177,9 @@ impl NodeStatus {
                     out += &format!("  peer:{role}/{disk}");
                 }
                 out += "\n";
+                if let Some(r) = p.resync.as_ref().filter(|r| r.active) {
+                    out += &format!("      {}\n", r.line());
+                }
                 if let Some(e) = &p.last_error {
                     out += &format!("      last error: {e}\n");
                 }

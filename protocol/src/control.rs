@@ -106,8 +106,10 @@ pub enum ControlMsg {
     OpenStream { resource: String, purpose: StreamPurpose },
     /// Part of the sender's dirty bitmap for the receiver, as byte ranges; `last` ends it.
     Bitmap { resource: String, runs: Vec<(u64, u64)>, last: bool },
-    /// The sender (sync source) starts a resync of the receiver.
-    ResyncStart { resource: String, kind: ResyncKind, total_bytes: u64 },
+    /// The sender (sync source) starts a resync of the receiver. The receiver takes on the
+    /// source's generation while it stays inconsistent, so an interrupted resync resumes
+    /// from the source's bitmap instead of starting over.
+    ResyncStart { resource: String, kind: ResyncKind, total_bytes: u64, generation: Generation },
     /// Every block of the resync is on the receiver's disk; it now holds `generation`.
     ResyncDone { resource: String, generation: Generation },
     /// The sender discards its copy and asks for a full resync from the receiver.

@@ -112,3 +112,81 @@ pub fn read_at(path: &Path, offset: u64, len: usize) -> Vec<u8> {
 pub fn secs(s: u64) -> Duration {
     Duration::from_secs(s)
 }
+
+/// Runs `tandem --config <lab config> --node NODE ARGS...`.
+pub fn tandem_cli(lab: &Lab, node: &str, args: &[&str]) -> std::process::Output {
+    std::process::Command::new(lab.exe())
+        .arg("--config")
+        .arg(&lab.config)
+        .args(["--node", node])
+        .args(args)
+        .output()
+        .expect("run tandem")
+}
+
+/// Runs a CLI verb that must succeed; returns its stdout.
+pub fn tandem_ok(lab: &Lab, node: &str, args: &[&str]) -> String {
+    let out = tandem_cli(lab, node, args);
+    assert!(
+        out.status.success(),
+        "tandem {args:?} on {node} failed: {}{}",
+        String::from_utf8_lossy(&out.stderr),
+        String::from_utf8_lossy(&out.stdout)
+    );
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
+
+/// Writes stamped blocks with O_DIRECT through one open descriptor and remembers the
+/// newest version written at each offset.
+pub struct BlockWriter {
+    file: std::fs::File,
+    pub run: u64,
+    pub written: std::collections::BTreeMap<u64, u64>,
+}
+
+impl BlockWriter {
+    pub fn open(dev: &str, run: u64, sync: bool) -> Self {
+        let flags = libc::O_DIRECT | if sync { libc::O_DSYNC } else { 0 };
+        let file = OpenOptions::new().write(true).custom_flags(flags).open(dev).expect("open device");
+        Self { file, run, written: Default::default() }
+    }
+
+    pub fn write(&mut self, offset: u64) -> std::io::Result<()> {
+        let version = self.written.get(&offset).map_or(1, |v| v + 1);
+        let a = Aligned::new(&stamped_block(offset, self.run, version));
+        self.file.write_all_at(a.slice(BLOCK), offset)?;
+        self.written.insert(offset, version);
+        Ok(())
+    }
+
+    pub fn sync(&self) {
+        self.file.sync_all().expect("fsync device");
+    }
+}
+
+/// Checks that `image` holds, at every offset in `written`, the stamped block of that
+/// version (the newest write made there); returns the offsets that do not.
+pub fn stale_blocks(image: &Path, run: u64, written: &std::collections::BTreeMap<u64, u64>) -> Vec<u64> {
+    let f = std::fs::File::open(image).expect("open image");
+    let mut buf = vec![0u8; BLOCK];
+    written
+        .iter()
+        .filter(|(off, v)| {
+            f.read_exact_at(&mut buf, **off).expect("read image");
+            buf != stamped_block(**off, run, **v)
+        })
+        .map(|(o, _)| *o)
+        .collect()
+}
+
+/// Polls until `pred` holds for `node`'s status of its only resource.
+pub fn wait_until(
+    lab: &Lab,
+    node: &str,
+    what: &str,
+    timeout: Duration,
+    pred: impl Fn(&tandem_agent::status::ResourceStatus) -> bool,
+) -> tandem_agent::status::ResourceStatus {
+    lab.wait_for(node, what, timeout, pred)
+        .unwrap_or_else(|e| panic!("{e:#}\nlog of {node}:\n{}", lab.log_text(node)))
+}

@@ -128,6 +128,11 @@ impl FakePrimary {
                 block_size: 4096,
                 role: Role::Primary,
                 disk: DiskState::UpToDate,
+                // The same blank generation as beta's new image: the two are in sync.
+                generation: Generation { current: tandem_replicator_blank(), history: vec![] },
+                bitmap_uuid: 0,
+                out_of_sync_bytes: 0,
+                crashed_primary: false,
             }],
         })
     }
@@ -147,6 +152,11 @@ impl FakePrimary {
             tokio::time::timeout(Duration::from_secs(10), r.next()).await.ok().and_then(|x| x.ok().flatten());
         (conn, w, r, answer)
     }
+}
+
+/// The generation of a brand-new image (see `tandem_replicator::generation::BLANK`).
+fn tandem_replicator_blank() -> u64 {
+    1
 }
 
 fn close_reason(e: quinn::ConnectionError) -> String {

@@ -15,7 +15,10 @@ use tandem_tests::*;
 fn frozen_standby_holds_writes_until_timeout_then_is_outdated() {
     let timeout = Duration::from_secs(2);
     let heartbeat = timeout / 5; // as the lab configures it
-    let mut lab = new_lab(&["alpha", "beta"], &LabOptions { timeout, ..Default::default() });
+                                 // A slow resync keeps beta behind long enough to observe it.
+    let opts =
+        LabOptions { timeout, resource_extra: "resync_max_rate = \"4KiB\"".into(), ..Default::default() };
+    let mut lab = new_lab(&["alpha", "beta"], &opts);
     lab.start("alpha").unwrap();
     lab.start("beta").unwrap();
     lab.wait_connected("alpha", secs(30)).unwrap();
@@ -50,20 +53,29 @@ fn frozen_standby_holds_writes_until_timeout_then_is_outdated() {
     assert!(st.peers[0].out_of_sync_bytes >= 4096, "{st:#?}");
     assert!(st.peers[0].last_error.is_some(), "{st:#?}");
     // Writes proceed without waiting now.
-    write_block_direct(&dev, 8192, &stamped_block(8192, run, 1), true).unwrap();
+    for i in 2..16u64 {
+        write_block_direct(&dev, i * 4096, &stamped_block(i * 4096, run, 1), true).unwrap();
+    }
 
     lab.signal("beta", Signal::SIGCONT).unwrap();
-    // Beta reconnects and learns from the primary that it missed writes.
-    let b = lab.wait_for("beta", "disk outdated", secs(60), |r| r.disk == "outdated").unwrap();
+    // Beta reconnects and learns from the generation IDs that the primary went on without
+    // it: it is behind, and becomes the target of a (deliberately slow) resync.
+    let b = lab
+        .wait_for("beta", "disk no longer up to date", secs(60), |r| {
+            r.disk == "outdated" || r.disk == "inconsistent"
+        })
+        .unwrap();
     assert_eq!(b.role, "secondary");
-    lab.wait_connected("alpha", secs(30)).unwrap();
+    lab.wait_for("alpha", "resync running", secs(30), |r| r.peers[0].replication == "sync_source").unwrap();
 
     // Refused while the connected peer is primary.
     let r = lab.promote("beta", false).unwrap();
     assert!(!r.ok && r.error.as_deref().unwrap().contains("alpha is primary"), "{r:?}");
-    // Primary gone: refused because the local disk is outdated — via the real CLI, with a
-    // non-zero exit and a clear message.
+    // Primary gone mid-resync: refused because the local disk is not up to date — via the
+    // real CLI, with a non-zero exit and a clear message.
     assert!(lab.stop("alpha", secs(30)).unwrap(), "alpha did not stop cleanly");
+    let disk = lab.resource_status("beta").unwrap().disk;
+    assert_ne!(disk, "up_to_date", "beta claims to be up to date after an interrupted resync");
     let out = Command::new(lab.exe())
         .args(["--config"])
         .arg(&lab.config)
@@ -71,13 +83,13 @@ fn frozen_standby_holds_writes_until_timeout_then_is_outdated() {
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "promote of an outdated disk succeeded");
-    assert!(stderr.contains("outdated") && stderr.contains("--force"), "unclear refusal: {stderr}");
+    assert!(!out.status.success(), "promote of a {disk} disk succeeded");
+    assert!(stderr.contains(&disk) && stderr.contains("--force"), "unclear refusal: {stderr}");
     assert_eq!(lab.resource_status("beta").unwrap().role, "secondary");
-    // Outdated survives a restart of the standby.
+    // The state survives a restart of the standby.
     assert!(lab.stop("beta", secs(30)).unwrap());
     lab.start("beta").unwrap();
-    assert_eq!(lab.resource_status("beta").unwrap().disk, "outdated");
+    assert_eq!(lab.resource_status("beta").unwrap().disk, disk);
     // --force is the explicit override.
     let r = lab.promote("beta", true).unwrap();
     assert!(r.ok, "{r:?}");

@@ -8,6 +8,7 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tracing::warn;
 
+use super::resource::Resource;
 use super::Agent;
 use crate::control::{Request, Response};
 
@@ -77,19 +78,63 @@ async fn dispatch(agent: &Arc<Agent>, req: Request) -> Response {
     };
     match req {
         Request::Status => Response { ok: true, status: Some(agent.status()), ..Default::default() },
-        Request::Promote { resource: name, force } => match resource(&name) {
-            Ok(r) => match r.promote(force).await {
-                Ok(m) => Response::ok(m),
-                Err(e) => Response::err(format!("{e:#}")),
-            },
+        Request::Promote { resource: name, force } => {
+            run(resource(&name), |r| async move { r.promote(force).await }).await
+        }
+        Request::Demote { resource: name } => run(resource(&name), |r| async move { r.demote().await }).await,
+        Request::Invalidate { resource: name, checksum } => {
+            run(resource(&name), |r| async move { r.invalidate(checksum) }).await
+        }
+        Request::Connect { resource: name } => {
+            let agent = agent.clone();
+            run(resource(&name), |r| async move {
+                let msg = r.admin_connect();
+                agent.drop_connections(&r.peer_names());
+                Ok(msg)
+            })
+            .await
+        }
+        Request::Disconnect { resource: name } => {
+            run(resource(&name), |r| async move { Ok(r.admin_disconnect()) }).await
+        }
+        Request::Resync { resource: name } => {
+            run(resource(&name), |r| async move { r.request_resync() }).await
+        }
+        Request::Verify { resource: name, repair } => match resource(&name) {
             Err(e) => Response::err(e),
+            Ok(r) => match r.verify(repair).await {
+                Err(e) => Response::err(format!("{e:#}")),
+                Ok(reports) => {
+                    let total: u64 = reports.iter().map(|r| r.differing_bytes).sum();
+                    let msg = if total == 0 {
+                        format!("{name}: no differences")
+                    } else {
+                        format!(
+                            "{name}: {total} bytes differ{}",
+                            if repair {
+                                "; resync started"
+                            } else {
+                                "; marked out of sync (run `tandem resync`)"
+                            }
+                        )
+                    };
+                    Response { ok: true, message: Some(msg), verify: Some(reports), ..Default::default() }
+                }
+            },
         },
-        Request::Demote { resource: name } => match resource(&name) {
-            Ok(r) => match r.demote().await {
-                Ok(m) => Response::ok(m),
-                Err(e) => Response::err(format!("{e:#}")),
-            },
-            Err(e) => Response::err(e),
+    }
+}
+
+async fn run<F, Fut>(res: Result<Arc<Resource>, String>, f: F) -> Response
+where
+    F: FnOnce(Arc<Resource>) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<String>>,
+{
+    match res {
+        Err(e) => Response::err(e),
+        Ok(r) => match f(r).await {
+            Ok(m) => Response::ok(m),
+            Err(e) => Response::err(format!("{e:#}")),
         },
     }
 }

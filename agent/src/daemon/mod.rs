@@ -69,6 +69,17 @@ impl Agent {
         }
     }
 
+    /// Closes the live connections to `nodes` so they are re-established with a fresh
+    /// handshake (after `tandem connect`).
+    pub fn drop_connections(&self, nodes: &[String]) {
+        let c = self.connections.lock().unwrap();
+        for n in nodes {
+            if let Some(conn) = c.get(n) {
+                conn.close(quinn::VarInt::from_u32(crate::transport::close_code::SHUTDOWN), b"reconnecting");
+            }
+        }
+    }
+
     pub fn status(&self) -> NodeStatus {
         NodeStatus {
             node: self.me.name.clone(),

@@ -46,15 +46,11 @@ impl PeerConn {
         self.conn.close(VarInt::from_u32(code), reason.as_bytes());
     }
 
-    /// Opens a replication stream for `resource`.
-    pub async fn open_replication(&self, resource: &str) -> Result<Link> {
+    /// Opens a stream for `resource` (replication or resync).
+    pub async fn open_stream(&self, resource: &str, purpose: StreamPurpose) -> Result<Link> {
         let (send, recv) = self.conn.open_bi().await?;
         let mut w = FrameWriter::new(send);
-        w.send(&Frame::Control(ControlMsg::OpenStream {
-            resource: resource.to_string(),
-            purpose: StreamPurpose::Replication,
-        }))
-        .await?;
+        w.send(&Frame::Control(ControlMsg::OpenStream { resource: resource.to_string(), purpose })).await?;
         Ok(spawn_link(self.conn.clone(), w, FrameReader::new(recv), self.node.clone()))
     }
 }
@@ -149,11 +145,11 @@ fn check_hello(agent: &Agent, node: &str, h: &Hello) -> Result<(), String> {
     if h.node != node {
         return Err(format!("peer says it is node {:?} but presented the certificate of {node:?}", h.node));
     }
-    for r in agent.resources.values().filter(|r| r.has_peer(node)) {
+    for r in agent.resources.values().filter(|r| r.has_peer(node) && !r.admin_down(node)) {
         let Some(theirs) = h.resources.iter().find(|x| x.name == r.name) else {
             continue;
         };
-        let mine = r.hello();
+        let mine = r.hello_for(node);
         if theirs.size != mine.size {
             return Err(format!(
                 "resource {}: size mismatch: {} has {} bytes, {} has {} bytes",
@@ -166,6 +162,8 @@ fn check_hello(agent: &Agent, node: &str, h: &Hello) -> Result<(), String> {
                 r.name, agent.me.name, mine.block_size, node, theirs.block_size
             ));
         }
+        // Split brain, unrelated data, nothing consistent on either side: refuse, say why.
+        r.precheck(node, theirs)?;
     }
     Ok(())
 }
@@ -173,11 +171,14 @@ fn check_hello(agent: &Agent, node: &str, h: &Hello) -> Result<(), String> {
 /// Runs a connection from handshake to its end. `Err` means the handshake was refused.
 async fn serve(agent: Arc<Agent>, conn: Connection, node: &str, dialed: bool) -> Result<()> {
     let timeout = agent.cfg.options.timeout;
-    let shared: Vec<_> = agent.resources.values().filter(|r| r.has_peer(node)).cloned().collect();
+    // Resources disconnected by the administrator are left out: the peer sees this node
+    // does not offer them on this connection.
+    let shared: Vec<_> =
+        agent.resources.values().filter(|r| r.has_peer(node) && !r.admin_down(node)).cloned().collect();
     let hello = Hello {
         cluster: agent.cfg.cluster.clone(),
         node: agent.me.name.clone(),
-        resources: shared.iter().map(|r| r.hello()).collect(),
+        resources: shared.iter().map(|r| r.hello_for(node)).collect(),
     };
     let (send, recv) = if dialed {
         conn.open_bi().await?
@@ -263,9 +264,24 @@ async fn serve(agent: Arc<Agent>, conn: Connection, node: &str, dialed: bool) ->
                         res.on_remote_state(node, rh);
                     }
                 }
-                Frame::Control(ControlMsg::PeerView(v)) => {
-                    if let Some(res) = agent.resources.get(&v.resource) {
-                        res.on_peer_view(node, v);
+                Frame::Control(ControlMsg::Bitmap { resource, runs, last }) => {
+                    if let Some(res) = agent.resources.get(&resource).filter(|r| r.has_peer(node)) {
+                        res.on_bitmap(node, runs, last);
+                    }
+                }
+                Frame::Control(ControlMsg::Invalidate { resource, checksum }) => {
+                    if let Some(res) = agent.resources.get(&resource).filter(|r| r.has_peer(node)) {
+                        res.on_invalidate(node, checksum);
+                    }
+                }
+                Frame::Control(ControlMsg::ResyncStart { resource, kind, total_bytes, generation }) => {
+                    if let Some(res) = agent.resources.get(&resource).filter(|r| r.has_peer(node)) {
+                        res.on_resync_start(node, kind, total_bytes, generation);
+                    }
+                }
+                Frame::Control(ControlMsg::ResyncDone { resource, generation }) => {
+                    if let Some(res) = agent.resources.get(&resource).filter(|r| r.has_peer(node)) {
+                        res.on_resync_done(node, generation);
                     }
                 }
                 Frame::Control(ControlMsg::Error { reason }) => return format!("peer reported: {reason}"),
@@ -298,16 +314,20 @@ async fn serve(agent: Arc<Agent>, conn: Connection, node: &str, dialed: bool) ->
             tokio::spawn(async move {
                 let mut r = FrameReader::new(recv);
                 match tokio::time::timeout(Duration::from_secs(10), r.next()).await {
-                    Ok(Ok(Some(Frame::Control(ControlMsg::OpenStream {
-                        resource,
-                        purpose: StreamPurpose::Replication,
-                    })))) => match agent.resources.get(&resource).filter(|res| res.has_peer(&node)) {
+                    Ok(Ok(Some(Frame::Control(ControlMsg::OpenStream { resource, purpose })))) => match agent
+                        .resources
+                        .get(&resource)
+                        .filter(|res| res.has_peer(&node) && !res.admin_down(&node))
+                    {
                         Some(res) => {
                             let link = spawn_link(pc.conn.clone(), FrameWriter::new(send), r, node.clone());
-                            res.accept_replication(&node, pc, link);
+                            match purpose {
+                                StreamPurpose::Replication => res.accept_replication(&node, pc, link),
+                                StreamPurpose::Resync => res.accept_resync(&node, pc, link),
+                            }
                         }
                         None => {
-                            warn!(peer = %node, "stream for unknown resource {resource:?} ignored")
+                            warn!(peer = %node, "stream for unknown or disconnected resource {resource:?} ignored")
                         }
                     },
                     other => {

@@ -44,16 +44,21 @@ impl ResyncReader for Volume {
     }
 }
 
-/// A source that is not primary: nothing writes to its store, so there are no replicated
-/// writes to order against; chunks are numbered by a counter so each has its own key.
+/// A source that is not primary: nothing writes to its store. Chunks take their numbers
+/// from the resource's change-stream counter, so a chunk read before this node becomes
+/// primary is older than every write it makes as primary.
 pub struct StoreReader {
     store: Arc<dyn BlockStore>,
-    next: std::sync::atomic::AtomicU64,
+    next: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl StoreReader {
     pub fn new(store: Arc<dyn BlockStore>) -> Self {
-        Self { store, next: std::sync::atomic::AtomicU64::new(1) }
+        Self::with_counter(store, Arc::new(std::sync::atomic::AtomicU64::new(1)))
+    }
+
+    pub fn with_counter(store: Arc<dyn BlockStore>, next: Arc<std::sync::atomic::AtomicU64>) -> Self {
+        Self { store, next }
     }
 }
 

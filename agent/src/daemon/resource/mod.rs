@@ -1,0 +1,564 @@
+//! One replicated resource on this node: its image, metadata, role, dirty tracking, and
+//! what it knows about each peer. Role changes are serialised by one async lock; status
+//! reads never wait for a role change in progress.
+//!
+//! - `roles`: promotion and demotion rules;
+//! - `sync`: what happens when a peer connects (the generation-ID decision), resync as
+//!   source and as target;
+//! - `verify`: online verify;
+//! - `persist`: the activity log's and bitmaps' way to the metadata file.
+
+mod persist;
+mod roles;
+mod sync;
+mod verify;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use anyhow::{anyhow, bail, Context, Result};
+use tandem_protocol::{ControlMsg, ResourceHello, Role};
+use tandem_replicator::generation::{BLANK, UNKNOWN};
+use tandem_replicator::resync::stats::ResyncStats;
+use tandem_replicator::{ActivityLog, ApplierStats, DirtyBitmap, PeerHandle, TargetState, Volume};
+use tracing::{error, info, warn};
+
+use crate::config;
+use crate::daemon::peer_link::PeerConn;
+use crate::frontend::FuseLoop;
+use crate::meta::{DiskState, MetaFile, MetaRecord, AL_MAX_EXTENTS};
+use crate::status::{PeerStatus, ResourceStats, ResourceStatus, ResyncStatus};
+use crate::storage::FileStore;
+use crate::transport::close_code;
+use persist::{persist_all_bitmaps, MetaAl};
+pub use sync::SyncRole;
+pub use verify::VerifyReport;
+
+/// The logical block size the volume exposes (the loop device's sector size).
+pub const LOGICAL_BLOCK: u32 = 4096;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConnState {
+    Connecting,
+    Connected,
+    StandAlone,
+}
+
+impl ConnState {
+    fn as_str(self) -> &'static str {
+        match self {
+            ConnState::Connecting => "connecting",
+            ConnState::Connected => "connected",
+            ConnState::StandAlone => "standalone",
+        }
+    }
+}
+
+struct PeerState {
+    conn: Option<PeerConn>,
+    state: ConnState,
+    remote: Option<ResourceHello>,
+    /// Primary side: the replication session to this peer.
+    session: Option<PeerHandle>,
+    /// Secondary side: applying this peer's stream.
+    applying: bool,
+    /// What the last connect decided for this pair.
+    sync: SyncRole,
+    /// `tandem disconnect`: do not use connections to this peer for this resource.
+    admin_down: bool,
+    last_error: Option<String>,
+}
+
+enum RoleState {
+    Secondary,
+    Primary { volume: Arc<Volume>, frontend: Box<FuseLoop> },
+}
+
+pub struct Resource {
+    pub name: String,
+    cfg: config::Resource,
+    me: String,
+    store: Arc<FileStore>,
+    meta: Arc<Mutex<MetaFile>>,
+    role: tokio::sync::Mutex<RoleState>,
+    /// Snapshot of the role for readers that must not wait: (volume, device) when primary.
+    current: Mutex<Option<(Arc<Volume>, String)>>,
+    peers: Mutex<BTreeMap<String, PeerState>>,
+    bitmaps: BTreeMap<String, Arc<Mutex<DirtyBitmap>>>,
+    resync_stats: BTreeMap<String, Arc<ResyncStats>>,
+    al: Arc<ActivityLog>,
+    /// Receiving side shared by replication and resync streams.
+    target: Arc<TargetState>,
+    applier_stats: Arc<ApplierStats>,
+    /// Only one replication stream is applied at a time; a new one waits for the old.
+    apply_lock: Arc<tokio::sync::Mutex<()>>,
+    mountpoint: PathBuf,
+    /// The resource's change-stream position while this node is not primary (resync reads
+    /// take numbers from it; a promotion continues from it).
+    seq: Arc<std::sync::atomic::AtomicU64>,
+}
+
+fn new_generation() -> u64 {
+    loop {
+        let g: u64 = rand::random();
+        if g > BLANK {
+            return g;
+        }
+    }
+}
+
+impl Resource {
+    /// Opens (creating if needed) the image and metadata of `cfg` on node `me`, and replays
+    /// the activity log if this node crashed while primary.
+    pub fn open(
+        cluster: &str,
+        me: &str,
+        run_dir: &std::path::Path,
+        cfg: &config::Resource,
+    ) -> Result<Arc<Self>> {
+        let disk =
+            cfg.disks.get(me).ok_or_else(|| anyhow!("resource {} has no disk on node {me}", cfg.name))?;
+        let meta = open_or_create_meta(cluster, me, cfg, &disk.image, &disk.meta)?;
+        let store = Arc::new(
+            FileStore::open(&disk.image, cfg.size).with_context(|| format!("resource {}", cfg.name))?,
+        );
+        let mut meta = meta;
+        for p in cfg.peers_of(me) {
+            if meta.record().peer(&p).is_none() {
+                meta.update(|m| {
+                    m.peer_mut(&p);
+                })?;
+            }
+        }
+        let mut bitmaps = BTreeMap::new();
+        let mut peers = BTreeMap::new();
+        let mut resync_stats = BTreeMap::new();
+        for p in cfg.peers_of(me) {
+            let bm = meta.load_bitmap(&p).with_context(|| format!("resource {}", cfg.name))?;
+            bitmaps.insert(p.clone(), Arc::new(Mutex::new(bm)));
+            resync_stats.insert(p.clone(), Arc::new(ResyncStats::default()));
+            peers.insert(
+                p,
+                PeerState {
+                    conn: None,
+                    state: ConnState::Connecting,
+                    remote: None,
+                    session: None,
+                    applying: false,
+                    sync: SyncRole::None,
+                    admin_down: false,
+                    last_error: None,
+                },
+            );
+        }
+        // Crash recovery: every block of a hot extent may differ from every peer.
+        let hot = meta.load_al().unwrap_or_else(|e| {
+            warn!(resource = %cfg.name, "{e:#}; treating the whole volume as hot");
+            (0..cfg.size.div_ceil(cfg.al_extent_size) as u32).collect()
+        });
+        if meta.record().primary {
+            let ext = meta.record().al_extent_size;
+            warn!(resource = %cfg.name, hot_extents = hot.len(),
+                  "this node was primary when its agent stopped uncleanly: marking its activity log out of sync for every peer");
+            for bm in bitmaps.values() {
+                let mut bm = bm.lock().unwrap();
+                for e in &hot {
+                    bm.set_range(*e as u64 * ext, ext);
+                }
+            }
+            let meta_m = Mutex::new(meta);
+            persist_all_bitmaps(&meta_m, &bitmaps)?;
+            meta = meta_m.into_inner().unwrap();
+            meta.update(|m| {
+                m.primary = false;
+                m.crashed_primary = true;
+            })?;
+        }
+        meta.store_al(&[])?;
+        // The log is empty now: new transactions may use the configured extent size.
+        meta.update(|m| m.al_extent_size = cfg.al_extent_size)?;
+        let seq = Arc::new(std::sync::atomic::AtomicU64::new(meta.record().next_seq.max(1)));
+        let meta = Arc::new(Mutex::new(meta));
+        let al_store = Arc::new(MetaAl {
+            meta: meta.clone(),
+            bitmaps: bitmaps.clone(),
+            extent_size: cfg.al_extent_size,
+            granularity: cfg.bitmap_granularity,
+        });
+        let al = ActivityLog::new(cfg.al_extent_size, cfg.al_extents.min(AL_MAX_EXTENTS), al_store, &[]);
+        let applier_stats = Arc::new(ApplierStats::default());
+        let r = Arc::new(Self {
+            name: cfg.name.clone(),
+            cfg: cfg.clone(),
+            me: me.to_string(),
+            target: TargetState::new(store.clone(), applier_stats.clone()),
+            store,
+            meta,
+            role: tokio::sync::Mutex::new(RoleState::Secondary),
+            current: Mutex::new(None),
+            peers: Mutex::new(peers),
+            bitmaps,
+            resync_stats,
+            al,
+            applier_stats,
+            apply_lock: Arc::new(tokio::sync::Mutex::new(())),
+            mountpoint: run_dir.join("fuse").join(&cfg.name),
+            seq,
+        });
+        crate::frontend::prepare_mountpoint(&r.mountpoint)?;
+        Ok(r)
+    }
+
+    fn update_meta(&self, f: impl FnOnce(&mut MetaRecord)) -> Result<()> {
+        self.meta.lock().unwrap().update(f)
+    }
+
+    fn record(&self) -> MetaRecord {
+        self.meta.lock().unwrap().record().clone()
+    }
+
+    pub fn disk(&self) -> DiskState {
+        self.meta.lock().unwrap().record().disk
+    }
+
+    fn set_disk(&self, d: DiskState, why: &str) {
+        if self.disk() == d {
+            return;
+        }
+        warn!(resource = %self.name, "local disk is now {}: {why}", d.as_str());
+        if let Err(e) = self.update_meta(|m| m.disk = d) {
+            error!(resource = %self.name, "cannot record disk state: {e:#}");
+        }
+    }
+
+    pub fn is_primary(&self) -> bool {
+        self.current.lock().unwrap().is_some()
+    }
+
+    fn volume(&self) -> Option<Arc<Volume>> {
+        self.current.lock().unwrap().as_ref().map(|(v, _)| v.clone())
+    }
+
+    pub fn has_peer(&self, node: &str) -> bool {
+        self.bitmaps.contains_key(node)
+    }
+
+    /// This node's part of the handshake with `peer` for this resource.
+    pub fn hello_for(&self, peer: &str) -> ResourceHello {
+        let rec = self.record();
+        ResourceHello {
+            name: self.name.clone(),
+            size: self.cfg.size,
+            block_size: LOGICAL_BLOCK,
+            role: if self.is_primary() { Role::Primary } else { Role::Secondary },
+            disk: rec.disk.to_wire(),
+            generation: rec.generation(),
+            bitmap_uuid: rec.peer(peer).map_or(0, |p| p.bitmap_uuid),
+            out_of_sync_bytes: self.bitmaps.get(peer).map_or(0, |b| b.lock().unwrap().dirty_bytes()),
+            crashed_primary: rec.crashed_primary,
+        }
+    }
+
+    fn broadcast_state(&self) {
+        for (name, p) in self.peers.lock().unwrap().iter() {
+            if let (Some(c), false) = (&p.conn, p.admin_down) {
+                c.send_control(ControlMsg::ResourceState(self.hello_for(name)));
+            }
+        }
+    }
+
+    /// Writes every bitmap in full (progress record, clean shutdown).
+    fn persist_bitmaps(&self) {
+        if let Err(e) = persist_all_bitmaps(&self.meta, &self.bitmaps) {
+            error!(resource = %self.name, "cannot persist dirty bitmaps: {e}");
+        }
+    }
+
+    fn conn_of(&self, peer: &str) -> Option<PeerConn> {
+        self.peers.lock().unwrap().get(peer).and_then(|p| p.conn.clone())
+    }
+
+    // ---------------------------------------------------------------- connection events
+
+    pub fn peer_disconnected(&self, peer: &str, conn_id: usize, reason: &str, refused: bool) {
+        let mut peers = self.peers.lock().unwrap();
+        let Some(p) = peers.get_mut(peer) else { return };
+        if p.conn.as_ref().is_some_and(|c| c.id() != conn_id) {
+            return; // a newer connection already replaced this one
+        }
+        p.conn = None;
+        p.remote = None;
+        if !matches!(p.sync, SyncRole::SplitBrain | SyncRole::Refused(_)) {
+            p.sync = SyncRole::None;
+        }
+        p.state = if refused || p.admin_down { ConnState::StandAlone } else { ConnState::Connecting };
+        p.last_error = Some(reason.to_string());
+    }
+
+    /// A connection attempt was refused before it could be established.
+    pub fn peer_refused(&self, peer: &str, reason: &str) {
+        let mut peers = self.peers.lock().unwrap();
+        if let Some(p) = peers.get_mut(peer) {
+            if p.conn.is_none() {
+                p.state = ConnState::StandAlone;
+                p.last_error = Some(reason.to_string());
+            }
+        }
+    }
+
+    fn role_conflict(&self, conn: &PeerConn) {
+        let reason = format!("resource {}: both {} and {} are primary", self.name, self.me, conn.node);
+        error!("{reason}; disconnecting");
+        conn.close(close_code::ROLE_CONFLICT, &reason);
+    }
+
+    pub fn on_remote_state(&self, peer: &str, remote: ResourceHello) {
+        let (conn, sync) = {
+            let mut peers = self.peers.lock().unwrap();
+            let Some(p) = peers.get_mut(peer) else { return };
+            if p.admin_down {
+                return;
+            }
+            p.remote = Some(remote.clone());
+            (p.conn.clone(), p.sync)
+        };
+        info!(resource = %self.name, peer, "peer is now {:?}/{:?}", remote.role, remote.disk);
+        if remote.role == Role::Primary && self.is_primary() {
+            if let Some(c) = conn {
+                self.role_conflict(&c);
+            }
+            return;
+        }
+        // An in-sync secondary follows its primary's generation.
+        if remote.role == Role::Primary && sync == SyncRole::InSync && self.disk() == DiskState::UpToDate {
+            let g = remote.generation;
+            if g.current != self.record().current_generation {
+                if let Err(e) = self.update_meta(|m| {
+                    m.current_generation = g.current;
+                    m.history = g.history.clone();
+                }) {
+                    error!(resource = %self.name, "cannot record generation: {e:#}");
+                }
+            }
+        }
+    }
+
+    // ---------------------------------------------------------------- admin connect/disconnect
+
+    /// `tandem disconnect`: stop replicating with every peer and stay apart until `connect`.
+    pub fn admin_disconnect(&self) -> String {
+        let conns: Vec<PeerConn> = {
+            let mut peers = self.peers.lock().unwrap();
+            peers
+                .values_mut()
+                .filter_map(|p| {
+                    p.admin_down = true;
+                    p.state = ConnState::StandAlone;
+                    p.remote = None;
+                    p.sync = SyncRole::None;
+                    if let Some(s) = p.session.take() {
+                        s.close("disconnected by the administrator");
+                    }
+                    p.conn.take()
+                })
+                .collect()
+        };
+        for c in conns {
+            // One connection carries every resource of the pair; dropping it is how the
+            // peer learns. It redials, and this resource ignores it until `connect`.
+            c.close(
+                close_code::SHUTDOWN,
+                &format!("resource {} disconnected by the administrator", self.name),
+            );
+        }
+        self.persist_bitmaps();
+        format!("{} disconnected from its peers; `tandem connect {}` resumes", self.name, self.name)
+    }
+
+    pub fn admin_connect(&self) -> String {
+        for p in self.peers.lock().unwrap().values_mut() {
+            p.admin_down = false;
+            if p.state == ConnState::StandAlone {
+                p.state = ConnState::Connecting;
+            }
+            if matches!(p.sync, SyncRole::Refused(_)) {
+                p.sync = SyncRole::None;
+            }
+        }
+        format!("{} will connect to its peers", self.name)
+    }
+
+    pub fn peer_names(&self) -> Vec<String> {
+        self.bitmaps.keys().cloned().collect()
+    }
+
+    pub fn admin_down(&self, peer: &str) -> bool {
+        self.peers.lock().unwrap().get(peer).is_some_and(|p| p.admin_down)
+    }
+
+    // ---------------------------------------------------------------- status
+
+    pub fn status(&self) -> ResourceStatus {
+        let current = self.current.lock().unwrap().clone();
+        let replication: BTreeMap<String, _> = current
+            .as_ref()
+            .map(|(v, _)| v.peers().into_iter().map(|p| (p.name.clone(), p)).collect())
+            .unwrap_or_default();
+        let rec = self.record();
+        let peers = self
+            .peers
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(name, p)| {
+                let rep = replication.get(name);
+                let progress = self.resync_stats[name].progress();
+                let replicating = rep.is_some_and(|r| r.connected) || p.applying;
+                let replication = match p.sync {
+                    SyncRole::Source { .. } if progress.active || p.conn.is_some() => "sync_source",
+                    SyncRole::Target { .. } if p.conn.is_some() => "sync_target",
+                    SyncRole::SplitBrain => "split_brain",
+                    _ if replicating => "established",
+                    _ => "off",
+                };
+                PeerStatus {
+                    node: name.clone(),
+                    connection: p.state.as_str().to_string(),
+                    replication: replication.to_string(),
+                    mode: self.cfg.mode.to_string(),
+                    out_of_sync_bytes: self.bitmaps[name].lock().unwrap().dirty_bytes(),
+                    peer_role: p.remote.as_ref().map(|r| match r.role {
+                        Role::Primary => "primary".to_string(),
+                        Role::Secondary => "secondary".to_string(),
+                    }),
+                    peer_disk: p.remote.as_ref().map(|r| DiskState::from_wire(r.disk).as_str().to_string()),
+                    pending_requests: rep.map_or(0, |r| r.pending_requests),
+                    resync: (progress.active || progress.data_bytes_sent > 0 || progress.hash_bytes_sent > 0)
+                        .then(|| ResyncStatus::from(progress)),
+                    last_error: p.last_error.clone(),
+                }
+            })
+            .collect();
+        let a = &self.applier_stats;
+        let al = self.al.stats();
+        let mut stats = ResourceStats {
+            replicated_writes: a.writes.get(),
+            replicated_bytes: a.write_bytes.get(),
+            replicated_flushes: a.flushes.get(),
+            resync_received_bytes: a.resync_bytes.get(),
+            checksum_errors: a.checksum_errors.get(),
+            protocol_errors: a.protocol_errors.get(),
+            standby_io_errors: a.io_errors.get(),
+            al_writes: al.transactions,
+            al_hot_extents: al.hot as u64,
+            ..Default::default()
+        };
+        if let Some((v, _)) = &current {
+            let s = &v.stats;
+            stats.writes = s.writes.get();
+            stats.write_bytes = s.write_bytes.get();
+            stats.flushes = s.flushes.get();
+            stats.discards = s.discards.get();
+            stats.reads = s.reads.get();
+            stats.local_io_errors = s.local_io_errors.get();
+        }
+        ResourceStatus {
+            name: self.name.clone(),
+            role: if current.is_some() { "primary" } else { "secondary" }.to_string(),
+            disk: rec.disk.as_str().to_string(),
+            device: current.map(|(_, d)| d),
+            size: self.cfg.size,
+            generation: format!("{:016x}", rec.current_generation),
+            peers,
+            stats,
+        }
+    }
+}
+
+fn open_or_create_meta(
+    cluster: &str,
+    me: &str,
+    cfg: &config::Resource,
+    image: &std::path::Path,
+    meta_path: &std::path::Path,
+) -> Result<MetaFile> {
+    if meta_path.exists() {
+        let m = MetaFile::open(meta_path).with_context(|| format!("resource {}", cfg.name))?;
+        check_identity(m.record(), cluster, me, cfg)?;
+        if !image.exists() {
+            bail!(
+                "resource {}: metadata {} exists but the image {} does not; refusing to create an empty \
+                 image under metadata that describes data (move the metadata away to start fresh)",
+                cfg.name,
+                meta_path.display(),
+                image.display()
+            );
+        }
+        return Ok(m);
+    }
+    let created = FileStore::create_if_missing(image, cfg.size, cfg.allocate_full)?;
+    // A brand-new image is all zeroes, like every other brand-new image: it is a valid copy
+    // (generation BLANK). An image that existed without metadata holds unknown data.
+    let (disk, generation) =
+        if created { (DiskState::UpToDate, BLANK) } else { (DiskState::Inconsistent, UNKNOWN) };
+    if !created {
+        warn!(resource = %cfg.name, image = %image.display(),
+              "existing image without metadata: marked inconsistent until synced or promoted with --force");
+    }
+    MetaFile::create(
+        meta_path,
+        MetaRecord {
+            cluster: cluster.to_string(),
+            resource: cfg.name.clone(),
+            node: me.to_string(),
+            size: cfg.size,
+            bitmap_granularity: cfg.bitmap_granularity,
+            al_extent_size: cfg.al_extent_size,
+            disk,
+            primary: false,
+            crashed_primary: false,
+            next_seq: 1,
+            current_generation: generation,
+            history: Vec::new(),
+            peers: Vec::new(),
+            checksum_resync_requested: false,
+        },
+    )
+}
+
+/// `tandem create-md`: creates the metadata (and, if missing, the image) without an agent.
+pub fn create_md(cluster: &str, me: &str, cfg: &config::Resource) -> Result<String> {
+    let disk = cfg.disks.get(me).ok_or_else(|| anyhow!("resource {} has no disk on node {me}", cfg.name))?;
+    if disk.meta.exists() {
+        bail!("{} already exists; move it away first if you really want new metadata", disk.meta.display());
+    }
+    let m = open_or_create_meta(cluster, me, cfg, &disk.image, &disk.meta)?;
+    Ok(format!("created {} for {} on {me}: disk {}", disk.meta.display(), cfg.name, m.record().disk.as_str()))
+}
+
+fn check_identity(m: &MetaRecord, cluster: &str, me: &str, cfg: &config::Resource) -> Result<()> {
+    let mut problems = Vec::new();
+    if m.cluster != cluster {
+        problems.push(format!("cluster {:?} (config: {cluster:?})", m.cluster));
+    }
+    if m.resource != cfg.name {
+        problems.push(format!("resource {:?} (config: {:?})", m.resource, cfg.name));
+    }
+    if m.node != me {
+        problems.push(format!("node {:?} (config: {me:?})", m.node));
+    }
+    if m.size != cfg.size {
+        problems.push(format!("size {} (config: {})", m.size, cfg.size));
+    }
+    if m.bitmap_granularity != cfg.bitmap_granularity {
+        problems.push(format!(
+            "bitmap granularity {} (config: {})",
+            m.bitmap_granularity, cfg.bitmap_granularity
+        ));
+    }
+    if !problems.is_empty() {
+        bail!("metadata belongs to a different volume: {}", problems.join(", "));
+    }
+    Ok(())
+}

@@ -1,0 +1,173 @@
+//! Promotion and demotion.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use anyhow::{bail, Result};
+use tandem_protocol::Role;
+use tandem_replicator::{PeerConfig, PeerHandle, Volume};
+use tracing::{error, info, warn};
+
+use super::sync::{rotate_generation, SyncRole};
+use super::{Resource, RoleState};
+use crate::frontend::{Frontend, FuseLoop};
+use crate::meta::DiskState;
+
+impl Resource {
+    pub async fn promote(self: &Arc<Self>, force: bool) -> Result<String> {
+        let mut role = self.role.lock().await;
+        if matches!(*role, RoleState::Primary { .. }) {
+            return Ok(format!("{} is already primary here", self.name));
+        }
+        let primary_peer = self.peers.lock().unwrap().iter().find_map(|(n, p)| {
+            (p.conn.is_some() && p.remote.as_ref().is_some_and(|r| r.role == Role::Primary))
+                .then(|| n.clone())
+        });
+        if let Some(n) = primary_peer {
+            bail!("refusing to promote {}: peer {n} is primary (demote it first)", self.name);
+        }
+        let disk = self.disk();
+        if disk != DiskState::UpToDate && !force {
+            bail!(
+                "refusing to promote {}: the local disk is {} (it may lack writes the last primary made); \
+                 use --force only if you know this copy is the one to keep",
+                self.name,
+                disk.as_str()
+            );
+        }
+        if disk != DiskState::UpToDate {
+            warn!(resource = %self.name, "forced promotion of a {} disk: every peer will need a full resync", disk.as_str());
+            for bm in self.bitmaps.values() {
+                bm.lock().unwrap().set_all();
+            }
+            self.persist_bitmaps();
+        }
+        // A new generation for the data we are about to write. Peers connected and in sync
+        // follow it; for the others the old one becomes their bitmap ID.
+        let in_sync: Vec<String> = self
+            .peers
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(_, p)| p.conn.is_some() && p.sync == SyncRole::InSync)
+            .map(|(n, _)| n.clone())
+            .collect();
+        let peers: Vec<String> = self.bitmaps.keys().cloned().collect();
+        self.update_meta(|m| {
+            let old = rotate_generation(m);
+            for p in peers.iter().filter(|p| !in_sync.contains(p)) {
+                let pm = m.peer_mut(p);
+                if pm.bitmap_uuid == 0 && !force {
+                    pm.bitmap_uuid = old;
+                }
+            }
+            m.primary = true;
+            m.disk = DiskState::UpToDate;
+        })?;
+        let peer_cfgs = self
+            .bitmaps
+            .iter()
+            .map(|(n, bm)| PeerConfig { name: n.clone(), mode: self.cfg.mode, bitmap: bm.clone() })
+            .collect();
+        let volume = Volume::with_activity_log(
+            self.store.clone(),
+            peer_cfgs,
+            self.seq.load(Ordering::SeqCst),
+            self.cfg.timeout,
+            (!self.bitmaps.is_empty()).then(|| self.al.clone()),
+        );
+        let (v, mp) = (volume.clone(), self.mountpoint.clone());
+        let frontend = match tokio::task::spawn_blocking(move || FuseLoop::start(v, &mp)).await? {
+            Ok(f) => Box::new(f),
+            Err(e) => {
+                self.update_meta(|m| m.primary = false)?;
+                return Err(e.context(format!("cannot start the device for {}", self.name)));
+            }
+        };
+        let device = frontend.device().to_string();
+        *self.current.lock().unwrap() = Some((volume.clone(), device.clone()));
+        *role = RoleState::Primary { volume, frontend };
+        drop(role);
+        info!(resource = %self.name, device = %device, "promoted to primary");
+        self.broadcast_state();
+        let replicate: Vec<String> = self
+            .peers
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(_, p)| p.conn.is_some() && matches!(p.sync, SyncRole::InSync | SyncRole::Source { .. }))
+            .map(|(n, _)| n.clone())
+            .collect();
+        for p in replicate {
+            self.start_replication(&p).await;
+        }
+        Ok(format!("{} is primary on {}; device {device}", self.name, self.me))
+    }
+
+    pub async fn demote(self: &Arc<Self>) -> Result<String> {
+        let mut role = self.role.lock().await;
+        let RoleState::Primary { volume, frontend } = std::mem::replace(&mut *role, RoleState::Secondary)
+        else {
+            return Ok(format!("{} is already secondary here", self.name));
+        };
+        let device = frontend.device().to_string();
+        let stopped = tokio::task::spawn_blocking(move || frontend.stop()).await?;
+        if let Err((frontend, e)) = stopped {
+            *role = RoleState::Primary { volume, frontend };
+            return Err(e.context(format!("cannot demote {}", self.name)));
+        }
+        self.release_primary(&volume).await;
+        drop(role);
+        info!(resource = %self.name, device = %device, "demoted to secondary");
+        self.broadcast_state();
+        Ok(format!("{} is secondary on {}; device {device} removed", self.name, self.me))
+    }
+
+    /// After the device is gone: a last barrier so every peer holds everything, the
+    /// sessions closed, and the metadata saying we are no longer primary.
+    async fn release_primary(&self, volume: &Arc<Volume>) {
+        *self.current.lock().unwrap() = None;
+        if let Err(e) = volume.submit_flush().await {
+            warn!(resource = %self.name, "final flush failed: {e}");
+        }
+        let sessions: Vec<PeerHandle> =
+            self.peers.lock().unwrap().values_mut().filter_map(|p| p.session.take()).collect();
+        for s in &sessions {
+            s.close("primary demoted");
+        }
+        for s in &sessions {
+            s.closed().await;
+        }
+        let next_seq = volume.next_seq();
+        self.seq.store(next_seq, Ordering::SeqCst);
+        self.persist_bitmaps();
+        if let Err(e) = self.update_meta(|m| {
+            m.primary = false;
+            m.next_seq = next_seq;
+        }) {
+            error!(resource = %self.name, "cannot record the demotion: {e:#}");
+        }
+    }
+
+    /// Agent shutdown: demote if possible; if the device is in use, tear it down anyway
+    /// (the filesystem on it will see I/O errors) after making peers durable.
+    pub async fn shutdown(self: &Arc<Self>) {
+        if self.is_primary() {
+            match self.demote().await {
+                Ok(m) => info!("{m}"),
+                Err(e) => {
+                    error!(resource = %self.name, "shutting down while primary and in use: {e:#}");
+                    let mut role = self.role.lock().await;
+                    if let RoleState::Primary { volume, frontend } =
+                        std::mem::replace(&mut *role, RoleState::Secondary)
+                    {
+                        // Detaches the loop device (lazily if open) and unmounts FUSE.
+                        drop(frontend);
+                        self.release_primary(&volume).await;
+                    }
+                }
+            }
+        }
+        self.persist_bitmaps();
+    }
+}

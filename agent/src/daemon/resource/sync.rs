@@ -1,0 +1,600 @@
+//! What happens between this node and a peer for this resource: the decision on connect,
+//! replication, and resync in either direction.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Result};
+use tandem_protocol::{ControlMsg, Generation, ResourceHello, ResyncKind, Role, StreamPurpose};
+use tandem_replicator::generation::{decide, rotate, SideView, SyncDecision, UNKNOWN};
+use tandem_replicator::resync::rate::RateSettings;
+use tandem_replicator::resync::source::{ResyncReader, ResyncSource, StoreReader};
+use tandem_replicator::{ApplyError, Link, Volume};
+use tracing::{error, info, warn};
+
+use super::{new_generation, ConnState, Resource};
+use crate::daemon::peer_link::PeerConn;
+use crate::meta::DiskState;
+use crate::transport::close_code;
+
+/// Why a pair may not synchronise automatically.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    Unrelated,
+    BothInconsistent,
+    PrimaryWouldBeTarget,
+}
+
+/// Where this node stands with a peer after the last connect.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SyncRole {
+    /// Not connected, or not decided yet.
+    None,
+    InSync,
+    /// This node sends a resync; `started` once the resync task runs.
+    Source {
+        started: bool,
+    },
+    /// This node receives a resync.
+    Target,
+    SplitBrain,
+    Refused(Refusal),
+}
+
+impl Resource {
+    fn side_view(&self, peer: &str) -> SideView {
+        let rec = self.record();
+        SideView {
+            node: self.me.clone(),
+            generation: rec.generation(),
+            bitmap_uuid: rec.peer(peer).map_or(0, |p| p.bitmap_uuid),
+            dirty: self.bitmaps.get(peer).is_some_and(|b| b.lock().unwrap().count() > 0),
+            disk: rec.disk.to_wire(),
+            primary: self.is_primary(),
+            crashed_primary: rec.crashed_primary,
+        }
+    }
+
+    fn remote_view(peer: &str, r: &ResourceHello) -> SideView {
+        SideView {
+            node: peer.to_string(),
+            generation: r.generation.clone(),
+            bitmap_uuid: r.bitmap_uuid,
+            dirty: r.out_of_sync_bytes > 0,
+            disk: r.disk,
+            primary: r.role == Role::Primary,
+            crashed_primary: r.crashed_primary,
+        }
+    }
+
+    fn decide_with(&self, peer: &str, remote: &ResourceHello) -> SyncDecision {
+        decide(&self.side_view(peer), &Self::remote_view(peer, remote))
+    }
+
+    /// Checked during the handshake: the reason to refuse the connection, if any.
+    pub fn precheck(&self, peer: &str, remote: &ResourceHello) -> Result<(), String> {
+        if self.admin_down(peer) {
+            return Ok(());
+        }
+        let d = self.decide_with(peer, remote);
+        let refusal = match d {
+            SyncDecision::SplitBrain => {
+                let msg = format!(
+                    "split brain on {}: {} and {peer} both wrote since they last agreed (generations {:016x} and {:016x}); \
+                     refusing to connect. Resolve it by discarding one side's changes.",
+                    self.name,
+                    self.me,
+                    self.record().current_generation,
+                    remote.generation.current
+                );
+                Some((SyncRole::SplitBrain, msg))
+            }
+            SyncDecision::Unrelated => Some((
+                SyncRole::Refused(Refusal::Unrelated),
+                format!(
+                    "{}: {} and {peer} hold unrelated data (no common generation); refusing to sync",
+                    self.name, self.me
+                ),
+            )),
+            SyncDecision::BothInconsistent => Some((
+                SyncRole::Refused(Refusal::BothInconsistent),
+                format!(
+                    "{}: neither {} nor {peer} has consistent data; promote one with --force",
+                    self.name, self.me
+                ),
+            )),
+            SyncDecision::Target { .. } if self.is_primary() => Some((
+                SyncRole::Refused(Refusal::PrimaryWouldBeTarget),
+                format!(
+                    "{}: {peer}'s data is newer but {} is primary here; demote this node first",
+                    self.name, self.me
+                ),
+            )),
+            SyncDecision::Source { .. } if remote.role == Role::Primary => Some((
+                SyncRole::Refused(Refusal::PrimaryWouldBeTarget),
+                format!(
+                    "{}: {}'s data is newer but {peer} is primary; demote {peer} first",
+                    self.name, self.me
+                ),
+            )),
+            _ => None,
+        };
+        if let Some((role, msg)) = refusal {
+            error!("{msg}");
+            if let Some(p) = self.peers.lock().unwrap().get_mut(peer) {
+                p.sync = role;
+            }
+            return Err(msg);
+        }
+        Ok(())
+    }
+
+    pub fn peer_connected(self: &Arc<Self>, conn: PeerConn, remote: ResourceHello) {
+        let peer = conn.node.clone();
+        if self.admin_down(&peer) {
+            info!(resource = %self.name, peer = %peer, "administratively disconnected: not using this connection");
+            return;
+        }
+        let decision = self.decide_with(&peer, &remote);
+        {
+            let mut peers = self.peers.lock().unwrap();
+            let Some(p) = peers.get_mut(&peer) else { return };
+            p.conn = Some(conn.clone());
+            p.state = ConnState::Connected;
+            p.remote = Some(remote.clone());
+            p.last_error = None;
+            p.sync = match decision {
+                SyncDecision::InSync => SyncRole::InSync,
+                SyncDecision::Source { .. } => SyncRole::Source { started: false },
+                SyncDecision::Target { .. } => SyncRole::Target,
+                SyncDecision::SplitBrain => SyncRole::SplitBrain,
+                SyncDecision::Unrelated => SyncRole::Refused(Refusal::Unrelated),
+                SyncDecision::BothInconsistent => SyncRole::Refused(Refusal::BothInconsistent),
+            };
+        }
+        info!(resource = %self.name, peer = %peer, ?decision, "peer connected ({:?}, {:?})", remote.role, remote.disk);
+        if remote.role == Role::Primary && self.is_primary() {
+            self.role_conflict(&conn);
+            return;
+        }
+        match decision {
+            SyncDecision::InSync => {}
+            SyncDecision::Source { full } => {
+                if full {
+                    self.bitmaps[&peer].lock().unwrap().set_all();
+                }
+                // The resync starts when the target has sent its own bitmap.
+            }
+            SyncDecision::Target { full } => {
+                if self.disk() == DiskState::UpToDate {
+                    self.set_disk(DiskState::Outdated, &format!("{peer} holds newer data"));
+                }
+                self.target.begin_resync();
+                if full {
+                    let checksum = self.cfg.resync_checksum || self.record().checksum_resync_requested;
+                    conn.send_control(ControlMsg::Invalidate { resource: self.name.clone(), checksum });
+                } else {
+                    self.send_bitmap(&conn);
+                }
+            }
+            _ => {
+                conn.close(close_code::HANDSHAKE_REFUSED, "resource cannot sync");
+                return;
+            }
+        }
+        if self.is_primary() {
+            let me = self.clone();
+            tokio::spawn(async move { me.start_replication(&peer).await });
+        }
+    }
+
+    /// Target side: tell the source which blocks this node has that it lacks.
+    fn send_bitmap(&self, conn: &PeerConn) {
+        let runs = self.bitmaps[&conn.node].lock().unwrap().dirty_runs();
+        let mut chunks = runs.chunks(4096).peekable();
+        if chunks.peek().is_none() {
+            conn.send_control(ControlMsg::Bitmap { resource: self.name.clone(), runs: vec![], last: true });
+        }
+        while let Some(c) = chunks.next() {
+            let last = chunks.peek().is_none();
+            conn.send_control(ControlMsg::Bitmap { resource: self.name.clone(), runs: c.to_vec(), last });
+        }
+    }
+
+    /// Source side: part of the target's bitmap for us.
+    pub fn on_bitmap(self: &Arc<Self>, peer: &str, runs: Vec<(u64, u64)>, last: bool) {
+        {
+            let mut bm = self.bitmaps[peer].lock().unwrap();
+            for (off, len) in runs {
+                bm.set_range(off, len);
+            }
+        }
+        if last {
+            self.start_resync_source(peer, self.cfg.resync_checksum);
+        }
+    }
+
+    /// Source side: the target discarded its copy and wants everything.
+    pub fn on_invalidate(self: &Arc<Self>, peer: &str, checksum: bool) {
+        if self.disk() != DiskState::UpToDate {
+            warn!(resource = %self.name, peer, "peer asks for a full resync, but this node is not up to date");
+            return;
+        }
+        info!(resource = %self.name, peer, checksum, "peer invalidated its copy: full resync");
+        self.bitmaps[peer].lock().unwrap().set_all();
+        if let Some(p) = self.peers.lock().unwrap().get_mut(peer) {
+            p.sync = SyncRole::Source { started: false };
+        }
+        self.start_resync_source(peer, checksum || self.cfg.resync_checksum);
+    }
+
+    fn rate_settings(&self) -> RateSettings {
+        RateSettings { max_rate: self.cfg.resync_max_rate, min_rate: self.cfg.resync_min_rate }
+    }
+
+    /// Starts resyncing `peer` from this node's bitmap for it, unless already running.
+    pub(super) fn start_resync_source(self: &Arc<Self>, peer: &str, checksum: bool) {
+        {
+            let mut peers = self.peers.lock().unwrap();
+            let Some(p) = peers.get_mut(peer) else { return };
+            if p.sync == (SyncRole::Source { started: true }) || p.conn.is_none() {
+                return;
+            }
+            p.sync = SyncRole::Source { started: true };
+        }
+        let me = self.clone();
+        let peer = peer.to_string();
+        tokio::spawn(async move {
+            let r = me.run_resync_source(&peer, checksum).await;
+            me.persist_bitmaps();
+            let mut peers = me.peers.lock().unwrap();
+            if let Some(p) = peers.get_mut(&peer) {
+                match r {
+                    Ok(()) => p.sync = SyncRole::InSync,
+                    Err(e) => {
+                        warn!(resource = %me.name, peer = %peer, "resync interrupted: {e:#}; it resumes from the bitmap");
+                        p.last_error = Some(format!("resync interrupted: {e:#}"));
+                        if p.sync == (SyncRole::Source { started: true }) {
+                            p.sync = SyncRole::Source { started: false };
+                        }
+                    }
+                }
+            }
+        });
+    }
+
+    async fn run_resync_source(self: &Arc<Self>, peer: &str, checksum: bool) -> Result<()> {
+        let Some(conn) = self.conn_of(peer) else { bail!("not connected") };
+        let link = conn.open_stream(&self.name, StreamPurpose::Resync).await?;
+        let bitmap = self.bitmaps[peer].clone();
+        let total = bitmap.lock().unwrap().dirty_bytes();
+        info!(resource = %self.name, peer, total_bytes = total, checksum, "resync started as source");
+        conn.send_control(ControlMsg::ResyncStart {
+            resource: self.name.clone(),
+            kind: ResyncKind { full: false, checksum },
+            total_bytes: total,
+            generation: self.record().generation(),
+        });
+        let reader: Arc<dyn ResyncReader> = Arc::new(ResourceReader {
+            res: Arc::downgrade(self),
+            fallback: StoreReader::with_counter(self.store.clone(), self.seq.clone()),
+        });
+        let source = ResyncSource {
+            reader,
+            bitmap,
+            checksum,
+            rate: self.rate_settings(),
+            stats: self.resync_stats[peer].clone(),
+        };
+        // The bitmap is the progress record: persist it while the resync runs.
+        let me = self.clone();
+        let persister = tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                let m = me.clone();
+                let _ = tokio::task::spawn_blocking(move || m.persist_bitmaps()).await;
+            }
+        });
+        let r = source.run(link).await;
+        persister.abort();
+        r.map_err(|e| anyhow::anyhow!(e))?;
+        // Everything is on the target's disk: it now holds our generation.
+        let rec = self.record();
+        let all_clean = self.bitmaps.values().all(|b| b.lock().unwrap().count() == 0);
+        self.update_meta(|m| {
+            m.peer_mut(peer).bitmap_uuid = 0;
+            if all_clean {
+                m.crashed_primary = false;
+            }
+        })?;
+        conn.send_control(ControlMsg::ResyncDone {
+            resource: self.name.clone(),
+            generation: rec.generation(),
+        });
+        let p = self.resync_stats[peer].progress();
+        info!(resource = %self.name, peer, data_bytes = p.data_bytes_sent, hash_bytes = p.hash_bytes_sent,
+              equal_bytes = p.equal_bytes, "resync done");
+        Ok(())
+    }
+
+    /// Target side: the source starts sending. From now on this copy is inconsistent, and
+    /// it carries the source's generation: if the resync is interrupted, the source's
+    /// bitmap (which names that generation) is exactly what is still missing.
+    pub fn on_resync_start(&self, peer: &str, kind: ResyncKind, total: u64, g: Generation) {
+        info!(resource = %self.name, peer, total_bytes = total, checksum = kind.checksum, "resync started as target");
+        self.target.begin_resync();
+        if let Err(e) = self.update_meta(|m| {
+            m.disk = DiskState::Inconsistent;
+            m.current_generation = g.current;
+            m.history = g.history.clone();
+        }) {
+            error!(resource = %self.name, "cannot record the resync start: {e:#}");
+        }
+        if let Some(p) = self.peers.lock().unwrap().get_mut(peer) {
+            p.sync = SyncRole::Target;
+        }
+    }
+
+    /// Target side: every block is here; adopt the source's generation.
+    pub fn on_resync_done(self: &Arc<Self>, peer: &str, generation: Generation) {
+        let me = self.clone();
+        let peer = peer.to_string();
+        tokio::spawn(async move {
+            if let Err(e) = me.finish_resync_target(&peer, generation).await {
+                error!(resource = %me.name, peer = %peer, "cannot complete the resync: {e:#}");
+            }
+        });
+    }
+
+    async fn finish_resync_target(self: &Arc<Self>, peer: &str, g: Generation) -> Result<()> {
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || tandem_replicator::BlockStore::flush(store.as_ref())).await??;
+        self.bitmaps[peer].lock().unwrap().clear_all();
+        self.update_meta(|m| {
+            m.disk = DiskState::UpToDate;
+            m.current_generation = g.current;
+            m.history = g.history.clone();
+            m.peer_mut(peer).bitmap_uuid = 0;
+            m.crashed_primary = false;
+            m.checksum_resync_requested = false;
+        })?;
+        self.persist_bitmaps();
+        self.target.end_resync();
+        if let Some(p) = self.peers.lock().unwrap().get_mut(peer) {
+            p.sync = SyncRole::InSync;
+        }
+        info!(resource = %self.name, peer, "resync complete: disk up to date");
+        self.broadcast_state();
+        Ok(())
+    }
+
+    /// Target side: a resync stream from the source.
+    pub fn accept_resync(self: &Arc<Self>, peer: &str, conn: PeerConn, link: Link) {
+        if self.is_primary() {
+            warn!(resource = %self.name, peer, "refusing a resync stream while primary");
+            return;
+        }
+        let me = self.clone();
+        let peer = peer.to_string();
+        tokio::spawn(async move {
+            match tandem_replicator::resync::target::run(&me.target, link).await {
+                Ok(()) => info!(resource = %me.name, peer = %peer, "resync stream ended"),
+                Err(e) => {
+                    if let Some(p) = me.peers.lock().unwrap().get_mut(&peer) {
+                        p.last_error = Some(e.to_string());
+                    }
+                    let code = if matches!(e, ApplyError::ChecksumMismatch { .. }) {
+                        close_code::CHECKSUM
+                    } else {
+                        close_code::PROTOCOL_ERROR
+                    };
+                    conn.close(code, &e.to_string());
+                }
+            }
+        });
+    }
+
+    /// `tandem invalidate`: discard this node's copy and take a full resync from a peer.
+    pub fn invalidate(self: &Arc<Self>, checksum: bool) -> Result<String> {
+        if self.is_primary() {
+            bail!("refusing to invalidate {}: this node is primary", self.name);
+        }
+        self.update_meta(|m| {
+            m.disk = DiskState::Inconsistent;
+            m.current_generation = UNKNOWN;
+            m.checksum_resync_requested = checksum;
+        })?;
+        self.target.begin_resync();
+        let conns: Vec<PeerConn> = {
+            let mut peers = self.peers.lock().unwrap();
+            peers
+                .values_mut()
+                .filter(|p| p.conn.is_some() && !p.admin_down)
+                .filter(|p| {
+                    p.remote.as_ref().is_some_and(|r| DiskState::from_wire(r.disk) == DiskState::UpToDate)
+                })
+                .take(1)
+                .filter_map(|p| {
+                    p.sync = SyncRole::Target;
+                    p.conn.clone()
+                })
+                .collect()
+        };
+        match conns.first() {
+            Some(c) => {
+                c.send_control(ControlMsg::Invalidate { resource: self.name.clone(), checksum });
+                Ok(format!(
+                    "{}: local copy invalidated; full resync{} from {}",
+                    self.name,
+                    if checksum { " (checksum-based)" } else { "" },
+                    c.node
+                ))
+            }
+            None => Ok(format!(
+                "{}: local copy invalidated; a full resync starts when an up-to-date peer connects",
+                self.name
+            )),
+        }
+    }
+
+    /// `tandem resync`: start resyncing every connected peer with out-of-sync blocks.
+    pub fn request_resync(self: &Arc<Self>) -> Result<String> {
+        if self.disk() != DiskState::UpToDate {
+            bail!("{}: this node is not up to date; it cannot be a resync source", self.name);
+        }
+        let peers: Vec<String> = self
+            .peers
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(n, p)| {
+                p.conn.is_some() && !p.admin_down && self.bitmaps[*n].lock().unwrap().count() > 0
+            })
+            .map(|(n, _)| n.clone())
+            .collect();
+        if peers.is_empty() {
+            return Ok(format!("{}: no connected peer has out-of-sync blocks", self.name));
+        }
+        for p in &peers {
+            if let Some(c) = self.conn_of(p) {
+                // The peer learns it is behind from the handshake of the resync itself.
+                c.send_control(ControlMsg::ResourceState(self.hello_for(p)));
+            }
+            self.start_resync_source(p, self.cfg.resync_checksum);
+        }
+        Ok(format!("{}: resync started to {}", self.name, peers.join(", ")))
+    }
+
+    // ---------------------------------------------------------------- replication
+
+    /// Primary: opens a replication stream to `peer` and attaches it to the volume.
+    pub(super) async fn start_replication(self: &Arc<Self>, peer: &str) {
+        let Some(volume) = self.volume() else { return };
+        let Some(conn) = self.conn_of(peer) else { return };
+        let link = match conn.open_stream(&self.name, StreamPurpose::Replication).await {
+            Ok(l) => l,
+            Err(e) => {
+                warn!(resource = %self.name, peer, "cannot open replication stream: {e:#}");
+                return;
+            }
+        };
+        let handle = match volume.attach_peer(peer, link) {
+            Ok(h) => h,
+            Err(e) => {
+                info!(resource = %self.name, peer, "not attaching: {e}");
+                return;
+            }
+        };
+        if let Some(p) = self.peers.lock().unwrap().get_mut(peer) {
+            p.session = Some(handle.clone());
+        }
+        info!(resource = %self.name, peer, "replication established");
+        let me = self.clone();
+        let peer = peer.to_string();
+        tokio::spawn(async move {
+            let reason = handle.closed().await;
+            let still_primary = me.is_primary();
+            if let Some(p) = me.peers.lock().unwrap().get_mut(&peer) {
+                p.session = None;
+                if still_primary {
+                    p.last_error = Some(format!("replication ended: {reason}"));
+                }
+            }
+            if !still_primary {
+                return;
+            }
+            // We go on without the peer: a new generation; the old one names what the peer
+            // has, plus what its bitmap records.
+            me.lose_peer(&peer);
+            if let Some(c) = me.conn_of(&peer) {
+                if c.id() == conn.id() {
+                    c.close(close_code::TIMEOUT, &format!("replication ended: {reason}"));
+                }
+            }
+        });
+    }
+
+    /// A primary goes on without `peer`.
+    fn lose_peer(&self, peer: &str) {
+        let r = self.update_meta(|m| {
+            let old = rotate_generation(m);
+            let p = m.peer_mut(peer);
+            if p.bitmap_uuid == 0 {
+                p.bitmap_uuid = old;
+            }
+        });
+        if let Err(e) = r {
+            error!(resource = %self.name, "cannot record the new generation: {e:#}");
+        }
+        self.persist_bitmaps();
+        self.broadcast_state();
+    }
+
+    /// Secondary: applies a replication stream opened by primary `peer`.
+    pub fn accept_replication(self: &Arc<Self>, peer: &str, conn: PeerConn, link: Link) {
+        if self.is_primary() {
+            self.role_conflict(&conn);
+            return;
+        }
+        let me = self.clone();
+        let peer = peer.to_string();
+        tokio::spawn(async move {
+            let _one_at_a_time = me.apply_lock.clone().lock_owned().await;
+            if let Some(p) = me.peers.lock().unwrap().get_mut(&peer) {
+                p.applying = true;
+            }
+            info!(resource = %me.name, peer = %peer, "applying replication stream");
+            let applier = tandem_replicator::Applier::new(me.target.clone());
+            let r = applier.run(link).await;
+            if let Some(p) = me.peers.lock().unwrap().get_mut(&peer) {
+                p.applying = false;
+                if let Err(e) = &r {
+                    p.last_error = Some(e.to_string());
+                }
+            }
+            match r {
+                Ok(()) => info!(resource = %me.name, peer = %peer, "replication stream ended"),
+                Err(e) => {
+                    let code = match &e {
+                        ApplyError::ChecksumMismatch { .. } => close_code::CHECKSUM,
+                        ApplyError::Io(_) => {
+                            me.set_disk(DiskState::Outdated, &format!("a replicated write failed: {e}"));
+                            close_code::PROTOCOL_ERROR
+                        }
+                        _ => close_code::PROTOCOL_ERROR,
+                    };
+                    // Drop the connection; the dialer re-establishes it.
+                    conn.close(code, &e.to_string());
+                }
+            }
+        });
+    }
+}
+
+/// Starts a new generation in the record; returns the old one.
+pub(super) fn rotate_generation(m: &mut crate::meta::MetaRecord) -> u64 {
+    let mut g = m.generation();
+    let old = rotate(&mut g, new_generation());
+    m.current_generation = g.current;
+    m.history = g.history;
+    old
+}
+
+/// Reads for a resync through the volume while this node is primary (ordered with the
+/// application's writes), from the store otherwise.
+struct ResourceReader {
+    res: std::sync::Weak<Resource>,
+    fallback: StoreReader,
+}
+
+impl ResyncReader for ResourceReader {
+    fn read_at_seq(&self, offset: u64, len: u64) -> std::io::Result<(u64, bytes::Bytes)> {
+        match self.res.upgrade().and_then(|r| r.volume()) {
+            Some(v) => Volume::read_at_seq(&v, offset, len),
+            None => self.fallback.read_at_seq(offset, len),
+        }
+    }
+    fn app_write_bytes(&self) -> u64 {
+        self.res.upgrade().and_then(|r| r.volume()).map_or(0, |v| v.app_write_bytes())
+    }
+}
