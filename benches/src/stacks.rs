@@ -1,0 +1,147 @@
+//! The storage stacks under test, each set up, measured, checked and torn down in turn.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use tandem_agent::lab::{run_cmd, Lab, LabOptions};
+
+use crate::fio::{self, Row, WORKLOADS};
+use crate::scan::{self, Check};
+use crate::Args;
+
+/// A file of `size` bytes of written zeroes (every block allocated, like the loop baseline).
+pub fn zero_file(path: &Path, size: u64) -> Result<()> {
+    let _ = std::fs::remove_file(path);
+    run_cmd(
+        Command::new("dd")
+            .arg("if=/dev/zero")
+            .arg(format!("of={}", path.display()))
+            .args(["bs=4M", "oflag=direct", "status=none"])
+            .arg(format!("count={}", size / (4 << 20))),
+    )?;
+    Ok(())
+}
+
+struct Loop(String);
+
+impl Drop for Loop {
+    fn drop(&mut self) {
+        let _ = Command::new("losetup").args(["-d", &self.0]).status();
+    }
+}
+
+fn workloads(cfg: &str, target: &str, args: &Args, lab: Option<&Lab>) -> Result<Vec<Row>> {
+    let out = args.work.join("results");
+    std::fs::create_dir_all(&out)?;
+    let mut rows = Vec::new();
+    for (wl, spec) in WORKLOADS {
+        let before = lab.map(|l| l.resource_status("alpha")).transpose()?;
+        let mut row = fio::run(cfg, wl, spec, target, args.runtime, &out)?;
+        if let (Some(l), Some(b)) = (lab, before) {
+            let a = l.resource_status("alpha")?;
+            let writes = a.stats.writes.saturating_sub(b.stats.writes);
+            if writes > 0 {
+                row.al_per_1000 = Some(1000.0 * (a.stats.al_writes - b.stats.al_writes) as f64 / writes as f64);
+            }
+        }
+        eprintln!("{cfg} {wl}: {:.0} IOPS {:.1} MB/s p50 {:.0} µs p99 {:.0} µs", row.iops, row.mbps, row.p50_us, row.p99_us);
+        rows.push(row);
+    }
+    fio::integrity_pass(target, args.size, if args.quick { 2 } else { 4 })?;
+    Ok(rows)
+}
+
+pub fn run_config(cfg: &str, args: &Args, tandem: &Path) -> Result<(Vec<Row>, Check)> {
+    match cfg {
+        "raw" => {
+            let f = args.work.join("raw.img");
+            zero_file(&f, args.size)?;
+            let rows = workloads(cfg, f.to_str().context("path")?, args, None)?;
+            let c = scan::scan(cfg, &f, None)?;
+            std::fs::remove_file(&f)?;
+            Ok((rows, c))
+        }
+        "loop" => {
+            let f = args.work.join("loop.img");
+            zero_file(&f, args.size)?;
+            let dev = Loop(run_cmd(Command::new("losetup").args(["-f", "--show", "--direct-io=on"]).arg(&f))?.trim().to_string());
+            let rows = workloads(cfg, &dev.0, args, None)?;
+            drop(dev);
+            let c = scan::scan(cfg, &f, None)?;
+            std::fs::remove_file(&f)?;
+            Ok((rows, c))
+        }
+        "solo" | "sync" | "memory" | "async" => {
+            let names: &[&str] = if cfg == "solo" { &["alpha"] } else { &["alpha", "beta"] };
+            let mode = if cfg == "solo" { "sync" } else { cfg };
+            let opts = LabOptions { size: args.size, mode: mode.into(), timeout: Duration::from_secs(10), ..Default::default() };
+            let mut lab = Lab::new(&args.work, tandem, names, &opts)?;
+            for n in names {
+                lab.start(n)?;
+            }
+            if names.len() > 1 {
+                lab.wait_connected("alpha", Duration::from_secs(60))?;
+            }
+            let r = lab.promote("alpha", false)?;
+            if !r.ok {
+                bail!("promote: {:?}", r.error);
+            }
+            let st = lab.wait_for("alpha", "replicating", Duration::from_secs(60), |r| {
+                r.device.is_some() && r.peers.iter().all(|p| p.replication == "established")
+            })?;
+            let dev = st.device.context("no device")?;
+            let label = format!("tandem-{cfg}");
+            let rows = workloads(&label, &dev, args, Some(&lab))?;
+            // Let an async standby catch up before tearing down, so its image is final.
+            lab.wait_for("alpha", "peers caught up", Duration::from_secs(300), |r| {
+                r.peers.iter().all(|p| p.pending_requests == 0 && p.out_of_sync_bytes == 0)
+            })?;
+            let r = lab.demote("alpha")?;
+            if !r.ok {
+                bail!("demote: {:?}", r.error);
+            }
+            let clean = lab.stop_all();
+            if !clean.values().all(|c| *c) {
+                bail!("agents did not stop cleanly: {clean:?}");
+            }
+            let standby = (names.len() > 1).then(|| lab.image("beta"));
+            let c = scan::scan(&label, &lab.image("alpha"), standby.as_deref())?;
+            Ok((rows, c))
+        }
+        other => bail!("unknown configuration {other:?} (raw, loop, solo, sync, memory, async)"),
+    }
+}
+
+/// The competitor in the same run: qemu-storage-daemon with a synchronous blockdev-mirror.
+pub fn run_peer(script: &Path, runtime: u64) -> Result<String> {
+    let out = Command::new("bash")
+        .arg(script)
+        .arg("run")
+        .env("CONFIGS", "C0 C1 C3 N3")
+        .env("RUNTIME", runtime.to_string())
+        .env("WORK", "/var/tmp/tandem-bench-peer")
+        .env("RESULTS", "/var/tmp/tandem-bench-peer-results")
+        .output()
+        .context("running the peer benchmark")?;
+    if !out.status.success() {
+        bail!("peer benchmark failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(format!("peer (qemu-storage-daemon mirror), same run:\n{}", String::from_utf8_lossy(&out.stdout)))
+}
+
+pub fn environment() -> String {
+    let sh = |c: &str| {
+        Command::new("sh").args(["-c", c]).output().map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string()).unwrap_or_default()
+    };
+    format!(
+        "date: {}\nkernel: {}  cpus: {}\ncpu: {}\nfio: {}\nload: {}",
+        sh("date -Is"),
+        sh("uname -r"),
+        sh("nproc"),
+        sh("grep -m1 'model name' /proc/cpuinfo | cut -d: -f2-"),
+        sh("fio --version"),
+        sh("cat /proc/loadavg"),
+    )
+}
