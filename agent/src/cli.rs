@@ -74,6 +74,14 @@ pub enum Command {
     },
     /// Resync the blocks marked out of sync (after `verify`) to connected peers.
     Resync { resource: String },
+    /// Settle a split brain of RESOURCE: run on the node whose changes since the split are
+    /// to be thrown away (it must be secondary); it then resyncs from the other node.
+    Resolve {
+        resource: String,
+        /// Discard this node's changes (required: nothing is discarded implicitly).
+        #[arg(long, required = true)]
+        discard_local: bool,
+    },
     /// Create RESOURCE's metadata (and its image if missing) on this node without an agent.
     CreateMd { resource: String },
     /// Print RESOURCE's metadata on this node: identity, generations, activity log, bitmaps.

@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
+use tandem_replicator::split_brain::{parse_policy, AfterSplitBrain};
 use tandem_replicator::Mode;
 use thiserror::Error;
 
@@ -36,6 +37,40 @@ struct FileConfig {
     node: Vec<FileNode>,
     #[serde(default)]
     resource: Vec<FileResource>,
+    #[serde(default)]
+    handlers: Handlers,
+}
+
+/// Commands run on events (like DRBD's handlers): each is run with `sh -c`, with
+/// `TANDEM_EVENT`, `TANDEM_RESOURCE`, `TANDEM_NODE`, `TANDEM_PEER`, `TANDEM_ROLE` and
+/// `TANDEM_DISK` in its environment. A resource's `[resource.handlers]` overrides the
+/// top-level `[handlers]` key by key.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Handlers {
+    /// Runs before a promotion while a peer is unreachable; a non-zero exit refuses it.
+    pub fence_peer: Option<String>,
+    pub split_brain: Option<String>,
+    pub role_change: Option<String>,
+    pub connected: Option<String>,
+    pub disconnected: Option<String>,
+    pub sync_start: Option<String>,
+    pub sync_done: Option<String>,
+}
+
+impl Handlers {
+    fn overridden_by(&self, o: &Handlers) -> Handlers {
+        let pick = |a: &Option<String>, b: &Option<String>| b.clone().or_else(|| a.clone());
+        Handlers {
+            fence_peer: pick(&self.fence_peer, &o.fence_peer),
+            split_brain: pick(&self.split_brain, &o.split_brain),
+            role_change: pick(&self.role_change, &o.role_change),
+            connected: pick(&self.connected, &o.connected),
+            disconnected: pick(&self.disconnected, &o.disconnected),
+            sync_start: pick(&self.sync_start, &o.sync_start),
+            sync_done: pick(&self.sync_done, &o.sync_done),
+        }
+    }
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -46,6 +81,7 @@ struct FileOptions {
     connect_retry: Option<String>,
     stream_window: Option<String>,
     max_mtu: Option<u16>,
+    hook_timeout: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -82,6 +118,10 @@ struct FileResource {
     al_extents: Option<usize>,
     #[serde(default)]
     al_extent_size: Option<String>,
+    #[serde(default)]
+    after_split_brain: Option<String>,
+    #[serde(default)]
+    handlers: Handlers,
     #[serde(default)]
     disk: BTreeMap<String, FileDisk>,
 }
@@ -128,6 +168,10 @@ pub struct Resource {
     /// Activity log: hot extents kept, and extent size.
     pub al_extents: usize,
     pub al_extent_size: u64,
+    /// What to do automatically about a split brain.
+    pub after_split_brain: AfterSplitBrain,
+    /// Event handlers (top-level ones overridden by the resource's).
+    pub handlers: Handlers,
     /// Nodes holding a copy, by name.
     pub disks: BTreeMap<String, Disk>,
 }
@@ -147,6 +191,8 @@ pub struct Options {
     pub stream_window: u64,
     /// Largest UDP payload QUIC's path MTU discovery may probe for.
     pub max_mtu: u16,
+    /// How long a handler may run; `fence-peer` past it refuses the promotion.
+    pub hook_timeout: Duration,
 }
 
 impl Default for Options {
@@ -157,6 +203,7 @@ impl Default for Options {
             connect_retry: Duration::from_secs(1),
             stream_window: 16 << 20,
             max_mtu: 9000,
+            hook_timeout: Duration::from_secs(60),
         }
     }
 }
@@ -222,6 +269,7 @@ impl Config {
         options.heartbeat_interval =
             dur("heartbeat_interval", &f.options.heartbeat_interval, options.heartbeat_interval)?;
         options.connect_retry = dur("connect_retry", &f.options.connect_retry, options.connect_retry)?;
+        options.hook_timeout = dur("hook_timeout", &f.options.hook_timeout, options.hook_timeout)?;
         if let Some(w) = &f.options.stream_window {
             options.stream_window =
                 parse_size(w).map_err(|e| invalid(format!("options.stream_window: {e}")))?;
@@ -334,6 +382,11 @@ impl Config {
                     "al_extent_size must be a power of two, at least bitmap_granularity, at most 1GiB".into(),
                 ));
             }
+            let after_split_brain = match &r.after_split_brain {
+                None => AfterSplitBrain::Disconnect,
+                Some(p) => parse_policy(p).map_err(|e| ctx(format!("after_split_brain: {e}")))?,
+            };
+            let handlers = f.handlers.overridden_by(&r.handlers);
             let mut disks = BTreeMap::new();
             for (node, d) in r.disk {
                 if !names.contains(&node) {
@@ -362,6 +415,8 @@ impl Config {
                 resync_checksum: r.resync_checksum.unwrap_or(false),
                 al_extents,
                 al_extent_size,
+                after_split_brain,
+                handlers,
                 disks,
             });
         }
@@ -460,6 +515,27 @@ meta = "/var/lib/tandem/beta/mailstore.meta"
         let c = parse(GOOD).unwrap();
         let e = c.node("gamma").unwrap_err().to_string();
         assert!(e.contains("gamma") && e.contains("alpha, beta"), "{e}");
+    }
+
+    #[test]
+    fn handlers_and_split_brain_policy() {
+        let text = GOOD.replace(
+            "mode = \"sync\"",
+            "mode = \"sync\"\nafter_split_brain = \"discard-zero-changes\"\n\
+             [resource.handlers]\nsplit_brain = \"/bin/alert sb\"",
+        ) + "[handlers]\nsplit_brain = \"/bin/other\"\nfence_peer = \"/bin/fence\"\n";
+        let c = parse(&text).unwrap();
+        let r = &c.resources[0];
+        assert_eq!(r.after_split_brain, AfterSplitBrain::DiscardZeroChanges);
+        assert_eq!(r.handlers.split_brain.as_deref(), Some("/bin/alert sb"));
+        assert_eq!(r.handlers.fence_peer.as_deref(), Some("/bin/fence"));
+        assert_eq!(r.handlers.sync_done, None);
+        let e = parse(&GOOD.replace("mode = \"sync\"", "after_split_brain = \"coin-flip\""))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("after_split_brain") && e.contains("coin-flip"), "{e}");
+        let e = parse(&(GOOD.to_string() + "[handlers]\nfence = \"x\"\n")).unwrap_err().to_string();
+        assert!(e.contains("unknown field") && e.contains("fence"), "{e}");
     }
 
     #[test]

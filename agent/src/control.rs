@@ -22,6 +22,7 @@ pub enum Request {
     Disconnect { resource: String },
     Verify { resource: String, repair: bool },
     Resync { resource: String },
+    Resolve { resource: String, discard_local: bool },
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]

@@ -100,6 +100,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
             verb(call(&cli, Request::Disconnect { resource: resource.clone() })?)
         }
         Command::Resync { resource } => verb(call(&cli, Request::Resync { resource: resource.clone() })?),
+        Command::Resolve { resource, discard_local } => {
+            verb(call(&cli, Request::Resolve { resource: resource.clone(), discard_local: *discard_local })?)
+        }
         Command::Verify { resource, repair, json } => {
             let resp = call(&cli, Request::Verify { resource: resource.clone(), repair: *repair })?;
             if *json && resp.ok {

@@ -26,7 +26,7 @@ use tracing::warn;
 
 const MAGIC: &[u8; 8] = b"TNDMETA\0";
 const AL_MAGIC: &[u8; 8] = b"TNDACTL\0";
-const FORMAT: u32 = 2;
+const FORMAT: u32 = 3;
 const SLOT: usize = 4096;
 /// magic, format, counter, body length, crc
 const SLOT_HEAD: usize = 8 + 4 + 8 + 4 + 4;
@@ -103,6 +103,9 @@ pub struct MetaRecord {
     pub next_seq: u64,
     pub current_generation: u64,
     pub history: Vec<u64>,
+    /// When the current generation began (ms since the Unix epoch): decides
+    /// `discard-younger-primary`.
+    pub generation_started_ms: u64,
     pub peers: Vec<PeerMeta>,
     /// `tandem invalidate --checksum` asked for the next full resync to compare checksums.
     pub checksum_resync_requested: bool,
@@ -458,8 +461,8 @@ impl MetaDump {
             "metadata {}
   cluster {}  resource {}  node {}
   size {}  bitmap granularity {}  activity-log extent {}
-               disk {}  primary {}  crashed primary {}  next seq {}
-  generation {:016x}  history {}
+  disk {}  primary {}  crashed primary {}  next seq {}
+  generation {:016x} (began at {} ms)  history {}
 ",
             self.path.display(),
             r.cluster,
@@ -473,6 +476,7 @@ impl MetaDump {
             r.crashed_primary,
             r.next_seq,
             r.current_generation,
+            r.generation_started_ms,
             r.history.iter().map(|g| format!("{g:016x}")).collect::<Vec<_>>().join(" "),
         );
         s += &format!(
@@ -533,6 +537,7 @@ mod tests {
             next_seq: 1,
             current_generation: 1,
             history: vec![],
+            generation_started_ms: 0,
             peers: vec![],
             checksum_resync_requested: false,
         }

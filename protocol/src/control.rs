@@ -26,6 +26,20 @@ pub enum DiskState {
     Inconsistent,
 }
 
+/// What the two nodes do automatically when they find a split brain (both wrote as
+/// primary while apart). Both must be configured alike; otherwise they stay apart.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Encode, Decode)]
+pub enum AfterSplitBrain {
+    /// Stay disconnected and report it (the default): a human decides.
+    Disconnect,
+    /// If only one side wrote since the split, its peer's (empty) changes are discarded.
+    DiscardZeroChanges,
+    /// The side whose generation began later (the more recent promotion) loses its changes.
+    DiscardYoungerPrimary,
+    /// The side that changed fewer bytes loses its changes.
+    DiscardLeastChanges,
+}
+
 /// A node's data generation identifiers for a resource (DRBD's UUIDs): `current` names
 /// the data the node holds; `history` the generations it descends from, newest first.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Encode, Decode)]
@@ -52,6 +66,13 @@ pub struct ResourceHello {
     /// The sender was primary when it stopped without a clean shutdown: what its activity
     /// log covers may differ from the peer.
     pub crashed_primary: bool,
+    /// When the sender's current generation began (ms since the Unix epoch; 0 = unknown).
+    pub generation_started_ms: u64,
+    /// The sender's `after_split_brain` policy for this resource.
+    pub after_split_brain: AfterSplitBrain,
+    /// `tandem resolve --discard-local` on the sender: it gives up its changes if it finds
+    /// a split brain with the receiver.
+    pub discard_local: bool,
 }
 
 /// The handshake body. The protocol version travels in front of it, outside bincode.

@@ -347,7 +347,7 @@ pub(crate) fn decode_body(h: Header, body: Bytes) -> Result<Frame, DecodeError> 
         FrameKind::ResyncCheck => {
             no_flags(kind, h.flags)?;
             let hashes = body.len().saturating_sub(16);
-            if body.len() < 16 + 16 || hashes % 16 != 0 {
+            if body.len() < 16 + 16 || !hashes.is_multiple_of(16) {
                 return Err(DecodeError::WrongLength { kind: kind.name(), len: body.len(), need: 16 + 16 });
             }
             let (seq, offset) = (le_u64(&body), le_u64(&body[8..]));

@@ -18,8 +18,8 @@ pub mod header;
 
 pub use checksum::{block_checksum, block_hash, BlockHash};
 pub use control::{
-    ControlMsg, DiskState, Generation, Hello, PeerView, ResourceHello, ResyncKind, Role, StreamPurpose,
-    CONTROL_ENVELOPE_VERSION,
+    AfterSplitBrain, ControlMsg, DiskState, Generation, Hello, PeerView, ResourceHello, ResyncKind, Role,
+    StreamPurpose, CONTROL_ENVELOPE_VERSION,
 };
 pub use decoder::FrameDecoder;
 pub use error::DecodeError;

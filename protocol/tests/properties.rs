@@ -18,24 +18,43 @@ fn arb_generation() -> impl Strategy<Value = Generation> {
         .prop_map(|(current, history)| Generation { current, history })
 }
 
+fn arb_policy() -> impl Strategy<Value = AfterSplitBrain> {
+    prop_oneof![
+        Just(AfterSplitBrain::Disconnect),
+        Just(AfterSplitBrain::DiscardZeroChanges),
+        Just(AfterSplitBrain::DiscardYoungerPrimary),
+        Just(AfterSplitBrain::DiscardLeastChanges),
+    ]
+}
+
 fn arb_resource_hello() -> impl Strategy<Value = ResourceHello> {
     (
         ("[a-z]{1,12}", any::<u64>(), any::<u32>(), arb_role(), arb_disk()),
         (arb_generation(), any::<u64>(), any::<u64>(), any::<bool>()),
+        (any::<u64>(), arb_policy(), any::<bool>()),
     )
-        .prop_map(|((name, size, block_size, role, disk), (generation, bitmap_uuid, oos, crashed))| {
-            ResourceHello {
-                name,
-                size,
-                block_size,
-                role,
-                disk,
-                generation,
-                bitmap_uuid,
-                out_of_sync_bytes: oos,
-                crashed_primary: crashed,
-            }
-        })
+        .prop_map(
+            |(
+                (name, size, block_size, role, disk),
+                (generation, bitmap_uuid, oos, crashed),
+                (started, policy, discard),
+            )| {
+                ResourceHello {
+                    name,
+                    size,
+                    block_size,
+                    role,
+                    disk,
+                    generation,
+                    bitmap_uuid,
+                    out_of_sync_bytes: oos,
+                    crashed_primary: crashed,
+                    generation_started_ms: started,
+                    after_split_brain: policy,
+                    discard_local: discard,
+                }
+            },
+        )
 }
 
 fn arb_control() -> impl Strategy<Value = ControlMsg> {
@@ -50,9 +69,12 @@ fn arb_control() -> impl Strategy<Value = ControlMsg> {
             .prop_map(|resource| ControlMsg::OpenStream { resource, purpose: StreamPurpose::Replication }),
         ("[a-z]{1,8}", proptest::collection::vec((any::<u64>(), any::<u64>()), 0..20), any::<bool>())
             .prop_map(|(resource, runs, last)| ControlMsg::Bitmap { resource, runs, last }),
-        ("[a-z]{1,8}", any::<bool>(), any::<bool>(), any::<u64>()).prop_map(
-            |(resource, full, checksum, total)| {
-                ControlMsg::ResyncStart { resource, kind: ResyncKind { full, checksum }, total_bytes: total }
+        ("[a-z]{1,8}", any::<bool>(), any::<bool>(), any::<u64>(), arb_generation()).prop_map(
+            |(resource, full, checksum, total, generation)| ControlMsg::ResyncStart {
+                resource,
+                kind: ResyncKind { full, checksum },
+                total_bytes: total,
+                generation,
             }
         ),
         ("[a-z]{1,8}", arb_generation())

@@ -107,7 +107,7 @@ impl DirtyBitmap {
         let mut bit = from / self.granularity;
         while bit < self.bits {
             let w = self.words[(bit / 64) as usize];
-            if w == 0 && bit % 64 == 0 {
+            if w == 0 && bit.is_multiple_of(64) {
                 bit += 64;
                 continue;
             }

@@ -7,7 +7,9 @@
 //! newer and whether a bitmap suffices, whether both moved on independently (split brain),
 //! or whether they hold unrelated data.
 
-use tandem_protocol::{DiskState, Generation};
+use tandem_protocol::{AfterSplitBrain, DiskState, Generation};
+
+use crate::split_brain::{resolve, Resolution, SplitBrainView};
 
 /// Generation of a brand-new, all-zero image: any two of them hold the same data.
 pub const BLANK: u64 = 1;
@@ -28,6 +30,53 @@ pub struct SideView {
     pub disk: DiskState,
     pub primary: bool,
     pub crashed_primary: bool,
+    /// Bytes this side has marked out of sync for the other (its changes since they parted).
+    pub changes: u64,
+    /// When this side's current generation began (ms since the Unix epoch; 0 = unknown).
+    pub generation_started_ms: u64,
+    /// `resolve --discard-local` was run on this side.
+    pub discard_local: bool,
+    pub policy: AfterSplitBrain,
+}
+
+impl SideView {
+    fn split_brain_view(&self) -> SplitBrainView {
+        SplitBrainView {
+            node: self.node.clone(),
+            changes: self.changes,
+            generation_started_ms: self.generation_started_ms,
+            primary: self.primary,
+            discard_local: self.discard_local,
+            policy: self.policy,
+        }
+    }
+}
+
+/// [`decide`], with a split brain settled by command or policy where one applies.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Verdict {
+    pub decision: SyncDecision,
+    /// Set when the pair is in split brain: how it was (or was not) resolved.
+    pub split_brain: Option<Resolution>,
+}
+
+/// Decides as [`decide`] does; a split brain that `resolve --discard-local` or the
+/// `after_split_brain` policy settles becomes a resync towards the losing side.
+pub fn decide_with_policy(local: &SideView, remote: &SideView) -> Verdict {
+    let decision = decide(local, remote);
+    if decision != SyncDecision::SplitBrain {
+        return Verdict { decision, split_brain: None };
+    }
+    // Both sides' bitmaps record everything each wrote since the generation they share: their
+    // union is what differs. Without a shared bitmap ID only a full copy is safe.
+    let bitmaps_cover = local.bitmap_uuid != 0 && local.bitmap_uuid == remote.bitmap_uuid;
+    let resolution = resolve(&local.split_brain_view(), &remote.split_brain_view());
+    let decision = match resolution {
+        Resolution::LocalLoses => SyncDecision::Target { full: !bitmaps_cover },
+        Resolution::RemoteLoses => SyncDecision::Source { full: !bitmaps_cover },
+        Resolution::Disconnect(_) => SyncDecision::SplitBrain,
+    };
+    Verdict { decision, split_brain: Some(resolution) }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -148,6 +197,10 @@ mod tests {
             disk: DiskState::UpToDate,
             primary: false,
             crashed_primary: false,
+            changes: if bitmap_uuid != 0 { 4096 } else { 0 },
+            generation_started_ms: 0,
+            discard_local: false,
+            policy: AfterSplitBrain::Disconnect,
         }
     }
 
@@ -225,8 +278,43 @@ mod tests {
                     disk,
                     primary,
                     crashed_primary,
+                    changes: if dirty { 4096 } else { 0 },
+                    generation_started_ms: 0,
+                    discard_local: false,
+                    policy: AfterSplitBrain::Disconnect,
                 },
             )
+    }
+
+    #[test]
+    fn split_brain_is_settled_only_by_command_or_policy() {
+        let g = 100;
+        let a = side("a", 200, &[g], g);
+        let b = side("b", 300, &[g], g);
+        let v = decide_with_policy(&a, &b);
+        assert_eq!(v.decision, SplitBrain);
+        assert!(matches!(v.split_brain, Some(Resolution::Disconnect(_))));
+        // The administrator discards a's changes: a receives the union of both bitmaps.
+        let a_discards = SideView { discard_local: true, ..a.clone() };
+        assert_eq!(decide_with_policy(&a_discards, &b).decision, Target { full: false });
+        assert_eq!(decide_with_policy(&b, &a_discards).decision, Source { full: false });
+        // Policy: b changed nothing since the split.
+        let pol = AfterSplitBrain::DiscardZeroChanges;
+        let a2 = SideView { policy: pol, changes: 8192, ..a.clone() };
+        let b2 = SideView { policy: pol, changes: 0, ..b.clone() };
+        assert_eq!(decide_with_policy(&a2, &b2).decision, Source { full: false });
+        // Split brain found through the history only: the bitmaps do not cover it.
+        let a3 = SideView { discard_local: true, ..side("a", 400, &[200, g], 0) };
+        let b3 = side("b", 300, &[g], 0);
+        assert_eq!(decide(&a3, &b3), SplitBrain);
+        assert_eq!(decide_with_policy(&a3, &b3).decision, Target { full: true });
+        // Not a split brain: policies change nothing.
+        let c = side("c", g, &[BLANK], 0);
+        let a4 = SideView { policy: AfterSplitBrain::DiscardYoungerPrimary, ..side("a", 200, &[g], g) };
+        assert_eq!(
+            decide_with_policy(&a4, &c),
+            Verdict { decision: Source { full: false }, split_brain: None }
+        );
     }
 
     proptest! {
@@ -234,6 +322,18 @@ mod tests {
         #[test]
         fn decision_is_symmetric(a in arb_side("a"), b in arb_side("b")) {
             prop_assert_eq!(decide(&a, &b), decide(&b, &a).mirrored());
+        }
+
+        /// Policies keep the verdict symmetric.
+        #[test]
+        fn verdict_is_symmetric(a in arb_side("a"), b in arb_side("b"), pa in 0u8..4, discard in any::<bool>()) {
+            let policy = [AfterSplitBrain::Disconnect, AfterSplitBrain::DiscardZeroChanges,
+                          AfterSplitBrain::DiscardYoungerPrimary, AfterSplitBrain::DiscardLeastChanges][pa as usize];
+            let a = SideView { policy, discard_local: discard, ..a };
+            let b = SideView { policy, ..b };
+            let (l, r) = (decide_with_policy(&a, &b), decide_with_policy(&b, &a));
+            prop_assert_eq!(l.decision, r.decision.mirrored());
+            prop_assert_eq!(l.split_brain.map(|x| x.mirrored().kind()), r.split_brain.map(|x| x.kind()));
         }
 
         /// An inconsistent copy is never chosen as the source of a resync.

@@ -22,6 +22,7 @@ mod request;
 pub mod resync;
 mod secondary;
 pub mod sim;
+pub mod split_brain;
 mod stats;
 mod store;
 

@@ -150,8 +150,13 @@ pub struct Volume {
     timeout: Duration,
     /// Present when the resource has peers: makes every write's region durable-hot first.
     al: Option<Arc<ActivityLog>>,
+    /// Runs once before the next write or discard is admitted (see [`Volume::before_next_write`]).
+    next_write_hook: Mutex<Option<WriteHook>>,
+    next_write_hook_armed: std::sync::atomic::AtomicBool,
     pub stats: VolumeStats,
 }
+
+pub type WriteHook = Box<dyn Fn() -> std::io::Result<()> + Send>;
 
 impl Volume {
     /// `first_seq` continues the resource's change stream; `timeout` is how long a peer may
@@ -184,6 +189,8 @@ impl Volume {
             core: Mutex::new(Core { next_seq: first_seq.max(1), inflight: InflightRanges::default(), peers }),
             timeout,
             al,
+            next_write_hook: Mutex::new(None),
+            next_write_hook_armed: std::sync::atomic::AtomicBool::new(false),
             stats: VolumeStats::default(),
         })
     }
@@ -204,6 +211,29 @@ impl Volume {
         }
     }
 
+    /// Arms `hook` to run before the next write or discard is admitted; that write fails if
+    /// the hook does. Used to start a new data generation when a primary first writes
+    /// without a peer: the generation must be durable before data that is not in the old one
+    /// reaches the disk. Writes admitted while the hook runs wait for it.
+    pub fn before_next_write(&self, hook: WriteHook) {
+        *self.next_write_hook.lock().unwrap() = Some(hook);
+        self.next_write_hook_armed.store(true, std::sync::atomic::Ordering::Release);
+    }
+
+    fn run_write_hook(&self) -> Result<(), VolumeError> {
+        if !self.next_write_hook_armed.load(std::sync::atomic::Ordering::Acquire) {
+            return Ok(());
+        }
+        let mut slot = self.next_write_hook.lock().unwrap();
+        if let Some(hook) = slot.as_ref() {
+            // On failure the hook stays armed: this write fails, the next one tries again.
+            hook().map_err(|e| self.io_error(e))?;
+        }
+        *slot = None;
+        self.next_write_hook_armed.store(false, std::sync::atomic::Ordering::Release);
+        Ok(())
+    }
+
     fn admit(
         self: &Arc<Self>,
         op: LocalOp,
@@ -211,6 +241,9 @@ impl Volume {
         done: Done,
         frame: impl Fn(u64, u8) -> Frame,
     ) -> Result<LocalWork, VolumeError> {
+        if range.is_some() {
+            self.run_write_hook()?;
+        }
         // The region is recorded hot before anything is written anywhere.
         let al = match (&self.al, range) {
             (Some(al), Some((off, len))) => Some(al.begin(off, len).map_err(|e| self.io_error(e))?),

@@ -133,6 +133,9 @@ impl FakePrimary {
                 bitmap_uuid: 0,
                 out_of_sync_bytes: 0,
                 crashed_primary: false,
+                generation_started_ms: 0,
+                after_split_brain: tandem_protocol::AfterSplitBrain::Disconnect,
+                discard_local: false,
             }],
         })
     }

@@ -97,6 +97,20 @@ async fn dispatch(agent: &Arc<Agent>, req: Request) -> Response {
         Request::Disconnect { resource: name } => {
             run(resource(&name), |r| async move { Ok(r.admin_disconnect()) }).await
         }
+        Request::Resolve { resource: name, discard_local } => {
+            let agent = agent.clone();
+            run(resource(&name), |r| async move {
+                if !discard_local {
+                    anyhow::bail!(
+                        "resolve needs --discard-local: run it on the node whose changes are to be discarded"
+                    );
+                }
+                let msg = r.resolve_discard_local()?;
+                agent.drop_connections(&r.peer_names());
+                Ok(msg)
+            })
+            .await
+        }
         Request::Resync { resource: name } => {
             run(resource(&name), |r| async move { r.request_resync() }).await
         }

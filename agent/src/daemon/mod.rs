@@ -1,6 +1,7 @@
 //! `tandem agent`: the daemon of one node.
 
 pub mod control_server;
+pub mod hooks;
 pub mod peer_link;
 pub mod resource;
 
@@ -25,6 +26,8 @@ pub struct Agent {
     pub resources: BTreeMap<String, Arc<Resource>>,
     connections: Mutex<HashMap<String, Connection>>,
     pub shutdown: CancellationToken,
+    /// Wakes the dial loops now instead of after their back-off (after `resolve`/`connect`).
+    pub redial: tokio::sync::Notify,
 }
 
 impl Agent {
@@ -40,7 +43,10 @@ impl Agent {
         }
         let mut resources = BTreeMap::new();
         for r in cfg.resources_of(node) {
-            resources.insert(r.name.clone(), Resource::open(&cfg.cluster, node, &me.run_dir, r)?);
+            resources.insert(
+                r.name.clone(),
+                Resource::open(&cfg.cluster, node, &me.run_dir, r, cfg.options.hook_timeout)?,
+            );
         }
         let transport = Transport::bind(identity, pinned, TransportSettings::from_config(&cfg), me.address)?;
         Ok(Arc::new(Self {
@@ -50,6 +56,7 @@ impl Agent {
             resources,
             connections: Mutex::new(HashMap::new()),
             shutdown: CancellationToken::new(),
+            redial: tokio::sync::Notify::new(),
         }))
     }
 
@@ -72,6 +79,7 @@ impl Agent {
     /// Closes the live connections to `nodes` so they are re-established with a fresh
     /// handshake (after `tandem connect`).
     pub fn drop_connections(&self, nodes: &[String]) {
+        self.redial.notify_waiters();
         let c = self.connections.lock().unwrap();
         for n in nodes {
             if let Some(conn) = c.get(n) {

@@ -74,7 +74,7 @@ pub async fn dial_loop(agent: Arc<Agent>, peer: Node) {
                 Err(e) => {
                     // A refused handshake will be refused again: back off harder.
                     warn!(peer = %peer.name, "connection refused: {e:#}");
-                    backoff = (backoff * 2).min(Duration::from_secs(30));
+                    backoff = (backoff * 2).min(Duration::from_secs(10));
                 }
             },
             Err(e) => {
@@ -84,6 +84,7 @@ pub async fn dial_loop(agent: Arc<Agent>, peer: Node) {
         }
         tokio::select! {
             _ = tokio::time::sleep(backoff) => {}
+            _ = agent.redial.notified() => backoff = retry,
             _ = agent.shutdown.cancelled() => return,
         }
     }

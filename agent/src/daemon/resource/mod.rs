@@ -15,7 +15,9 @@ mod verify;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
 use tandem_protocol::{ControlMsg, ResourceHello, Role};
@@ -25,6 +27,7 @@ use tandem_replicator::{ActivityLog, ApplierStats, DirtyBitmap, PeerHandle, Targ
 use tracing::{error, info, warn};
 
 use crate::config;
+use crate::daemon::hooks::{HookContext, HookEvent, Hooks};
 use crate::daemon::peer_link::PeerConn;
 use crate::frontend::FuseLoop;
 use crate::meta::{DiskState, MetaFile, MetaRecord, AL_MAX_EXTENTS};
@@ -67,6 +70,8 @@ struct PeerState {
     sync: SyncRole,
     /// `tandem disconnect`: do not use connections to this peer for this resource.
     admin_down: bool,
+    /// The split-brain handler ran for the split brain this peer is in.
+    split_brain_notified: bool,
     last_error: Option<String>,
 }
 
@@ -97,6 +102,9 @@ pub struct Resource {
     /// The resource's change-stream position while this node is not primary (resync reads
     /// take numbers from it; a promotion continues from it).
     seq: Arc<std::sync::atomic::AtomicU64>,
+    hooks: Hooks,
+    /// `tandem resolve --discard-local`: give up this node's changes at the next split brain.
+    discard_local: AtomicBool,
 }
 
 fn new_generation() -> u64 {
@@ -116,6 +124,7 @@ impl Resource {
         me: &str,
         run_dir: &std::path::Path,
         cfg: &config::Resource,
+        hook_timeout: Duration,
     ) -> Result<Arc<Self>> {
         let disk =
             cfg.disks.get(me).ok_or_else(|| anyhow!("resource {} has no disk on node {me}", cfg.name))?;
@@ -148,6 +157,7 @@ impl Resource {
                     applying: false,
                     sync: SyncRole::None,
                     admin_down: false,
+                    split_brain_notified: false,
                     last_error: None,
                 },
             );
@@ -205,6 +215,8 @@ impl Resource {
             apply_lock: Arc::new(tokio::sync::Mutex::new(())),
             mountpoint: run_dir.join("fuse").join(&cfg.name),
             seq,
+            hooks: Hooks::new(&cfg.name, me, cfg.handlers.clone(), hook_timeout),
+            discard_local: AtomicBool::new(false),
         });
         crate::frontend::prepare_mountpoint(&r.mountpoint)?;
         Ok(r)
@@ -257,7 +269,24 @@ impl Resource {
             bitmap_uuid: rec.peer(peer).map_or(0, |p| p.bitmap_uuid),
             out_of_sync_bytes: self.bitmaps.get(peer).map_or(0, |b| b.lock().unwrap().dirty_bytes()),
             crashed_primary: rec.crashed_primary,
+            generation_started_ms: rec.generation_started_ms,
+            after_split_brain: self.cfg.after_split_brain,
+            discard_local: self.discard_local.load(Ordering::SeqCst),
         }
+    }
+
+    /// What an event handler is told, for an event about `peer` (or the resource).
+    fn hook_ctx(&self, peer: Option<&str>) -> HookContext {
+        HookContext {
+            peer: peer.map(str::to_string),
+            role: if self.is_primary() { "primary" } else { "secondary" }.to_string(),
+            disk: self.disk().as_str().to_string(),
+            extra: Vec::new(),
+        }
+    }
+
+    fn fire(&self, event: HookEvent, peer: Option<&str>) {
+        self.hooks.fire(event, self.hook_ctx(peer));
     }
 
     fn broadcast_state(&self) {
@@ -287,6 +316,7 @@ impl Resource {
         if p.conn.as_ref().is_some_and(|c| c.id() != conn_id) {
             return; // a newer connection already replaced this one
         }
+        let was_connected = p.conn.is_some();
         p.conn = None;
         p.remote = None;
         if !matches!(p.sync, SyncRole::SplitBrain | SyncRole::Refused(_)) {
@@ -294,6 +324,12 @@ impl Resource {
         }
         p.state = if refused || p.admin_down { ConnState::StandAlone } else { ConnState::Connecting };
         p.last_error = Some(reason.to_string());
+        drop(peers);
+        if was_connected {
+            let mut ctx = self.hook_ctx(Some(peer));
+            ctx.extra.push(("TANDEM_REASON", reason.to_string()));
+            self.hooks.fire(HookEvent::Disconnected, ctx);
+        }
     }
 
     /// A connection attempt was refused before it could be established.
@@ -330,6 +366,18 @@ impl Resource {
             }
             return;
         }
+        // The primary has blocks marked for us while we are connected (`tandem resync`
+        // after a verify, a block that failed its checksum): receive them.
+        if remote.role == Role::Primary && sync == SyncRole::InSync && remote.out_of_sync_bytes > 0 {
+            if let Some(c) = &conn {
+                info!(resource = %self.name, peer, bytes = remote.out_of_sync_bytes, "peer has blocks for us: resync");
+                if let Some(p) = self.peers.lock().unwrap().get_mut(peer) {
+                    p.sync = SyncRole::Target;
+                }
+                self.target.begin_resync();
+                self.send_bitmap(c);
+            }
+        }
         // An in-sync secondary follows its primary's generation.
         if remote.role == Role::Primary && sync == SyncRole::InSync && self.disk() == DiskState::UpToDate {
             let g = remote.generation;
@@ -337,6 +385,7 @@ impl Resource {
                 if let Err(e) = self.update_meta(|m| {
                     m.current_generation = g.current;
                     m.history = g.history.clone();
+                    m.generation_started_ms = remote.generation_started_ms;
                 }) {
                     error!(resource = %self.name, "cannot record generation: {e:#}");
                 }
@@ -417,7 +466,7 @@ impl Resource {
                 let replicating = rep.is_some_and(|r| r.connected) || p.applying;
                 let replication = match p.sync {
                     SyncRole::Source { .. } if progress.active || p.conn.is_some() => "sync_source",
-                    SyncRole::Target { .. } if p.conn.is_some() => "sync_target",
+                    SyncRole::Target if p.conn.is_some() => "sync_target",
                     SyncRole::SplitBrain => "split_brain",
                     _ if replicating => "established",
                     _ => "off",
@@ -521,6 +570,7 @@ fn open_or_create_meta(
             next_seq: 1,
             current_generation: generation,
             history: Vec::new(),
+            generation_started_ms: 0,
             peers: Vec::new(),
             checksum_resync_requested: false,
         },

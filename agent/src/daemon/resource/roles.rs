@@ -10,6 +10,7 @@ use tracing::{error, info, warn};
 
 use super::sync::{rotate_generation, SyncRole};
 use super::{Resource, RoleState};
+use crate::daemon::hooks::HookEvent;
 use crate::frontend::{Frontend, FuseLoop};
 use crate::meta::DiskState;
 
@@ -35,6 +36,7 @@ impl Resource {
                 disk.as_str()
             );
         }
+        self.fence_unreachable_peers().await?;
         if disk != DiskState::UpToDate {
             warn!(resource = %self.name, "forced promotion of a {} disk: every peer will need a full resync", disk.as_str());
             for bm in self.bitmaps.values() {
@@ -57,7 +59,9 @@ impl Resource {
             let old = rotate_generation(m);
             for p in peers.iter().filter(|p| !in_sync.contains(p)) {
                 let pm = m.peer_mut(p);
-                if pm.bitmap_uuid == 0 && !force {
+                // A forced promotion of a copy that is not up to date has marked everything
+                // for every peer: it names no generation the peers could share.
+                if pm.bitmap_uuid == 0 && disk == DiskState::UpToDate {
                     pm.bitmap_uuid = old;
                 }
             }
@@ -90,6 +94,9 @@ impl Resource {
         drop(role);
         info!(resource = %self.name, device = %device, "promoted to primary");
         self.broadcast_state();
+        let mut ctx = self.hook_ctx(None);
+        ctx.extra.push(("TANDEM_DEVICE", device.clone()));
+        self.hooks.fire(HookEvent::RoleChange, ctx);
         let replicate: Vec<String> = self
             .peers
             .lock()
@@ -102,6 +109,74 @@ impl Resource {
             self.start_replication(&p).await;
         }
         Ok(format!("{} is primary on {}; device {device}", self.name, self.me))
+    }
+
+    /// Runs the `fence-peer` handler for every peer that is not connected: it must make sure
+    /// that peer is not (and will not become) primary — power it off, cut it from storage,
+    /// or confirm it is down. A non-zero exit, or a handler that cannot run, refuses the
+    /// promotion. Without a handler, promotion relies on the disk-state rules alone.
+    async fn fence_unreachable_peers(&self) -> Result<()> {
+        if !self.hooks.configured(HookEvent::FencePeer) {
+            return Ok(());
+        }
+        let unreachable: Vec<String> = self
+            .peers
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(_, p)| p.conn.is_none())
+            .map(|(n, _)| n.clone())
+            .collect();
+        for peer in unreachable {
+            info!(resource = %self.name, peer = %peer, "peer unreachable: running the fence-peer handler before promotion");
+            match self.hooks.run(HookEvent::FencePeer, &self.hook_ctx(Some(&peer))).await {
+                Ok(Some(0)) | Ok(None) => {
+                    info!(resource = %self.name, peer = %peer, "fence-peer handler succeeded")
+                }
+                Ok(Some(code)) => bail!(
+                    "refusing to promote {}: the fence-peer handler for {peer} exited with {code} \
+                     (the peer could not be fenced; it may still be primary)",
+                    self.name
+                ),
+                Err(e) => bail!("refusing to promote {}: {e:#}", self.name),
+            }
+        }
+        Ok(())
+    }
+
+    /// `tandem resolve --discard-local`: this node gives up the changes it made since a
+    /// split brain and becomes the sync target of the peer it split from.
+    pub fn resolve_discard_local(&self) -> Result<String> {
+        if self.is_primary() {
+            bail!(
+                "refusing to discard the changes of {} on {}: it is primary here; unmount and `tandem demote` first",
+                self.name,
+                self.me
+            );
+        }
+        self.discard_local.store(true, Ordering::SeqCst);
+        let mut split = Vec::new();
+        for (n, p) in self.peers.lock().unwrap().iter_mut() {
+            if p.sync == SyncRole::SplitBrain {
+                split.push(n.clone());
+                p.sync = SyncRole::None;
+                p.state = super::ConnState::Connecting;
+            }
+        }
+        warn!(resource = %self.name, "resolve --discard-local: this node's changes since the split will be replaced");
+        Ok(if split.is_empty() {
+            format!(
+                "{}: no split brain is known yet; if one is found at the next connection, {}'s changes are discarded",
+                self.name, self.me
+            )
+        } else {
+            format!(
+                "{}: discarding {}'s changes since the split; reconnecting to {} to resync from it",
+                self.name,
+                self.me,
+                split.join(", ")
+            )
+        })
     }
 
     pub async fn demote(self: &Arc<Self>) -> Result<String> {
@@ -120,6 +195,7 @@ impl Resource {
         drop(role);
         info!(resource = %self.name, device = %device, "demoted to secondary");
         self.broadcast_state();
+        self.fire(HookEvent::RoleChange, None);
         Ok(format!("{} is secondary on {}; device {device} removed", self.name, self.me))
     }
 

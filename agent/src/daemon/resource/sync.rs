@@ -6,13 +6,15 @@ use std::time::Duration;
 
 use anyhow::{bail, Result};
 use tandem_protocol::{ControlMsg, Generation, ResourceHello, ResyncKind, Role, StreamPurpose};
-use tandem_replicator::generation::{decide, rotate, SideView, SyncDecision, UNKNOWN};
+use tandem_replicator::generation::{decide_with_policy, rotate, SideView, SyncDecision, Verdict, UNKNOWN};
 use tandem_replicator::resync::rate::RateSettings;
 use tandem_replicator::resync::source::{ResyncReader, ResyncSource, StoreReader};
+use tandem_replicator::split_brain::{policy_name, Resolution};
 use tandem_replicator::{ApplyError, Link, Volume};
 use tracing::{error, info, warn};
 
 use super::{new_generation, ConnState, Resource};
+use crate::daemon::hooks::HookEvent;
 use crate::daemon::peer_link::PeerConn;
 use crate::meta::DiskState;
 use crate::transport::close_code;
@@ -44,7 +46,12 @@ pub enum SyncRole {
 impl Resource {
     fn side_view(&self, peer: &str) -> SideView {
         let rec = self.record();
+        let changes = self.bitmaps.get(peer).map_or(0, |b| b.lock().unwrap().dirty_bytes());
         SideView {
+            changes,
+            generation_started_ms: rec.generation_started_ms,
+            discard_local: self.discard_local.load(std::sync::atomic::Ordering::SeqCst),
+            policy: self.cfg.after_split_brain,
             node: self.me.clone(),
             generation: rec.generation(),
             bitmap_uuid: rec.peer(peer).map_or(0, |p| p.bitmap_uuid),
@@ -64,11 +71,51 @@ impl Resource {
             disk: r.disk,
             primary: r.role == Role::Primary,
             crashed_primary: r.crashed_primary,
+            changes: r.out_of_sync_bytes,
+            generation_started_ms: r.generation_started_ms,
+            discard_local: r.discard_local,
+            policy: r.after_split_brain,
         }
     }
 
-    fn decide_with(&self, peer: &str, remote: &ResourceHello) -> SyncDecision {
-        decide(&self.side_view(peer), &Self::remote_view(peer, remote))
+    fn decide_with(&self, peer: &str, remote: &ResourceHello) -> Verdict {
+        decide_with_policy(&self.side_view(peer), &Self::remote_view(peer, remote))
+    }
+
+    /// Logs a split brain and runs its handler, once per split brain.
+    fn report_split_brain(&self, peer: &str, resolution: &Resolution) {
+        let first = {
+            let mut peers = self.peers.lock().unwrap();
+            match peers.get_mut(peer) {
+                Some(p) => !std::mem::replace(&mut p.split_brain_notified, true),
+                None => false,
+            }
+        };
+        match resolution {
+            Resolution::Disconnect(_) if !first => {}
+            Resolution::Disconnect(why) => {
+                error!(resource = %self.name, peer, "split brain: {why}");
+                let mut ctx = self.hook_ctx(Some(peer));
+                ctx.extra.push(("TANDEM_SPLIT_BRAIN", "unresolved".into()));
+                self.hooks.fire(HookEvent::SplitBrain, ctx);
+            }
+            Resolution::LocalLoses | Resolution::RemoteLoses => {
+                let loser = if *resolution == Resolution::LocalLoses { self.me.as_str() } else { peer };
+                let how = if self.discard_local.load(std::sync::atomic::Ordering::SeqCst)
+                    || *resolution == Resolution::RemoteLoses && !first
+                {
+                    "by command".to_string()
+                } else {
+                    format!("by after_split_brain = {}", policy_name(self.cfg.after_split_brain))
+                };
+                warn!(resource = %self.name, peer, "split brain resolved {how}: the changes {loser} made since the split are discarded");
+                if first {
+                    let mut ctx = self.hook_ctx(Some(peer));
+                    ctx.extra.push(("TANDEM_SPLIT_BRAIN", format!("resolved: {loser} discards its changes")));
+                    self.hooks.fire(HookEvent::SplitBrain, ctx);
+                }
+            }
+        }
     }
 
     /// Checked during the handshake: the reason to refuse the connection, if any.
@@ -76,12 +123,19 @@ impl Resource {
         if self.admin_down(peer) {
             return Ok(());
         }
-        let d = self.decide_with(peer, remote);
-        let refusal = match d {
+        let v = self.decide_with(peer, remote);
+        if let Some(r) = &v.split_brain {
+            self.report_split_brain(peer, r);
+        }
+        let refusal = match v.decision {
             SyncDecision::SplitBrain => {
+                let why = match &v.split_brain {
+                    Some(Resolution::Disconnect(why)) => why.clone(),
+                    _ => String::new(),
+                };
                 let msg = format!(
                     "split brain on {}: {} and {peer} both wrote since they last agreed (generations {:016x} and {:016x}); \
-                     refusing to connect. Resolve it by discarding one side's changes.",
+                     staying disconnected: {why}",
                     self.name,
                     self.me,
                     self.record().current_generation,
@@ -135,7 +189,8 @@ impl Resource {
             info!(resource = %self.name, peer = %peer, "administratively disconnected: not using this connection");
             return;
         }
-        let decision = self.decide_with(&peer, &remote);
+        let verdict = self.decide_with(&peer, &remote);
+        let decision = verdict.decision;
         {
             let mut peers = self.peers.lock().unwrap();
             let Some(p) = peers.get_mut(&peer) else { return };
@@ -143,6 +198,9 @@ impl Resource {
             p.state = ConnState::Connected;
             p.remote = Some(remote.clone());
             p.last_error = None;
+            if verdict.split_brain.is_none() {
+                p.split_brain_notified = false;
+            }
             p.sync = match decision {
                 SyncDecision::InSync => SyncRole::InSync,
                 SyncDecision::Source { .. } => SyncRole::Source { started: false },
@@ -153,6 +211,7 @@ impl Resource {
             };
         }
         info!(resource = %self.name, peer = %peer, ?decision, "peer connected ({:?}, {:?})", remote.role, remote.disk);
+        self.fire(HookEvent::Connected, Some(&peer));
         if remote.role == Role::Primary && self.is_primary() {
             self.role_conflict(&conn);
             return;
@@ -189,7 +248,7 @@ impl Resource {
     }
 
     /// Target side: tell the source which blocks this node has that it lacks.
-    fn send_bitmap(&self, conn: &PeerConn) {
+    pub(super) fn send_bitmap(&self, conn: &PeerConn) {
         let runs = self.bitmaps[&conn.node].lock().unwrap().dirty_runs();
         let mut chunks = runs.chunks(4096).peekable();
         if chunks.peek().is_none() {
@@ -269,6 +328,10 @@ impl Resource {
         let bitmap = self.bitmaps[peer].clone();
         let total = bitmap.lock().unwrap().dirty_bytes();
         info!(resource = %self.name, peer, total_bytes = total, checksum, "resync started as source");
+        let mut ctx = self.hook_ctx(Some(peer));
+        ctx.extra
+            .extend([("TANDEM_SYNC_ROLE", "source".to_string()), ("TANDEM_SYNC_BYTES", total.to_string())]);
+        self.hooks.fire(HookEvent::SyncStart, ctx);
         conn.send_control(ControlMsg::ResyncStart {
             resource: self.name.clone(),
             kind: ResyncKind { full: false, checksum },
@@ -314,6 +377,12 @@ impl Resource {
         let p = self.resync_stats[peer].progress();
         info!(resource = %self.name, peer, data_bytes = p.data_bytes_sent, hash_bytes = p.hash_bytes_sent,
               equal_bytes = p.equal_bytes, "resync done");
+        let mut ctx = self.hook_ctx(Some(peer));
+        ctx.extra.extend([
+            ("TANDEM_SYNC_ROLE", "source".to_string()),
+            ("TANDEM_SYNC_BYTES", p.data_bytes_sent.to_string()),
+        ]);
+        self.hooks.fire(HookEvent::SyncDone, ctx);
         Ok(())
     }
 
@@ -323,16 +392,34 @@ impl Resource {
     pub fn on_resync_start(&self, peer: &str, kind: ResyncKind, total: u64, g: Generation) {
         info!(resource = %self.name, peer, total_bytes = total, checksum = kind.checksum, "resync started as target");
         self.target.begin_resync();
+        // The changes this node is told to give up are being replaced now.
+        self.discard_local.store(false, std::sync::atomic::Ordering::SeqCst);
+        let started_ms = self.remote_generation_started(peer);
         if let Err(e) = self.update_meta(|m| {
             m.disk = DiskState::Inconsistent;
             m.current_generation = g.current;
             m.history = g.history.clone();
+            m.generation_started_ms = started_ms;
         }) {
             error!(resource = %self.name, "cannot record the resync start: {e:#}");
         }
         if let Some(p) = self.peers.lock().unwrap().get_mut(peer) {
             p.sync = SyncRole::Target;
+            p.split_brain_notified = false;
         }
+        let mut ctx = self.hook_ctx(Some(peer));
+        ctx.extra
+            .extend([("TANDEM_SYNC_ROLE", "target".to_string()), ("TANDEM_SYNC_BYTES", total.to_string())]);
+        self.hooks.fire(HookEvent::SyncStart, ctx);
+    }
+
+    fn remote_generation_started(&self, peer: &str) -> u64 {
+        self.peers
+            .lock()
+            .unwrap()
+            .get(peer)
+            .and_then(|p| p.remote.as_ref())
+            .map_or(0, |r| r.generation_started_ms)
     }
 
     /// Target side: every block is here; adopt the source's generation.
@@ -365,6 +452,9 @@ impl Resource {
         }
         info!(resource = %self.name, peer, "resync complete: disk up to date");
         self.broadcast_state();
+        let mut ctx = self.hook_ctx(Some(peer));
+        ctx.extra.push(("TANDEM_SYNC_ROLE", "target".to_string()));
+        self.hooks.fire(HookEvent::SyncDone, ctx);
         Ok(())
     }
 
@@ -457,10 +547,11 @@ impl Resource {
         }
         for p in &peers {
             if let Some(c) = self.conn_of(p) {
-                // The peer learns it is behind from the handshake of the resync itself.
+                // The peer learns it is behind, starts tracking the replicated writes it
+                // applies (so no older resync copy overwrites them) and answers with its
+                // bitmap; the resync starts on that answer, never before the tracking.
                 c.send_control(ControlMsg::ResourceState(self.hello_for(p)));
             }
-            self.start_resync_source(p, self.cfg.resync_checksum);
         }
         Ok(format!("{}: resync started to {}", self.name, peers.join(", ")))
     }
@@ -514,17 +605,34 @@ impl Resource {
         });
     }
 
-    /// A primary goes on without `peer`.
-    fn lose_peer(&self, peer: &str) {
+    /// A primary goes on without `peer`: the peer holds the current generation plus what
+    /// its bitmap records. The first write made without it starts a new generation (not
+    /// the loss itself: a primary that writes nothing more has not diverged, so meeting a
+    /// standby promoted meanwhile is a clean resync, not a split brain).
+    fn lose_peer(self: &Arc<Self>, peer: &str) {
         let r = self.update_meta(|m| {
-            let old = rotate_generation(m);
+            let current = m.current_generation;
             let p = m.peer_mut(peer);
             if p.bitmap_uuid == 0 {
-                p.bitmap_uuid = old;
+                p.bitmap_uuid = current;
             }
         });
         if let Err(e) = r {
-            error!(resource = %self.name, "cannot record the new generation: {e:#}");
+            error!(resource = %self.name, "cannot record the peer's bitmap generation: {e:#}");
+        }
+        if let Some(v) = self.volume() {
+            let me = Arc::downgrade(self);
+            v.before_next_write(Box::new(move || {
+                let Some(me) = me.upgrade() else { return Ok(()) };
+                me.update_meta(|m| {
+                    rotate_generation(m);
+                })
+                .map_err(|e| std::io::Error::other(format!("cannot record a new data generation: {e:#}")))?;
+                info!(resource = %me.name, generation = %format!("{:016x}", me.record().current_generation),
+                      "first write without a peer: new data generation");
+                me.broadcast_state();
+                Ok(())
+            }));
         }
         self.persist_bitmaps();
         self.broadcast_state();
@@ -577,6 +685,9 @@ pub(super) fn rotate_generation(m: &mut crate::meta::MetaRecord) -> u64 {
     let old = rotate(&mut g, new_generation());
     m.current_generation = g.current;
     m.history = g.history;
+    m.generation_started_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
     old
 }
 
