@@ -29,6 +29,10 @@ struct State {
     clock: u64,
     /// A transaction is being written; others wait.
     updating: bool,
+    /// Extents the transaction being written removes: they may not be used until it is done.
+    leaving: Vec<u32>,
+    /// `clock` at the previous [`ActivityLog::cool`].
+    cooled_at: u64,
     transactions: u64,
 }
 
@@ -106,7 +110,7 @@ impl ActivityLog {
         let extents: Vec<u32> = self.extents_of(offset, len).collect();
         let mut st = self.state.lock().unwrap();
         loop {
-            if extents.iter().all(|e| st.hot.contains_key(e)) {
+            if extents.iter().all(|e| st.hot.contains_key(e) && !st.leaving.contains(e)) {
                 st.clock += 1;
                 let now = st.clock;
                 for e in &extents {
@@ -136,31 +140,70 @@ impl ActivityLog {
             }
             idle.sort_unstable();
             let evict: Vec<u32> = idle.into_iter().take(need).map(|(_, e)| e).collect();
-            let mut next: Vec<u32> = st.hot.keys().copied().filter(|e| !evict.contains(e)).collect();
-            next.extend(&missing);
-            next.sort_unstable();
-            st.updating = true;
-            drop(st);
-            let r = (|| {
-                for e in &evict {
-                    self.store.persist_extent(*e)?;
-                }
-                self.store.write_hot_set(&next)
-            })();
-            st = self.state.lock().unwrap();
-            st.updating = false;
-            if r.is_ok() {
-                for e in &evict {
-                    st.hot.remove(e);
-                }
-                for e in &missing {
-                    st.hot.insert(*e, (0, 0));
-                }
-                st.transactions += 1;
-            }
-            self.changed.notify_all();
-            r?;
+            st = self.transaction(st, evict, &missing)?;
         }
+    }
+
+    /// Writes a new hot set without `evict` and with `add`, persisting the bitmap bits of
+    /// the extents that leave first. Called with `updating` false and the lock held.
+    fn transaction<'a>(
+        &'a self,
+        mut st: std::sync::MutexGuard<'a, State>,
+        evict: Vec<u32>,
+        add: &[u32],
+    ) -> io::Result<std::sync::MutexGuard<'a, State>> {
+        let mut next: Vec<u32> = st.hot.keys().copied().filter(|e| !evict.contains(e)).collect();
+        next.extend(add);
+        next.sort_unstable();
+        st.updating = true;
+        st.leaving = evict;
+        let evict = st.leaving.clone();
+        drop(st);
+        let r = (|| {
+            for e in &evict {
+                self.store.persist_extent(*e)?;
+            }
+            self.store.write_hot_set(&next)
+        })();
+        let mut st = self.state.lock().unwrap();
+        st.updating = false;
+        st.leaving.clear();
+        if r.is_ok() {
+            for e in &evict {
+                st.hot.remove(e);
+            }
+            for e in add {
+                st.hot.insert(*e, (0, 0));
+            }
+            st.transactions += 1;
+        }
+        self.changed.notify_all();
+        r.map(|_| st)
+    }
+
+    /// Lets the extents that stayed idle since the previous call leave the log (one
+    /// transaction, none if nothing is idle). Run periodically, it keeps the log to the
+    /// working set of the last interval instead of the last `capacity` extents ever
+    /// written, so a primary crash after a burst (a mkfs, a backup restore) resyncs what
+    /// was recently written, not everything the burst touched. Returns how many left.
+    pub fn cool(&self) -> io::Result<usize> {
+        let mut st = self.state.lock().unwrap();
+        while st.updating {
+            st = self.changed.wait(st).unwrap();
+        }
+        let clock = st.clock;
+        let cutoff = std::mem::replace(&mut st.cooled_at, clock);
+        let evict: Vec<u32> = st
+            .hot
+            .iter()
+            .filter(|(_, (refs, last))| *refs == 0 && *last <= cutoff)
+            .map(|(e, _)| *e)
+            .collect();
+        let n = evict.len();
+        if n > 0 {
+            drop(self.transaction(st, evict, &[])?);
+        }
+        Ok(n)
     }
 
     /// The current hot set (what a crash would leave on disk).
@@ -211,6 +254,59 @@ mod tests {
         // A request spanning two extents holds both.
         let g = al.begin((2 << 22) - 10, 20).unwrap();
         assert_eq!(g.extents, vec![1, 2]);
+    }
+
+    #[test]
+    fn cooling_drops_extents_idle_for_a_whole_interval() {
+        let rec = Arc::new(Recorder::default());
+        let al = ActivityLog::new(1 << 22, 100, rec.clone(), &[]);
+        for e in 0..10u64 {
+            drop(al.begin(e << 22, 4096).unwrap());
+        }
+        let busy = al.begin(3 << 22, 4096).unwrap();
+        // Everything was used in the first interval; in the second only 3 (busy) was.
+        assert_eq!(al.cool().unwrap(), 0);
+        assert_eq!(al.cool().unwrap(), 9);
+        assert_eq!(al.hot_extents(), vec![3]);
+        assert_eq!(rec.persisted.lock().unwrap().len(), 9, "bits persisted before leaving");
+        drop(al.begin(5 << 22, 4096).unwrap());
+        // 5 was used in this interval; 3 is busy.
+        assert_eq!(al.cool().unwrap(), 0);
+        drop(busy);
+        assert_eq!(al.cool().unwrap(), 2);
+        assert!(al.hot_extents().is_empty());
+        assert_eq!(rec.sets.lock().unwrap().last().unwrap(), &Vec::<u32>::new());
+    }
+
+    #[test]
+    fn an_extent_being_evicted_is_not_used_until_the_transaction_is_durable() {
+        // A store whose hot-set writes are slow: a request on an extent that is leaving
+        // must wait and then re-add it, never write to it while the durable set lacks it.
+        struct Slow(Mutex<Vec<Vec<u32>>>);
+        impl ActivityLogStore for Slow {
+            fn write_hot_set(&self, extents: &[u32]) -> io::Result<()> {
+                std::thread::sleep(std::time::Duration::from_millis(50));
+                self.0.lock().unwrap().push(extents.to_vec());
+                Ok(())
+            }
+            fn persist_extent(&self, _: u32) -> io::Result<()> {
+                Ok(())
+            }
+        }
+        let store = Arc::new(Slow(Mutex::new(Vec::new())));
+        let al = ActivityLog::new(1 << 22, 100, store.clone(), &[]);
+        drop(al.begin(0, 4096).unwrap());
+        let al2 = al.clone();
+        let cooler = std::thread::spawn(move || {
+            al2.cool().unwrap();
+            al2.cool().unwrap()
+        });
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        let _g = al.begin(0, 4096).unwrap();
+        cooler.join().unwrap();
+        // Whatever order the threads ran in, the last durable set holds the busy extent.
+        assert_eq!(store.0.lock().unwrap().last().unwrap(), &vec![0]);
+        assert_eq!(al.hot_extents(), vec![0]);
     }
 
     #[test]

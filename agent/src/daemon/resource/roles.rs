@@ -11,6 +11,9 @@ use tracing::{error, info, warn};
 use super::sync::{rotate_generation, SyncRole};
 use super::{Resource, RoleState};
 use crate::daemon::hooks::HookEvent;
+
+/// How often idle extents leave the activity log while primary.
+const AL_COOL_INTERVAL: std::time::Duration = std::time::Duration::from_secs(2);
 use crate::frontend::{Frontend, FuseLoop};
 use crate::meta::DiskState;
 
@@ -108,7 +111,31 @@ impl Resource {
         for p in replicate {
             self.start_replication(&p).await;
         }
+        self.start_al_cooling();
         Ok(format!("{} is primary on {}; device {device}", self.name, self.me))
+    }
+
+    /// While primary: every [`AL_COOL_INTERVAL`], extents idle for a whole interval leave
+    /// the activity log, so a crash resyncs the recent working set only.
+    fn start_al_cooling(self: &Arc<Self>) {
+        let me = Arc::downgrade(self);
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(AL_COOL_INTERVAL).await;
+                let Some(r) = me.upgrade() else { return };
+                if !r.is_primary() {
+                    return;
+                }
+                let al = r.al.clone();
+                match tokio::task::spawn_blocking(move || al.cool()).await {
+                    Ok(Ok(n)) if n > 0 => {
+                        tracing::debug!(resource = %r.name, extents = n, "idle extents left the activity log")
+                    }
+                    Ok(Err(e)) => warn!(resource = %r.name, "cannot update the activity log: {e}"),
+                    _ => {}
+                }
+            }
+        });
     }
 
     /// Runs the `fence-peer` handler for every peer that is not connected: it must make sure
