@@ -1,12 +1,20 @@
 //! A cluster of real agents on this machine, for `tandem demo` and the integration tests:
 //! keys, a config, agent processes, and cleanup of everything it created — processes,
-//! mounts, loop devices, files — even when the run fails or panics.
+//! mounts, loop devices, network namespaces, files — even when the run fails or panics.
+//!
+//! By default every agent listens on its own port of 127.0.0.1. With
+//! [`LabOptions::netns`] each agent runs in a network namespace of its own, with its own
+//! address, the namespaces joined through a bridge (itself in one more namespace), so a
+//! node's link can be cut ([`Lab::partition`]) and restored ([`Lab::heal`]). Only the
+//! network namespace differs: the agents share the test's mount namespace, so their FUSE
+//! mounts and loop devices are visible to it, and their control sockets are plain paths.
 
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::net::UdpSocket;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -18,7 +26,11 @@ use crate::status::{NodeStatus, ResourceStatus};
 
 pub struct LabNode {
     pub name: String,
+    /// The IP address the node's agent listens on (127.0.0.1, or its namespace's address).
+    pub ip: String,
     pub port: u16,
+    /// The network namespace the agent runs in (`LabOptions::netns`).
+    pub netns: Option<String>,
     child: Option<Child>,
 }
 
@@ -32,6 +44,7 @@ pub struct Lab {
     mounts: Vec<PathBuf>,
     /// Loop devices the lab attached itself (not the agents').
     loops: Vec<String>,
+    net: Option<LabNet>,
 }
 
 /// Finds a free UDP port on 127.0.0.1 (QUIC runs over UDP).
@@ -62,6 +75,9 @@ pub struct LabOptions {
     pub extra_options: String,
     /// Extra lines appended to the `[[resource]]` table (e.g. `resync_max_rate = "1MiB"`).
     pub resource_extra: String,
+    /// Run every agent in a network namespace of its own (needs root, `ip` and `nsenter`),
+    /// so that links can be cut with [`Lab::partition`].
+    pub netns: bool,
 }
 
 impl Default for LabOptions {
@@ -72,6 +88,7 @@ impl Default for LabOptions {
             timeout: Duration::from_secs(3),
             extra_options: String::new(),
             resource_extra: String::new(),
+            netns: false,
         }
     }
 }
@@ -82,21 +99,41 @@ impl Lab {
     pub fn new(parent: &Path, exe: &Path, names: &[&str], opts: &LabOptions) -> Result<Self> {
         std::fs::create_dir_all(parent)?;
         let dir = tempfile::Builder::new().prefix("tandem-lab-").tempdir_in(parent)?.keep();
-        let mut nodes = Vec::new();
-        for n in names {
-            crate::tls::keygen(n, &dir.join("keys"), false)?;
-            nodes.push(LabNode { name: n.to_string(), port: free_udp_port()?, child: None });
-        }
-        let lab = Lab {
+        let mut lab = Lab {
             config: dir.join("tandem.toml"),
             dir,
-            nodes,
+            nodes: Vec::new(),
             resource: "mail".into(),
             exe: exe.to_path_buf(),
             keep: false,
             mounts: Vec::new(),
             loops: Vec::new(),
+            net: None,
         };
+        // From here on, dropping `lab` on an error removes whatever was created.
+        if opts.netns {
+            lab.net = Some(LabNet::create(names.len())?);
+        }
+        for (i, n) in names.iter().enumerate() {
+            crate::tls::keygen(n, &lab.dir.join("keys"), false)?;
+            let node = match &lab.net {
+                Some(net) => LabNode {
+                    name: n.to_string(),
+                    ip: net.node_ip(i),
+                    port: LAB_NETNS_PORT,
+                    netns: Some(net.node_ns[i].clone()),
+                    child: None,
+                },
+                None => LabNode {
+                    name: n.to_string(),
+                    ip: "127.0.0.1".into(),
+                    port: free_udp_port()?,
+                    netns: None,
+                    child: None,
+                },
+            };
+            lab.nodes.push(node);
+        }
         let text = lab.config_text(opts);
         std::fs::write(&lab.config, text)?;
         Ok(lab)
@@ -114,9 +151,9 @@ impl Lab {
         for n in &self.nodes {
             let name = &n.name;
             s += &format!(
-                "[[node]]\nname = \"{name}\"\naddress = \"127.0.0.1:{}\"\ncontrol = \"{d}/{name}/control.sock\"\n\
+                "[[node]]\nname = \"{name}\"\naddress = \"{}:{}\"\ncontrol = \"{d}/{name}/control.sock\"\n\
                  run_dir = \"{d}/{name}/run\"\ncert = \"{d}/keys/{name}.crt\"\nkey = \"{d}/keys/{name}.key\"\n\n",
-                n.port
+                n.ip, n.port
             );
         }
         s += &format!(
@@ -139,6 +176,31 @@ impl Lab {
 
     fn node_mut(&mut self, name: &str) -> Result<&mut LabNode> {
         self.nodes.iter_mut().find(|n| n.name == name).ok_or_else(|| anyhow!("no lab node {name}"))
+    }
+
+    fn node_index(&self, name: &str) -> Result<usize> {
+        self.nodes.iter().position(|n| n.name == name).ok_or_else(|| anyhow!("no lab node {name}"))
+    }
+
+    /// The network namespace `node`'s agent runs in, if the lab uses namespaces.
+    pub fn netns(&self, node: &str) -> Option<&str> {
+        self.nodes.iter().find(|n| n.name == node)?.netns.as_deref()
+    }
+
+    /// Cuts `node`'s link (its port on the lab's bridge goes down: its peers' packets to it
+    /// and its own packets are dropped, as with a pulled cable). Needs `LabOptions::netns`.
+    pub fn partition(&self, node: &str) -> Result<()> {
+        self.set_link(node, false)
+    }
+
+    /// Restores `node`'s link after [`Lab::partition`].
+    pub fn heal(&self, node: &str) -> Result<()> {
+        self.set_link(node, true)
+    }
+
+    fn set_link(&self, node: &str, up: bool) -> Result<()> {
+        let net = self.net.as_ref().ok_or_else(|| anyhow!("the lab runs without network namespaces"))?;
+        net.set_port(self.node_index(node)?, up)
     }
 
     pub fn image(&self, node: &str) -> PathBuf {
@@ -168,7 +230,19 @@ impl Lab {
     pub fn start_with_config(&mut self, node: &str, config: &Path) -> Result<()> {
         std::fs::create_dir_all(self.dir.join(node))?;
         let log = File::options().create(true).append(true).open(self.log(node))?;
-        let child = Command::new(&self.exe)
+        let netns = self.netns(node).map(str::to_string);
+        // `nsenter --net` changes only the network namespace (unlike `ip netns exec`, which
+        // also remounts /sys in a mount namespace of its own): the agent's FUSE mount and
+        // loop device stay visible here. Without --pid it execs, so the child is the agent.
+        let mut cmd = match &netns {
+            Some(ns) => {
+                let mut c = Command::new("nsenter");
+                c.arg(format!("--net={}", netns_path(ns).display())).arg("--").arg(&self.exe);
+                c
+            }
+            None => Command::new(&self.exe),
+        };
+        let child = cmd
             .args(["agent", "--config"])
             .arg(config)
             .args(["--node", node])
@@ -320,6 +394,14 @@ impl Lab {
         Ok(())
     }
 
+    /// `umount -l`: detaches a filesystem whose device is gone (e.g. on a killed agent's
+    /// loop device) without waiting for it.
+    pub fn umount_lazy(&mut self, dir: &Path) -> Result<()> {
+        run_cmd(Command::new("umount").arg("-l").arg(dir))?;
+        self.mounts.retain(|m| m != dir);
+        Ok(())
+    }
+
     /// Attaches a read-only loop device to a file, tracked for cleanup.
     pub fn attach_ro(&mut self, file: &Path) -> Result<String> {
         let dev = run_cmd(Command::new("losetup").args(["-f", "--show", "-r"]).arg(file))?.trim().to_string();
@@ -365,8 +447,122 @@ impl Drop for Lab {
                 let _ = nix::mount::umount2(mp, nix::mount::MntFlags::MNT_DETACH);
             }
         }
+        // Every agent is gone: the namespaces (and the veth pairs and bridge in them) go.
+        drop(self.net.take());
         if !self.keep {
             let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+/// The port agents listen on inside their namespaces (each has its own address).
+pub const LAB_NETNS_PORT: u16 = 7789;
+
+/// Prefix of the lab's namespace names: `tdm<pid>-<n>-<suffix>`.
+const NETNS_PREFIX: &str = "tdm";
+
+static NEXT_NET: AtomicUsize = AtomicUsize::new(0);
+
+fn netns_path(ns: &str) -> PathBuf {
+    Path::new("/run/netns").join(ns)
+}
+
+fn ip(args: &[&str]) -> Result<String> {
+    run_cmd(Command::new("ip").args(args)).context("ip (iproute2) failed; network namespaces need root")
+}
+
+/// The network of a lab with `LabOptions::netns`: one namespace per node with `eth0`
+/// holding the node's address, veth-paired with port `p<i>` of bridge `br0` in the lab's
+/// bridge namespace. Deleting the namespaces removes every interface in them.
+struct LabNet {
+    node_ns: Vec<String>,
+    bridge_ns: String,
+    /// 10.77.<subnet>.0/24 (the namespaces are private to the lab; the subnet only makes
+    /// logs of concurrent labs easier to tell apart).
+    subnet: u8,
+    /// Namespaces created so far, deleted on drop.
+    created: Vec<String>,
+}
+
+impl LabNet {
+    fn create(nodes: usize) -> Result<Self> {
+        for tool in ["ip", "nsenter"] {
+            let found = Command::new("sh")
+                .args(["-c", &format!("command -v {tool}")])
+                .output()
+                .is_ok_and(|o| o.status.success());
+            if !found {
+                bail!("network namespaces need `{tool}` (apt-get install iproute2 util-linux)");
+            }
+        }
+        remove_orphaned_namespaces();
+        let n = NEXT_NET.fetch_add(1, Ordering::SeqCst);
+        let base = format!("{NETNS_PREFIX}{}-{n}", std::process::id());
+        let mut net = LabNet {
+            node_ns: (0..nodes).map(|i| format!("{base}-n{i}")).collect(),
+            bridge_ns: format!("{base}-br"),
+            subnet: (n % 250) as u8,
+            created: Vec::new(),
+        };
+        // On an error `net` is dropped, deleting what was created.
+        net.add_ns(&net.bridge_ns.clone())?;
+        let br = net.bridge_ns.clone();
+        ip(&["-n", &br, "link", "add", "br0", "type", "bridge"])?;
+        ip(&["-n", &br, "link", "set", "br0", "up"])?;
+        ip(&["-n", &br, "link", "set", "lo", "up"])?;
+        for i in 0..nodes {
+            let ns = net.node_ns[i].clone();
+            let port = format!("p{i}");
+            net.add_ns(&ns)?;
+            ip(&["-n", &ns, "link", "add", "eth0", "type", "veth", "peer", "name", &port, "netns", &br])?;
+            ip(&["-n", &br, "link", "set", &port, "master", "br0"])?;
+            ip(&["-n", &br, "link", "set", &port, "up"])?;
+            ip(&["-n", &ns, "addr", "add", &format!("{}/24", net.node_ip(i)), "dev", "eth0"])?;
+            ip(&["-n", &ns, "link", "set", "eth0", "up"])?;
+            ip(&["-n", &ns, "link", "set", "lo", "up"])?;
+        }
+        Ok(net)
+    }
+
+    fn add_ns(&mut self, ns: &str) -> Result<()> {
+        ip(&["netns", "add", ns])?;
+        self.created.push(ns.to_string());
+        Ok(())
+    }
+
+    fn node_ip(&self, i: usize) -> String {
+        format!("10.77.{}.{}", self.subnet, i + 1)
+    }
+
+    fn set_port(&self, i: usize, up: bool) -> Result<()> {
+        let port = format!("p{i}");
+        ip(&["-n", &self.bridge_ns, "link", "set", &port, if up { "up" } else { "down" }])?;
+        Ok(())
+    }
+}
+
+impl Drop for LabNet {
+    fn drop(&mut self) {
+        for ns in self.created.drain(..).rev() {
+            let _ = Command::new("ip").args(["netns", "del", &ns]).stderr(Stdio::null()).status();
+        }
+    }
+}
+
+/// Deletes namespaces left by labs of processes that no longer exist (killed test runs).
+fn remove_orphaned_namespaces() {
+    let Ok(entries) = std::fs::read_dir("/run/netns") else { return };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().to_string();
+        let Some(pid) = name
+            .strip_prefix(NETNS_PREFIX)
+            .and_then(|r| r.split('-').next())
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if !Path::new("/proc").join(pid.to_string()).exists() {
+            let _ = Command::new("ip").args(["netns", "del", &name]).stderr(Stdio::null()).status();
         }
     }
 }

@@ -50,9 +50,51 @@ pub fn lab_parent() -> PathBuf {
     PathBuf::from(std::env::var("TANDEM_TEST_DIR").unwrap_or_else(|_| "/var/tmp".into()))
 }
 
+/// Labs with `LabOptions::netns` also need iproute2 and nsenter (and root, checked by
+/// [`require_real_devices`]). Without them the test fails with the reason.
+pub fn require_netns() {
+    for tool in ["ip", "nsenter"] {
+        let ok = std::process::Command::new("sh")
+            .args(["-c", &format!("command -v {tool}")])
+            .output()
+            .is_ok_and(|o| o.status.success());
+        assert!(ok, "this test needs {tool} for network namespaces (apt-get install iproute2 util-linux)");
+    }
+}
+
 pub fn new_lab(names: &[&str], opts: &LabOptions) -> Lab {
     require_real_devices();
-    Lab::new(&lab_parent(), &tandem_bin(), names, opts).expect("create lab")
+    if opts.netns {
+        require_netns();
+    }
+    let mut lab = Lab::new(&lab_parent(), &tandem_bin(), names, opts).expect("create lab");
+    // TANDEM_KEEP_LAB=1 keeps the lab's directory (config, logs, images) for inspection.
+    if std::env::var_os("TANDEM_KEEP_LAB").is_some_and(|v| v != "0") {
+        println!("keeping lab directory {}", lab.dir.display());
+        lab.keep(true);
+    }
+    lab
+}
+
+/// `e2fsck -fn DEV`: Ok when the filesystem is clean, else its report.
+pub fn e2fsck_clean(dev: &str) -> Result<(), String> {
+    let out = std::process::Command::new("e2fsck").args(["-f", "-n", dev]).output().expect("run e2fsck");
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "e2fsck -fn {dev}: {}\n{}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ))
+    }
+}
+
+/// Block data `node` has sent as a resync source since its agent started, to every peer.
+pub fn resync_bytes_sent(lab: &Lab, node: &str) -> u64 {
+    let st = lab.resource_status(node).unwrap_or_else(|e| panic!("status of {node}: {e:#}"));
+    st.peers.iter().filter_map(|p| p.resync.as_ref()).map(|r| r.data_bytes_sent).sum()
 }
 
 pub fn sha256_file(p: &Path) -> String {
