@@ -1,9 +1,11 @@
 //! `tandem demo`: a real two-node replication on this machine, end to end, verified.
 //!
 //! Two agents on 127.0.0.1 with their own keys, a sync-mode resource, ext4 on the primary's
-//! device, a Maildir written like an MDA does (each message fsync'd, then renamed into new/),
-//! then both images are compared byte for byte and the standby's copy is mounted read-only
-//! and every message checked against what was written.
+//! device, a Maildir written like an MDA does (each message fsync'd, then renamed into new/).
+//! Then the primary's agent is killed (-9), the standby promoted and every message checked
+//! on it, more mail delivered there, the old primary brought back as the new mirror by a
+//! delta resync, and finally both images compared byte for byte and the mirror's copy
+//! mounted read-only and every message checked against what was written.
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -67,12 +69,17 @@ fn message(i: usize) -> Vec<u8> {
 
 /// Delivers `n` messages into `maildir` (tmp/ -> fsync -> new/), returning name -> sha256.
 fn deliver(maildir: &Path, n: usize) -> Result<BTreeMap<String, String>> {
+    deliver_from(maildir, 0, n)
+}
+
+/// Delivers messages `first..first + n`.
+fn deliver_from(maildir: &Path, first: usize, n: usize) -> Result<BTreeMap<String, String>> {
     for d in ["tmp", "new", "cur"] {
         std::fs::create_dir_all(maildir.join(d))?;
     }
     let mut manifest = BTreeMap::new();
     let new_dir = std::fs::File::open(maildir.join("new"))?;
-    for i in 0..n {
+    for i in first..first + n {
         check_interrupt()?;
         let name = format!("{}.M{i}P{}.tandem-demo", 1_700_000_000 + i, std::process::id());
         let body = message(i);
@@ -83,8 +90,8 @@ fn deliver(maildir: &Path, n: usize) -> Result<BTreeMap<String, String>> {
         std::fs::rename(&tmp, maildir.join("new").join(&name))?;
         new_dir.sync_all()?;
         manifest.insert(name, format!("{:x}", Sha256::digest(&body)));
-        if (i + 1) % 100 == 0 {
-            println!("    delivered {} messages", i + 1);
+        if (i + 1 - first).is_multiple_of(100) {
+            println!("    delivered {} messages", i + 1 - first);
         }
     }
     Ok(manifest)
@@ -134,7 +141,8 @@ pub fn run(o: &DemoOptions) -> Result<bool> {
     let result = run_in(&mut lab, o);
     match &result {
         Ok(true) => println!(
-            "\nVERDICT: PASS — replicated {} messages; standby identical ({:.1}s)",
+            "\nVERDICT: PASS — replicated {} messages, failed over without losing one, and the old \
+             primary is an identical mirror again ({:.1}s)",
             o.messages,
             started.elapsed().as_secs_f64()
         ),
@@ -203,9 +211,69 @@ fn run_in(lab: &mut Lab, o: &DemoOptions) -> Result<bool> {
         println!("    {l}");
     }
 
-    step(7, "unmount, demote alpha, stop both agents");
+    step(7, "the mail server keeps running: a message every 0.5 s for 8 s");
+    let mut manifest = manifest;
+    for k in 0..16 {
+        check_interrupt()?;
+        manifest.extend(deliver_from(&mnt.join("Maildir"), o.messages + k, 1)?);
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let st = lab.resource_status("alpha")?;
+    println!(
+        "    {} messages in all; activity log: {} hot extents of 4 MiB (what a crash now would resync)",
+        manifest.len(),
+        st.stats.al_hot_extents
+    );
+
+    step(8, "failover: kill -9 alpha's agent, as if the active mail server died");
+    lab.kill9("alpha")?;
+    // The filesystem on the dead node's device can only be detached now.
+    lab.umount_lazy(&mnt)?;
+    lab.wait_for("beta", "alpha's loss noticed", Duration::from_secs(30), |r| {
+        r.peers.iter().all(|p| p.connection != "connected")
+    })?;
+    println!("    alpha is gone; beta noticed the connection loss");
+    check_interrupt()?;
+
+    step(9, "promoting beta and checking every acknowledged message is there");
+    let r = lab.promote("beta", false)?;
+    if !r.ok {
+        bail!("promote beta failed: {:?}", r.error);
+    }
+    println!("    {}", r.message.unwrap_or_default());
+    let dev_b = lab.resource_status("beta")?.device.unwrap_or_default();
+    lab.mount(&dev_b, &mnt, "")?;
+    let found = verify_maildir(&mnt.join("Maildir"), &manifest)?;
+    println!("    {found}/{} messages present and intact on beta", manifest.len());
+    let more = (o.messages / 5).max(1);
+    let t = Instant::now();
+    manifest.extend(deliver_from(&mnt.join("Maildir"), o.messages + 16, more)?);
+    println!(
+        "    beta serves the volume: {more} more messages delivered in {:.1}s",
+        t.elapsed().as_secs_f64()
+    );
+    check_interrupt()?;
+
+    step(10, "bringing alpha back: it becomes beta's mirror with a delta resync");
+    lab.start("alpha")?;
+    let st = lab.wait_for("beta", "alpha resynced", Duration::from_secs(120), |r| {
+        r.peers.iter().all(|p| {
+            p.connection == "connected" && p.replication == "established" && p.out_of_sync_bytes == 0
+        })
+    })?;
+    let moved: u64 = st.peers.iter().filter_map(|p| p.resync.as_ref()).map(|r| r.data_bytes_sent).sum();
+    println!(
+        "    alpha is in sync again: {moved} bytes resynced ({:.2} % of the {} byte volume)",
+        moved as f64 * 100.0 / o.size as f64,
+        o.size
+    );
+    for l in lab.status("beta")?.render().lines() {
+        println!("    {l}");
+    }
+
+    step(11, "unmount, demote beta, stop both agents");
     lab.umount(&mnt)?;
-    let r = lab.demote("alpha")?;
+    let r = lab.demote("beta")?;
     if !r.ok {
         bail!("demote failed: {:?}", r.error);
     }
@@ -215,22 +283,33 @@ fn run_in(lab: &mut Lab, o: &DemoOptions) -> Result<bool> {
         println!("    {n} stopped {}", if *ok { "cleanly" } else { "UNCLEANLY" });
     }
 
-    step(8, "verifying");
+    step(12, "verifying");
     let a = sha256_file(&lab.image("alpha"))?;
     let b = sha256_file(&lab.image("beta"))?;
     println!("    sha256 alpha image: {a}");
     println!("    sha256 beta  image: {b}");
     let equal = a == b;
     println!("    images identical: {}", if equal { "yes" } else { "NO" });
-    let fsck = Command::new("e2fsck").args(["-f", "-n"]).arg(lab.image("beta")).output()?;
-    println!("    e2fsck -fn of beta's image: {}", if fsck.status.success() { "clean" } else { "ERRORS" });
-    let dev = lab.attach_ro(&lab.image("beta"))?;
-    let ro = lab.dir.join("standby-ro");
+    let fsck = Command::new("e2fsck").args(["-f", "-n"]).arg(lab.image("alpha")).output()?;
+    println!("    e2fsck -fn of alpha's image: {}", if fsck.status.success() { "clean" } else { "ERRORS" });
+    let dev = lab.attach_ro(&lab.image("alpha"))?;
+    let ro = lab.dir.join("mirror-ro");
     lab.mount(&dev, &ro, "ro,noload")?;
     let checked = verify_maildir(&ro.join("Maildir"), &manifest);
     lab.umount(&ro)?;
     lab.detach(&dev)?;
     let checked = checked?;
-    println!("    messages read back from beta's copy and matched: {checked}/{}", manifest.len());
-    Ok(equal && fsck.status.success() && checked == manifest.len() && clean.values().all(|c| *c))
+    println!(
+        "    messages read back from alpha's copy (the new mirror) and matched: {checked}/{}",
+        manifest.len()
+    );
+    let small_resync = moved < o.size / 2;
+    if !small_resync {
+        println!("    the resync moved {moved} bytes: expected a delta, not a full copy");
+    }
+    Ok(equal
+        && fsck.status.success()
+        && checked == manifest.len()
+        && clean.values().all(|c| *c)
+        && small_resync)
 }

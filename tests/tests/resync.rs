@@ -110,10 +110,26 @@ fn primary_crash_resyncs_only_its_activity_log() {
     );
     assert!(moved > 0, "the activity log's extents were not resynced");
     assert!(moved <= 128 << 20, "resync moved {moved} bytes; the activity log covers ~48 MiB");
+    // Local recovery: the restarted node is promoted again and replication resumes.
+    let r = lab.promote("alpha", false).unwrap();
+    assert!(r.ok, "promotion after a local restart: {r:?}");
+    let dev = wait_until(&lab, "alpha", "device", secs(20), |r| r.device.is_some()).device.unwrap();
+    let run2 = rand::random();
+    let mut w = BlockWriter::open(&dev, run2, true);
+    for b in 0..64u64 {
+        w.write(b * BLOCK as u64).unwrap();
+    }
+    let after = w.written.clone();
+    drop(w);
+    wait_until(&lab, "alpha", "replicating again", secs(30), in_sync);
+    assert!(lab.demote("alpha").unwrap().ok);
     lab.stop_all();
     // The write that failed may or may not have reached either disk; both are equal anyway,
-    // and both hold every acknowledged write.
-    assert_eq!(stale_blocks(&lab.image("alpha"), run, &acked), Vec::<u64>::new());
+    // and both hold every acknowledged write, from before the crash and after.
+    for n in ["alpha", "beta"] {
+        assert_eq!(stale_blocks(&lab.image(n), run, &acked), Vec::<u64>::new(), "{n}");
+        assert_eq!(stale_blocks(&lab.image(n), run2, &after), Vec::<u64>::new(), "{n}");
+    }
     assert_eq!(sha256_file(&lab.image("alpha")), sha256_file(&lab.image("beta")), "images differ");
 }
 
