@@ -29,7 +29,14 @@ pub fn run(config: &str, wl: &str, spec: &str, target: &str, runtime: u64, out: 
     let status = Command::new("fio")
         .arg(format!("--name={config}-{wl}"))
         .arg(format!("--filename={target}"))
-        .args(["--direct=1", "--ioengine=libaio", "--numjobs=1", "--time_based", "--ramp_time=2", "--size=1G"])
+        .args([
+            "--direct=1",
+            "--ioengine=libaio",
+            "--numjobs=1",
+            "--time_based",
+            "--ramp_time=2",
+            "--size=1G",
+        ])
         .args(spec.split_whitespace())
         .arg(format!("--runtime={runtime}"))
         .arg("--output-format=json")
@@ -58,10 +65,9 @@ pub fn run(config: &str, wl: &str, spec: &str, target: &str, runtime: u64, out: 
 /// second — like the peer script's.
 pub fn integrity_pass(target: &str, size: u64, seconds: u64) -> Result<()> {
     let half = size / 2;
-    for (name, offset, spec) in [
-        ("I2", 0, "--rw=randwrite --bs=4k --iodepth=32"),
-        ("I3", half, "--rw=write --bs=1M --iodepth=4"),
-    ] {
+    for (name, offset, spec) in
+        [("I2", 0, "--rw=randwrite --bs=4k --iodepth=32"), ("I3", half, "--rw=write --bs=1M --iodepth=4")]
+    {
         let status = Command::new("fio")
             .arg(format!("--name={name}"))
             .arg(format!("--filename={target}"))
@@ -81,12 +87,15 @@ pub fn integrity_pass(target: &str, size: u64, seconds: u64) -> Result<()> {
 }
 
 pub fn table(rows: &[Row]) -> String {
-    let find = |cfg: &str, wl: &str| rows.iter().find(|r| r.config == cfg && r.workload == wl).map(|r| r.iops);
+    let find =
+        |cfg: &str, wl: &str| rows.iter().find(|r| r.config == cfg && r.workload == wl).map(|r| r.iops);
     let mut s = String::from(
         "| config | workload | IOPS | MB/s | clat p50 µs | clat p99 µs | vs loop | vs raw | AL writes / 1000 writes |\n|---|---|---|---|---|---|---|---|---|\n",
     );
     for r in rows {
-        let ratio = |base: Option<f64>| base.filter(|b| *b > 0.0).map_or("-".into(), |b| format!("{:.0} %", 100.0 * r.iops / b));
+        let ratio = |base: Option<f64>| {
+            base.filter(|b| *b > 0.0).map_or("-".into(), |b| format!("{:.0} %", 100.0 * r.iops / b))
+        };
         s += &format!(
             "| {} | {} | {:.0} | {:.1} | {:.0} | {:.0} | {} | {} | {} |\n",
             r.config,

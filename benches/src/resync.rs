@@ -14,10 +14,13 @@ use crate::Args;
 fn dd_copy(from: &Path, to: &Path) -> Result<f64> {
     let t = Instant::now();
     run_cmd(
-        Command::new("dd")
-            .arg(format!("if={}", from.display()))
-            .arg(format!("of={}", to.display()))
-            .args(["bs=1M", "iflag=direct", "oflag=direct", "conv=fsync,notrunc", "status=none"]),
+        Command::new("dd").arg(format!("if={}", from.display())).arg(format!("of={}", to.display())).args([
+            "bs=1M",
+            "iflag=direct",
+            "oflag=direct",
+            "conv=fsync,notrunc",
+            "status=none",
+        ]),
     )?;
     Ok(t.elapsed().as_secs_f64())
 }
@@ -49,40 +52,66 @@ pub fn run(args: &Args, tandem: &Path) -> Result<String> {
     if !lab.promote("alpha", false)?.ok {
         bail!("promote failed");
     }
-    let dev = lab.wait_for("alpha", "replicating", Duration::from_secs(60), |r| r.device.is_some())?.device.unwrap_or_default();
+    let dev = lab
+        .wait_for("alpha", "replicating", Duration::from_secs(60), |r| r.device.is_some())?
+        .device
+        .unwrap_or_default();
     // Give the volume content so the copy is not of zeroes.
-    run_cmd(Command::new("dd").args(["if=/dev/urandom", &format!("of={dev}"), "bs=1M", "oflag=direct", "status=none"]).arg(format!("count={}", size >> 20)))?;
+    run_cmd(
+        Command::new("dd")
+            .args(["if=/dev/urandom", &format!("of={dev}"), "bs=1M", "oflag=direct", "status=none"])
+            .arg(format!("count={}", size >> 20)),
+    )?;
     // Full resync: the standby discards its copy.
     let t = Instant::now();
-    let out = Command::new(tandem).arg("--config").arg(&lab.config).args(["--node", "beta", "invalidate", "mail"]).output()?;
+    let out = Command::new(tandem)
+        .arg("--config")
+        .arg(&lab.config)
+        .args(["--node", "beta", "invalidate", "mail"])
+        .output()?;
     if !out.status.success() {
         bail!("invalidate: {}", String::from_utf8_lossy(&out.stderr));
     }
-    lab.wait_for("beta", "full resync done", Duration::from_secs(600), |r| r.disk == "up_to_date" && r.peers[0].connection == "connected")?;
+    lab.wait_for("beta", "full resync done", Duration::from_secs(600), |r| {
+        r.disk == "up_to_date" && r.peers[0].connection == "connected"
+    })?;
     let full_secs = t.elapsed().as_secs_f64();
-    let full_bytes = lab.resource_status("alpha")?.peers[0].resync.clone().unwrap_or_default().data_bytes_sent;
+    let full_bytes =
+        lab.resource_status("alpha")?.peers[0].resync.clone().unwrap_or_default().data_bytes_sent;
     // Delta: 1 % of the volume in random blocks while disconnected.
     let before = lab.resource_status("alpha")?.peers[0].resync.clone().unwrap_or_default().data_bytes_sent;
-    let out = Command::new(tandem).arg("--config").arg(&lab.config).args(["--node", "alpha", "disconnect", "mail"]).output()?;
+    let out = Command::new(tandem)
+        .arg("--config")
+        .arg(&lab.config)
+        .args(["--node", "alpha", "disconnect", "mail"])
+        .output()?;
     if !out.status.success() {
         bail!("disconnect failed");
     }
     let changed = write_random(&dev, (size / 4096) / 100, size)?;
     let t = Instant::now();
-    let out = Command::new(tandem).arg("--config").arg(&lab.config).args(["--node", "alpha", "connect", "mail"]).output()?;
+    let out = Command::new(tandem)
+        .arg("--config")
+        .arg(&lab.config)
+        .args(["--node", "alpha", "connect", "mail"])
+        .output()?;
     if !out.status.success() {
         bail!("connect failed");
     }
     lab.wait_for("alpha", "delta resync done", Duration::from_secs(600), |r| {
-        r.peers[0].connection == "connected" && r.peers[0].out_of_sync_bytes == 0 && r.peers[0].replication == "established"
+        r.peers[0].connection == "connected"
+            && r.peers[0].out_of_sync_bytes == 0
+            && r.peers[0].replication == "established"
     })?;
     let delta_secs = t.elapsed().as_secs_f64();
-    let delta_bytes = lab.resource_status("alpha")?.peers[0].resync.clone().unwrap_or_default().data_bytes_sent - before;
+    let delta_bytes =
+        lab.resource_status("alpha")?.peers[0].resync.clone().unwrap_or_default().data_bytes_sent - before;
     if !lab.demote("alpha")?.ok {
         bail!("demote failed");
     }
     lab.stop_all();
-    let same = crate::scan::scan("resync", &lab.image("alpha"), Some(&lab.image("beta")))?.standby_differs == 0;
+    let same =
+        crate::scan::scan("resync", &lab.image("alpha"), Some(&lab.image("beta")))?.standby_differs == 0;
     let copy = args.work.join("dd-copy.img");
     crate::stacks::zero_file(&copy, size)?;
     let dd_secs = dd_copy(&lab.image("alpha"), &copy)?;

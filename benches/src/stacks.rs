@@ -43,10 +43,14 @@ fn workloads(cfg: &str, target: &str, args: &Args, lab: Option<&Lab>) -> Result<
             let a = l.resource_status("alpha")?;
             let writes = a.stats.writes.saturating_sub(b.stats.writes);
             if writes > 0 {
-                row.al_per_1000 = Some(1000.0 * (a.stats.al_writes - b.stats.al_writes) as f64 / writes as f64);
+                row.al_per_1000 =
+                    Some(1000.0 * (a.stats.al_writes - b.stats.al_writes) as f64 / writes as f64);
             }
         }
-        eprintln!("{cfg} {wl}: {:.0} IOPS {:.1} MB/s p50 {:.0} µs p99 {:.0} µs", row.iops, row.mbps, row.p50_us, row.p99_us);
+        eprintln!(
+            "{cfg} {wl}: {:.0} IOPS {:.1} MB/s p50 {:.0} µs p99 {:.0} µs",
+            row.iops, row.mbps, row.p50_us, row.p99_us
+        );
         rows.push(row);
     }
     fio::integrity_pass(target, args.size, if args.quick { 2 } else { 4 })?;
@@ -66,7 +70,11 @@ pub fn run_config(cfg: &str, args: &Args, tandem: &Path) -> Result<(Vec<Row>, Ch
         "loop" => {
             let f = args.work.join("loop.img");
             zero_file(&f, args.size)?;
-            let dev = Loop(run_cmd(Command::new("losetup").args(["-f", "--show", "--direct-io=on"]).arg(&f))?.trim().to_string());
+            let dev = Loop(
+                run_cmd(Command::new("losetup").args(["-f", "--show", "--direct-io=on"]).arg(&f))?
+                    .trim()
+                    .to_string(),
+            );
             let rows = workloads(cfg, &dev.0, args, None)?;
             drop(dev);
             let c = scan::scan(cfg, &f, None)?;
@@ -76,7 +84,12 @@ pub fn run_config(cfg: &str, args: &Args, tandem: &Path) -> Result<(Vec<Row>, Ch
         "solo" | "sync" | "memory" | "async" => {
             let names: &[&str] = if cfg == "solo" { &["alpha"] } else { &["alpha", "beta"] };
             let mode = if cfg == "solo" { "sync" } else { cfg };
-            let opts = LabOptions { size: args.size, mode: mode.into(), timeout: Duration::from_secs(10), ..Default::default() };
+            let opts = LabOptions {
+                size: args.size,
+                mode: mode.into(),
+                timeout: Duration::from_secs(10),
+                ..Default::default()
+            };
             let mut lab = Lab::new(&args.work, tandem, names, &opts)?;
             for n in names {
                 lab.start(n)?;
@@ -133,7 +146,11 @@ pub fn run_peer(script: &Path, runtime: u64) -> Result<String> {
 
 pub fn environment() -> String {
     let sh = |c: &str| {
-        Command::new("sh").args(["-c", c]).output().map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string()).unwrap_or_default()
+        Command::new("sh")
+            .args(["-c", c])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+            .unwrap_or_default()
     };
     format!(
         "date: {}\nkernel: {}  cpus: {}\ncpu: {}\nfio: {}\nload: {}",
