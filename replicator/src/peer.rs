@@ -16,6 +16,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 use tracing::{debug, warn};
 
+use crate::activity_log::AlGuard;
 use crate::bitmap::DirtyBitmap;
 use crate::link::Link;
 use crate::mode::Mode;
@@ -29,6 +30,10 @@ struct Pending {
     /// A verify request waiting for the peer's hashes.
     verify: Option<oneshot::Sender<Bytes>>,
     since: Instant,
+    /// Keeps the write's activity-log extents hot until this peer has it on disk (or the
+    /// session's end has marked it in the bitmap) — also for peers the request does not
+    /// wait for, so an extent never leaves the log while an `async` peer may lack a block.
+    _al: Option<Arc<AlGuard>>,
 }
 
 #[derive(Default)]
@@ -80,7 +85,8 @@ impl PeerSession {
             req.add_part();
             (level, req.clone())
         });
-        p.by_seq.insert(seq, Pending { range, waiter, verify: None, since: Instant::now() });
+        let al = range.and_then(|_| req.al_guard());
+        p.by_seq.insert(seq, Pending { range, waiter, verify: None, since: Instant::now(), _al: al });
         // Straight to the transport's writer. If it is gone, the receiver sees the link
         // closed and close() accounts for this entry with the rest.
         if let Some(tx) = &p.tx {
@@ -96,7 +102,8 @@ impl PeerSession {
             return None;
         }
         let (tx, rx) = oneshot::channel();
-        p.by_seq.insert(seq, Pending { range: None, waiter: None, verify: Some(tx), since: Instant::now() });
+        let entry = Pending { range: None, waiter: None, verify: Some(tx), since: Instant::now(), _al: None };
+        p.by_seq.insert(seq, entry);
         p.tx.as_ref()?.send(frame).ok()?;
         Some(rx)
     }

@@ -3,7 +3,7 @@
 //! thread it runs on. No task is spawned per request.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use crate::activity_log::AlGuard;
 use crate::error::VolumeError;
@@ -16,8 +16,9 @@ pub struct Request {
     remaining: AtomicUsize,
     error: Mutex<Option<VolumeError>>,
     done: Mutex<Option<Done>>,
-    /// Keeps the request's activity-log extents hot until it completes everywhere.
-    al: Mutex<Option<AlGuard>>,
+    /// Keeps the request's activity-log extents hot until it completes; every peer session
+    /// it was sent to holds a clone until that peer has it on disk.
+    al: Mutex<Option<Arc<AlGuard>>>,
 }
 
 impl std::fmt::Debug for Request {
@@ -34,12 +35,16 @@ impl Request {
             remaining: AtomicUsize::new(parts),
             error: Mutex::new(None),
             done: Mutex::new(Some(done)),
-            al: Mutex::new(al),
+            al: Mutex::new(al.map(Arc::new)),
         }
     }
 
     pub fn seq(&self) -> u64 {
         self.seq
+    }
+
+    pub fn al_guard(&self) -> Option<Arc<AlGuard>> {
+        self.al.lock().unwrap().clone()
     }
 
     /// Adds a part (a peer the request must now wait for).

@@ -362,3 +362,52 @@ fn standby_disk_failure_drops_connection_and_tracks_block() {
         assert!(p.bitmap.lock().unwrap().is_set(1));
     });
 }
+
+/// An extent stays in the activity log until every peer has the writes to it on disk, not
+/// only until the request completes: with an `async` peer that lags, cooling (or eviction)
+/// must not drop the extent, or a primary crash would lose track of blocks the peer lacks.
+#[test]
+fn activity_log_holds_extents_until_async_peers_have_them() {
+    struct NoMeta;
+    impl tandem_replicator::ActivityLogStore for NoMeta {
+        fn write_hot_set(&self, _: &[u32]) -> std::io::Result<()> {
+            Ok(())
+        }
+        fn persist_extent(&self, _: u32) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    rt().block_on(async {
+        let bitmap = Arc::new(Mutex::new(DirtyBitmap::new(SIZE, BLOCK)));
+        let al = tandem_replicator::ActivityLog::new(SIZE / 4, 4, Arc::new(NoMeta), &[]);
+        let volume = Volume::with_activity_log(
+            Arc::new(MemStore::new(SIZE)),
+            vec![PeerConfig { name: "beta".into(), mode: Mode::Async, bitmap }],
+            1,
+            Duration::from_secs(30),
+            Some(al.clone()),
+        );
+        let (a, b, ctl) = sim_pair(SimOptions { latency: Duration::ZERO });
+        let applier = Applier::new(TargetState::new(Arc::new(MemStore::new(SIZE)), Arc::default()));
+        let applier = tokio::spawn(async move { applier.run(b).await });
+        let _peer = volume.attach_peer("beta", a).unwrap();
+        ctl.freeze();
+        // Completes at once (async), but the peer has not got it.
+        volume.submit_write(0, payload(0, 1, 1, 0)).unwrap().await.unwrap();
+        for _ in 0..3 {
+            al.cool().unwrap();
+        }
+        assert_eq!(al.hot_extents(), vec![0], "an extent left the log while a peer lacked a write to it");
+        ctl.thaw();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while volume.peers()[0].pending_requests > 0 {
+            assert!(tokio::time::Instant::now() < deadline, "the peer never acknowledged");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        for _ in 0..3 {
+            al.cool().unwrap();
+        }
+        assert!(al.hot_extents().is_empty(), "{:?}", al.hot_extents());
+        applier.abort();
+    });
+}
