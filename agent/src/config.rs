@@ -10,7 +10,10 @@ use std::time::Duration;
 
 use serde::Deserialize;
 use tandem_replicator::split_brain::{parse_policy, AfterSplitBrain};
-use tandem_replicator::Mode;
+use tandem_replicator::{Backlog, BacklogPolicy, Mode};
+
+/// Data in flight to a `memory` or `async` peer before `on_backlog_full` applies.
+pub const DEFAULT_BACKLOG: u64 = 128 << 20;
 use thiserror::Error;
 
 #[derive(Debug, Error)]
@@ -121,6 +124,10 @@ struct FileResource {
     #[serde(default)]
     after_split_brain: Option<String>,
     #[serde(default)]
+    backlog: Option<String>,
+    #[serde(default)]
+    on_backlog_full: Option<String>,
+    #[serde(default)]
     handlers: Handlers,
     #[serde(default)]
     disk: BTreeMap<String, FileDisk>,
@@ -131,6 +138,13 @@ struct FileResource {
 struct FileDisk {
     image: PathBuf,
     meta: PathBuf,
+    /// How the primary replicates to this node (default: the resource's mode).
+    #[serde(default)]
+    mode: Option<String>,
+    #[serde(default)]
+    backlog: Option<String>,
+    #[serde(default)]
+    on_backlog_full: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -147,6 +161,17 @@ pub struct Node {
 pub struct Disk {
     pub image: PathBuf,
     pub meta: PathBuf,
+    /// How a primary replicates to this node.
+    pub mode: Mode,
+    /// For `memory` and `async`: the bound on data in flight to this node.
+    pub backlog: Option<Backlog>,
+}
+
+/// How a primary replicates to one peer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PeerLink {
+    pub mode: Mode,
+    pub backlog: Option<Backlog>,
 }
 
 #[derive(Debug, Clone)]
@@ -177,6 +202,14 @@ pub struct Resource {
 }
 
 impl Resource {
+    /// How a primary replicates to `node`.
+    pub fn link_to(&self, node: &str) -> PeerLink {
+        match self.disks.get(node) {
+            Some(d) => PeerLink { mode: d.mode, backlog: d.backlog },
+            None => PeerLink { mode: self.mode, backlog: None },
+        }
+    }
+
     /// Nodes other than `me` with a disk for this resource.
     pub fn peers_of(&self, me: &str) -> Vec<String> {
         self.disks.keys().filter(|n| n.as_str() != me).cloned().collect()
@@ -387,6 +420,25 @@ impl Config {
                 Some(p) => parse_policy(p).map_err(|e| ctx(format!("after_split_brain: {e}")))?,
             };
             let handlers = f.handlers.overridden_by(&r.handlers);
+            let policy =
+                |what: &str, v: &Option<String>, d: BacklogPolicy| -> Result<BacklogPolicy, ConfigError> {
+                    match v {
+                        None => Ok(d),
+                        Some(p) => p.parse().map_err(|e: String| ctx(format!("{what}: {e}"))),
+                    }
+                };
+            let backlog_size = |what: &str, v: &Option<String>, d: u64| -> Result<u64, ConfigError> {
+                let n = match v {
+                    None => d,
+                    Some(b) => parse_size(b).map_err(|e| ctx(format!("{what}: {e}")))?,
+                };
+                if n < (1 << 20) {
+                    return Err(ctx(format!("{what} must be at least 1MiB")));
+                }
+                Ok(n)
+            };
+            let default_backlog = backlog_size("backlog", &r.backlog, DEFAULT_BACKLOG)?;
+            let default_policy = policy("on_backlog_full", &r.on_backlog_full, BacklogPolicy::Ahead)?;
             let mut disks = BTreeMap::new();
             for (node, d) in r.disk {
                 if !names.contains(&node) {
@@ -398,7 +450,15 @@ impl Config {
                 if d.image == d.meta {
                     return Err(ctx(format!("node {node}: image and meta are the same file")));
                 }
-                disks.insert(node, Disk { image: d.image, meta: d.meta });
+                let what = |k: &str| format!("disk.{node}.{k}");
+                let peer_mode = match &d.mode {
+                    None => mode,
+                    Some(m) => m.parse().map_err(|e: String| ctx(format!("{}: {e}", what("mode"))))?,
+                };
+                let limit = backlog_size(&what("backlog"), &d.backlog, default_backlog)?;
+                let when_full = policy(&what("on_backlog_full"), &d.on_backlog_full, default_policy)?;
+                let backlog = (peer_mode != Mode::Sync).then_some(Backlog { limit, when_full });
+                disks.insert(node, Disk { image: d.image, meta: d.meta, mode: peer_mode, backlog });
             }
             if disks.is_empty() {
                 return Err(ctx("no [resource.disk.NODE] entries".into()));
@@ -536,6 +596,32 @@ meta = "/var/lib/tandem/beta/mailstore.meta"
         assert!(e.contains("after_split_brain") && e.contains("coin-flip"), "{e}");
         let e = parse(&(GOOD.to_string() + "[handlers]\nfence = \"x\"\n")).unwrap_err().to_string();
         assert!(e.contains("unknown field") && e.contains("fence"), "{e}");
+    }
+
+    #[test]
+    fn per_peer_modes_and_backlogs() {
+        let text = GOOD.replace(
+            "meta = \"/var/lib/tandem/beta/mailstore.meta\"",
+            "meta = \"/var/lib/tandem/beta/mailstore.meta\"\nmode = \"async\"\nbacklog = \"64MiB\"",
+        );
+        let c = parse(&text).unwrap();
+        let r = &c.resources[0];
+        assert_eq!(r.link_to("alpha"), PeerLink { mode: Mode::Sync, backlog: None });
+        assert_eq!(
+            r.link_to("beta"),
+            PeerLink {
+                mode: Mode::Async,
+                backlog: Some(Backlog { limit: 64 << 20, when_full: BacklogPolicy::Ahead })
+            }
+        );
+        let e = parse(&text.replace("mode = \"async\"", "mode = \"asap\"")).unwrap_err().to_string();
+        assert!(e.contains("disk.beta.mode") && e.contains("asap"), "{e}");
+        let e = parse(&text.replace("64MiB", "10k")).unwrap_err().to_string();
+        assert!(e.contains("disk.beta.backlog") && e.contains("1MiB"), "{e}");
+        let e = parse(&text.replace("backlog = \"64MiB\"", "on_backlog_full = \"wait\""))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("on_backlog_full") && e.contains("wait"), "{e}");
     }
 
     #[test]

@@ -31,7 +31,8 @@ pub struct PeerStatus {
     pub node: String,
     /// "connected" | "connecting" | "standalone"
     pub connection: String,
-    /// "established" (replicating) | "sync_source" | "sync_target" | "split_brain" | "off"
+    /// "established" (replicating) | "ahead" (backlog overflowed: data withheld until it
+    /// drains, then resynced) | "sync_source" | "sync_target" | "split_brain" | "off"
     pub replication: String,
     /// "sync" | "memory" | "async"
     pub mode: String,
@@ -41,6 +42,12 @@ pub struct PeerStatus {
     pub peer_disk: Option<String>,
     /// Requests sent to the peer and not yet durably acknowledged.
     pub pending_requests: usize,
+    /// Data sent to the peer and not yet on its disk (bytes), and how old the oldest of it
+    /// is (seconds): how far the peer lags.
+    #[serde(default)]
+    pub lag_bytes: u64,
+    #[serde(default)]
+    pub lag_secs: f64,
     /// Resync progress with this peer (this node as source), once one has run.
     pub resync: Option<ResyncStatus>,
     pub last_error: Option<String>,
@@ -175,6 +182,9 @@ impl NodeStatus {
                 );
                 if let (Some(role), Some(disk)) = (&p.peer_role, &p.peer_disk) {
                     out += &format!("  peer:{role}/{disk}");
+                }
+                if p.lag_bytes > 0 {
+                    out += &format!("  lag:{} ({:.1}s)", human_bytes(p.lag_bytes), p.lag_secs);
                 }
                 out += "\n";
                 if let Some(r) = p.resync.as_ref().filter(|r| r.active) {

@@ -30,7 +30,7 @@ pub use activity_log::{ActivityLog, ActivityLogStats, ActivityLogStore, AlGuard}
 pub use bitmap::DirtyBitmap;
 pub use error::{ApplyError, AttachError, VolumeError};
 pub use link::{Link, LINK_CAPACITY};
-pub use mode::Mode;
+pub use mode::{Backlog, BacklogPolicy, Mode};
 pub use primary::{LocalWork, PeerConfig, PeerHandle, PeerReplication, Volume};
 pub use request::Done;
 pub use secondary::{Applier, TargetState};

@@ -42,6 +42,34 @@ impl Mode {
     }
 }
 
+/// What the primary does when a peer's backlog (bytes sent and not yet on its disk) is full.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BacklogPolicy {
+    /// Stop sending data to the peer; mark what it misses in its bitmap and resync it once
+    /// the backlog has drained. The application never waits for a slow peer.
+    Ahead,
+    /// Writes wait until the peer has them on disk, while the backlog is full.
+    Block,
+}
+
+impl FromStr for BacklogPolicy {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "ahead" => Ok(BacklogPolicy::Ahead),
+            "block" => Ok(BacklogPolicy::Block),
+            other => Err(format!("unknown backlog policy {other:?} (expected ahead or block)")),
+        }
+    }
+}
+
+/// A bounded backlog for a peer that the application does not wait for in full.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Backlog {
+    pub limit: u64,
+    pub when_full: BacklogPolicy,
+}
+
 impl fmt::Display for Mode {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())

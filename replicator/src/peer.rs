@@ -19,12 +19,14 @@ use tracing::{debug, warn};
 use crate::activity_log::AlGuard;
 use crate::bitmap::DirtyBitmap;
 use crate::link::Link;
-use crate::mode::Mode;
+use crate::mode::{Backlog, BacklogPolicy, Mode};
 use crate::request::Request;
 
 struct Pending {
     /// Byte range of a write or discard; `None` for a flush or verify.
     range: Option<(u64, u64)>,
+    /// Bytes of data this entry counts in the backlog.
+    bytes: u64,
     /// The request waiting for this peer, and the ack level that releases it.
     waiter: Option<(AckLevel, Arc<Request>)>,
     /// A verify request waiting for the peer's hashes.
@@ -42,14 +44,21 @@ struct PendingAcks {
     /// The link's outbound side; dropped when the session closes, which ends the stream.
     tx: Option<mpsc::UnboundedSender<Frame>>,
     closed: bool,
+    /// Data bytes pending (the backlog).
+    bytes: u64,
+    /// The backlog overflowed under the `ahead` policy: nothing is sent until it drains.
+    ahead: bool,
 }
 
 pub(crate) struct PeerSession {
     pub name: String,
     pub mode: Mode,
+    backlog: Option<Backlog>,
     pending: Mutex<PendingAcks>,
     bitmap: Arc<Mutex<DirtyBitmap>>,
     closed: watch::Sender<Option<String>>,
+    /// Counts the times an `ahead` episode ended with the backlog drained.
+    drained: watch::Sender<u64>,
 }
 
 impl PeerSession {
@@ -57,14 +66,18 @@ impl PeerSession {
     pub fn start(
         name: String,
         mode: Mode,
+        backlog: Option<Backlog>,
         bitmap: Arc<Mutex<DirtyBitmap>>,
         link: Link,
         timeout: Duration,
     ) -> Arc<Self> {
         let (closed, _) = watch::channel(None);
+        let (drained, _) = watch::channel(0);
         let Link { tx, rx } = link;
         let pending = PendingAcks { tx: Some(tx), ..Default::default() };
-        let s = Arc::new(Self { name, mode, pending: Mutex::new(pending), bitmap, closed });
+        // A backlog bounds only peers the application does not wait for in full.
+        let backlog = backlog.filter(|_| mode != Mode::Sync);
+        let s = Arc::new(Self { name, mode, backlog, pending: Mutex::new(pending), bitmap, closed, drained });
         tokio::spawn(s.clone().run(rx, timeout));
         s
     }
@@ -81,12 +94,46 @@ impl PeerSession {
             }
             return;
         }
-        let waiter = self.mode.completion_level().map(|level| {
+        if p.ahead {
+            // Until the backlog drains the peer gets nothing; the bitmap records what it misses.
+            drop(p);
+            if let Some((off, len)) = range {
+                self.bitmap.lock().unwrap().set_range(off, len);
+            }
+            return;
+        }
+        let bytes = match &frame {
+            Frame::Data(d) => d.payload.len() as u64,
+            _ => 0,
+        };
+        let mut level = self.mode.completion_level();
+        if let Some(b) = self.backlog {
+            if bytes > 0 && p.bytes + bytes > b.limit {
+                match b.when_full {
+                    BacklogPolicy::Ahead => {
+                        p.ahead = true;
+                        let backlog = p.bytes;
+                        drop(p);
+                        if let Some((off, len)) = range {
+                            self.bitmap.lock().unwrap().set_range(off, len);
+                        }
+                        warn!(peer = %self.name, backlog_bytes = backlog, limit = b.limit,
+                              "backlog full: the peer is left behind and resynced once it has caught up");
+                        return;
+                    }
+                    // This write waits until the peer has it on disk: the application is
+                    // held to the peer's pace while the backlog is full.
+                    BacklogPolicy::Block => level = Some(AckLevel::Durable),
+                }
+            }
+        }
+        let waiter = level.map(|level| {
             req.add_part();
             (level, req.clone())
         });
         let al = range.and_then(|_| req.al_guard());
-        p.by_seq.insert(seq, Pending { range, waiter, verify: None, since: Instant::now(), _al: al });
+        p.bytes += bytes;
+        p.by_seq.insert(seq, Pending { range, bytes, waiter, verify: None, since: Instant::now(), _al: al });
         // Straight to the transport's writer. If it is gone, the receiver sees the link
         // closed and close() accounts for this entry with the rest.
         if let Some(tx) = &p.tx {
@@ -102,7 +149,14 @@ impl PeerSession {
             return None;
         }
         let (tx, rx) = oneshot::channel();
-        let entry = Pending { range: None, waiter: None, verify: Some(tx), since: Instant::now(), _al: None };
+        let entry = Pending {
+            range: None,
+            bytes: 0,
+            waiter: None,
+            verify: Some(tx),
+            since: Instant::now(),
+            _al: None,
+        };
         p.by_seq.insert(seq, entry);
         p.tx.as_ref()?.send(frame).ok()?;
         Some(rx)
@@ -121,6 +175,23 @@ impl PeerSession {
 
     pub fn pending_count(&self) -> usize {
         self.pending.lock().unwrap().by_seq.len()
+    }
+
+    /// Bytes in flight to the peer and the age of the oldest pending frame.
+    pub fn lag(&self) -> (u64, Duration) {
+        let p = self.pending.lock().unwrap();
+        (p.bytes, p.by_seq.values().next().map_or(Duration::ZERO, |e| e.since.elapsed()))
+    }
+
+    pub fn is_ahead(&self) -> bool {
+        self.pending.lock().unwrap().ahead
+    }
+
+    /// Resolves when an `ahead` episode ends: the backlog drained, data flows again, and
+    /// what the peer missed meanwhile is in its bitmap, to be resynced.
+    pub async fn backlog_drained(&self) {
+        let mut rx = self.drained.subscribe();
+        let _ = rx.changed().await;
     }
 
     pub fn is_closed(&self) -> bool {
@@ -185,10 +256,21 @@ impl PeerSession {
         };
         let release = matches!(&e.waiter, Some((need, _)) if *need == level || level == AckLevel::Durable);
         let waiter = if release { e.waiter.take() } else { None };
+        let mut drained = false;
         if level == AckLevel::Durable {
-            p.by_seq.remove(&seq);
+            if let Some(e) = p.by_seq.remove(&seq) {
+                p.bytes -= e.bytes;
+            }
+            if p.ahead && p.bytes == 0 {
+                p.ahead = false;
+                drained = true;
+            }
         }
         drop(p);
+        if drained {
+            tracing::info!(peer = %self.name, "backlog drained: sending data again");
+            self.drained.send_modify(|n| *n += 1);
+        }
         if let Some((_, req)) = waiter {
             req.part_done(Ok(()));
         }
@@ -232,6 +314,11 @@ impl PeerSession {
             let tick = (timeout / 4).clamp(Duration::from_millis(10), Duration::from_millis(250));
             loop {
                 tokio::time::sleep(tick).await;
+                // Nobody waits for an async peer's acks: its backlog bound, not a timer,
+                // limits how far it may fall behind (a dead peer is found by heartbeats).
+                if self.mode == Mode::Async {
+                    continue;
+                }
                 if let Some(age) = self.oldest_pending_age() {
                     if age > timeout {
                         return format!(

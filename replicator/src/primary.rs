@@ -24,7 +24,7 @@ use crate::error::{AttachError, VolumeError};
 use crate::inflight::InflightRanges;
 use crate::latch::Latch;
 use crate::link::Link;
-use crate::mode::Mode;
+use crate::mode::{Backlog, Mode};
 use crate::peer::PeerSession;
 use crate::request::{Done, Request};
 use crate::stats::VolumeStats;
@@ -36,10 +36,13 @@ pub struct PeerConfig {
     pub mode: Mode,
     /// Blocks this peer is missing. Shared with the agent, which persists it.
     pub bitmap: Arc<Mutex<DirtyBitmap>>,
+    /// For `memory` and `async` peers: the bound on what may be in flight to them.
+    pub backlog: Option<Backlog>,
 }
 
 struct PeerSlot {
     mode: Mode,
+    backlog: Option<Backlog>,
     bitmap: Arc<Mutex<DirtyBitmap>>,
     session: Option<Arc<PeerSession>>,
     last_error: Option<String>,
@@ -86,6 +89,11 @@ pub struct PeerReplication {
     pub connected: bool,
     pub out_of_sync_bytes: u64,
     pub pending_requests: usize,
+    /// Bytes sent to the peer and not yet on its disk, and the age of the oldest of them.
+    pub lag_bytes: u64,
+    pub lag: Duration,
+    /// The backlog overflowed: the peer gets no data until it has drained (then a resync).
+    pub ahead: bool,
     pub last_error: Option<String>,
 }
 
@@ -181,7 +189,16 @@ impl Volume {
         let size = store.size();
         let peers = peers
             .into_iter()
-            .map(|p| (p.name, PeerSlot { mode: p.mode, bitmap: p.bitmap, session: None, last_error: None }))
+            .map(|p| {
+                let slot = PeerSlot {
+                    mode: p.mode,
+                    backlog: p.backlog,
+                    bitmap: p.bitmap,
+                    session: None,
+                    last_error: None,
+                };
+                (p.name, slot)
+            })
             .collect();
         Arc::new(Self {
             store,
@@ -481,7 +498,14 @@ impl Volume {
             if slot.session.as_ref().is_some_and(|s| !s.is_closed()) {
                 return Err(AttachError::AlreadyConnected(peer.to_string()));
             }
-            let s = PeerSession::start(peer.to_string(), slot.mode, slot.bitmap.clone(), link, self.timeout);
+            let s = PeerSession::start(
+                peer.to_string(),
+                slot.mode,
+                slot.backlog,
+                slot.bitmap.clone(),
+                link,
+                self.timeout,
+            );
             slot.session = Some(s.clone());
             slot.last_error = None;
             s
@@ -518,6 +542,9 @@ impl Volume {
                 connected: slot.session.as_ref().is_some_and(|s| !s.is_closed()),
                 out_of_sync_bytes: slot.bitmap.lock().unwrap().dirty_bytes(),
                 pending_requests: slot.session.as_ref().map_or(0, |s| s.pending_count()),
+                lag_bytes: slot.session.as_ref().map_or(0, |s| s.lag().0),
+                lag: slot.session.as_ref().map_or(Duration::ZERO, |s| s.lag().1),
+                ahead: slot.session.as_ref().is_some_and(|s| s.is_ahead()),
                 last_error: slot
                     .session
                     .as_ref()
@@ -544,6 +571,12 @@ impl PeerHandle {
     /// Ends the connection (the peer becomes out of sync for anything unacknowledged).
     pub fn close(&self, reason: &str) {
         self.session.close(reason);
+    }
+
+    /// Resolves each time the peer, left behind because its backlog overflowed, has
+    /// drained it: data flows again, and the blocks it missed are in its bitmap.
+    pub async fn backlog_drained(&self) {
+        self.session.backlog_drained().await
     }
 
     /// Resolves with the reason once the connection has ended and the volume has let go of it.

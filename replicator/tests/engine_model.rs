@@ -65,7 +65,7 @@ fn pair(mode: Mode, latency: Duration, timeout: Duration) -> Pair {
     let bitmap = Arc::new(Mutex::new(DirtyBitmap::new(SIZE, BLOCK)));
     let volume = Volume::new(
         primary_disk.clone(),
-        vec![PeerConfig { name: "beta".into(), mode, bitmap: bitmap.clone() }],
+        vec![PeerConfig { name: "beta".into(), mode, bitmap: bitmap.clone(), backlog: None }],
         1,
         timeout,
     );
@@ -238,7 +238,7 @@ fn standby_applies_epochs_in_order() {
         // async mode: the primary does not wait, so several epochs are in flight at once.
         let volume = Volume::new(
             primary_disk,
-            vec![PeerConfig { name: "beta".into(), mode: Mode::Async, bitmap }],
+            vec![PeerConfig { name: "beta".into(), mode: Mode::Async, bitmap, backlog: None }],
             1,
             Duration::from_secs(30),
         );
@@ -382,7 +382,7 @@ fn activity_log_holds_extents_until_async_peers_have_them() {
         let al = tandem_replicator::ActivityLog::new(SIZE / 4, 4, Arc::new(NoMeta), &[]);
         let volume = Volume::with_activity_log(
             Arc::new(MemStore::new(SIZE)),
-            vec![PeerConfig { name: "beta".into(), mode: Mode::Async, bitmap }],
+            vec![PeerConfig { name: "beta".into(), mode: Mode::Async, bitmap, backlog: None }],
             1,
             Duration::from_secs(30),
             Some(al.clone()),
@@ -409,5 +409,76 @@ fn activity_log_holds_extents_until_async_peers_have_them() {
         }
         assert!(al.hot_extents().is_empty(), "{:?}", al.hot_extents());
         applier.abort();
+    });
+}
+
+fn backlog_pair(
+    when_full: BacklogPolicy,
+) -> (Arc<Volume>, Arc<Mutex<DirtyBitmap>>, Arc<SimControl>, PeerHandle) {
+    let bitmap = Arc::new(Mutex::new(DirtyBitmap::new(SIZE, BLOCK)));
+    let volume = Volume::new(
+        Arc::new(MemStore::new(SIZE)),
+        vec![PeerConfig {
+            name: "beta".into(),
+            mode: Mode::Async,
+            bitmap: bitmap.clone(),
+            backlog: Some(Backlog { limit: 16 * BLOCK, when_full }),
+        }],
+        1,
+        Duration::from_millis(300),
+    );
+    let (a, b, ctl) = sim_pair(SimOptions { latency: Duration::ZERO });
+    let applier = Applier::new(TargetState::new(Arc::new(MemStore::new(SIZE)), Arc::default()));
+    tokio::spawn(async move { applier.run(b).await });
+    let peer = volume.attach_peer("beta", a).unwrap();
+    (volume, bitmap, ctl, peer)
+}
+
+/// An async peer that cannot keep up never holds the application: past its backlog it is
+/// left behind (ahead), what it misses goes to its bitmap, and once it has drained data
+/// flows to it again. An async peer is not dropped for slow acks (no timeout).
+#[test]
+fn async_backlog_overflow_goes_ahead_then_drains() {
+    rt().block_on(async {
+        let (volume, bitmap, ctl, peer) = backlog_pair(BacklogPolicy::Ahead);
+        ctl.freeze();
+        for i in 0..32u64 {
+            let w = volume.submit_write(i * BLOCK, payload(i, 1, 3, i as usize)).unwrap();
+            tokio::time::timeout(Duration::from_secs(1), w).await.expect("an async write waited").unwrap();
+        }
+        let p = &volume.peers()[0];
+        assert!(p.ahead && p.connected, "{p:?}");
+        assert_eq!(p.lag_bytes, 16 * BLOCK);
+        assert_eq!(bitmap.lock().unwrap().count(), 16, "the writes past the backlog are tracked");
+        assert!((16..32).all(|b| bitmap.lock().unwrap().is_set(b)));
+        // Longer than the timeout: an async peer is not dropped for slow acks.
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        assert!(volume.peers()[0].connected);
+        ctl.thaw();
+        tokio::time::timeout(Duration::from_secs(10), peer.backlog_drained()).await.expect("never drained");
+        let p = &volume.peers()[0];
+        assert!(!p.ahead && p.lag_bytes == 0, "{p:?}");
+        // Data flows again.
+        volume.submit_write(40 * BLOCK, payload(40, 1, 3, 40)).unwrap().await.unwrap();
+        assert!(!bitmap.lock().unwrap().is_set(40));
+    });
+}
+
+/// With `block`, a full backlog makes writes wait for the peer's disk instead.
+#[test]
+fn async_backlog_overflow_blocks_when_told_to() {
+    rt().block_on(async {
+        let (volume, bitmap, ctl, _peer) = backlog_pair(BacklogPolicy::Block);
+        ctl.freeze();
+        for i in 0..16u64 {
+            volume.submit_write(i * BLOCK, payload(i, 1, 4, i as usize)).unwrap().await.unwrap();
+        }
+        let w = tokio::spawn(volume.submit_write(16 * BLOCK, payload(16, 1, 4, 16)).unwrap());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(!w.is_finished(), "a write past the backlog completed while the peer was frozen");
+        ctl.thaw();
+        tokio::time::timeout(Duration::from_secs(10), w).await.expect("still waiting").unwrap().unwrap();
+        assert_eq!(bitmap.lock().unwrap().count(), 0, "nothing was left behind");
+        assert!(!volume.peers()[0].ahead);
     });
 }

@@ -101,7 +101,7 @@ fn setup() -> Setup {
     let al = ActivityLog::new(EXTENT, AL_CAPACITY, meta.clone(), &[]);
     let volume = Volume::with_activity_log(
         primary.clone(),
-        vec![PeerConfig { name: "beta".into(), mode: Mode::Sync, bitmap: bitmap.clone() }],
+        vec![PeerConfig { name: "beta".into(), mode: Mode::Sync, bitmap: bitmap.clone(), backlog: None }],
         1,
         Duration::from_secs(30),
         Some(al),

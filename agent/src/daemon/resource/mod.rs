@@ -465,6 +465,7 @@ impl Resource {
                 let progress = self.resync_stats[name].progress();
                 let replicating = rep.is_some_and(|r| r.connected) || p.applying;
                 let replication = match p.sync {
+                    _ if rep.is_some_and(|r| r.ahead) => "ahead",
                     SyncRole::Source { .. } if progress.active || p.conn.is_some() => "sync_source",
                     SyncRole::Target if p.conn.is_some() => "sync_target",
                     SyncRole::SplitBrain => "split_brain",
@@ -475,7 +476,7 @@ impl Resource {
                     node: name.clone(),
                     connection: p.state.as_str().to_string(),
                     replication: replication.to_string(),
-                    mode: self.cfg.mode.to_string(),
+                    mode: self.cfg.link_to(name).mode.to_string(),
                     out_of_sync_bytes: self.bitmaps[name].lock().unwrap().dirty_bytes(),
                     peer_role: p.remote.as_ref().map(|r| match r.role {
                         Role::Primary => "primary".to_string(),
@@ -483,6 +484,8 @@ impl Resource {
                     }),
                     peer_disk: p.remote.as_ref().map(|r| DiskState::from_wire(r.disk).as_str().to_string()),
                     pending_requests: rep.map_or(0, |r| r.pending_requests),
+                    lag_bytes: rep.map_or(0, |r| r.lag_bytes),
+                    lag_secs: rep.map_or(0.0, |r| r.lag.as_secs_f64()),
                     resync: (progress.active || progress.data_bytes_sent > 0 || progress.hash_bytes_sent > 0)
                         .then(|| ResyncStatus::from(progress)),
                     last_error: p.last_error.clone(),

@@ -74,7 +74,10 @@ impl Resource {
         let peer_cfgs = self
             .bitmaps
             .iter()
-            .map(|(n, bm)| PeerConfig { name: n.clone(), mode: self.cfg.mode, bitmap: bm.clone() })
+            .map(|(n, bm)| {
+                let link = self.cfg.link_to(n);
+                PeerConfig { name: n.clone(), mode: link.mode, bitmap: bm.clone(), backlog: link.backlog }
+            })
             .collect();
         let volume = Volume::with_activity_log(
             self.store.clone(),

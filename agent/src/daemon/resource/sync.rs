@@ -580,6 +580,20 @@ impl Resource {
             p.session = Some(handle.clone());
         }
         info!(resource = %self.name, peer, "replication established");
+        // A peer left behind by a full backlog catches up by a resync once it has drained.
+        let (me, h, name) = (self.clone(), handle.clone(), peer.to_string());
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = h.backlog_drained() => {}
+                    _ = h.closed() => return,
+                }
+                if let Some(c) = me.conn_of(&name) {
+                    info!(resource = %me.name, peer = %name, "backlog drained: resyncing what the peer missed");
+                    c.send_control(ControlMsg::ResourceState(me.hello_for(&name)));
+                }
+            }
+        });
         let me = self.clone();
         let peer = peer.to_string();
         tokio::spawn(async move {
