@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
+use tandem_protocol::Compression;
 use tandem_replicator::split_brain::{parse_policy, AfterSplitBrain};
 use tandem_replicator::{Backlog, BacklogPolicy, Mode};
 
@@ -145,6 +146,8 @@ struct FileDisk {
     backlog: Option<String>,
     #[serde(default)]
     on_backlog_full: Option<String>,
+    #[serde(default)]
+    compression: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -165,6 +168,8 @@ pub struct Disk {
     pub mode: Mode,
     /// For `memory` and `async`: the bound on data in flight to this node.
     pub backlog: Option<Backlog>,
+    /// Compression of block data sent to this node.
+    pub compression: Compression,
 }
 
 /// How a primary replicates to one peer.
@@ -172,6 +177,7 @@ pub struct Disk {
 pub struct PeerLink {
     pub mode: Mode,
     pub backlog: Option<Backlog>,
+    pub compression: Compression,
 }
 
 #[derive(Debug, Clone)]
@@ -205,8 +211,8 @@ impl Resource {
     /// How a primary replicates to `node`.
     pub fn link_to(&self, node: &str) -> PeerLink {
         match self.disks.get(node) {
-            Some(d) => PeerLink { mode: d.mode, backlog: d.backlog },
-            None => PeerLink { mode: self.mode, backlog: None },
+            Some(d) => PeerLink { mode: d.mode, backlog: d.backlog, compression: d.compression },
+            None => PeerLink { mode: self.mode, backlog: None, compression: Compression::None },
         }
     }
 
@@ -458,7 +464,14 @@ impl Config {
                 let limit = backlog_size(&what("backlog"), &d.backlog, default_backlog)?;
                 let when_full = policy(&what("on_backlog_full"), &d.on_backlog_full, default_policy)?;
                 let backlog = (peer_mode != Mode::Sync).then_some(Backlog { limit, when_full });
-                disks.insert(node, Disk { image: d.image, meta: d.meta, mode: peer_mode, backlog });
+                let compression = match &d.compression {
+                    None => Compression::None,
+                    Some(c) => c.parse().map_err(|e: String| ctx(format!("{}: {e}", what("compression"))))?,
+                };
+                disks.insert(
+                    node,
+                    Disk { image: d.image, meta: d.meta, mode: peer_mode, backlog, compression },
+                );
             }
             if disks.is_empty() {
                 return Err(ctx("no [resource.disk.NODE] entries".into()));
@@ -606,12 +619,16 @@ meta = "/var/lib/tandem/beta/mailstore.meta"
         );
         let c = parse(&text).unwrap();
         let r = &c.resources[0];
-        assert_eq!(r.link_to("alpha"), PeerLink { mode: Mode::Sync, backlog: None });
+        assert_eq!(
+            r.link_to("alpha"),
+            PeerLink { mode: Mode::Sync, backlog: None, compression: Compression::None }
+        );
         assert_eq!(
             r.link_to("beta"),
             PeerLink {
                 mode: Mode::Async,
-                backlog: Some(Backlog { limit: 64 << 20, when_full: BacklogPolicy::Ahead })
+                backlog: Some(Backlog { limit: 64 << 20, when_full: BacklogPolicy::Ahead }),
+                compression: Compression::None,
             }
         );
         let e = parse(&text.replace("mode = \"async\"", "mode = \"asap\"")).unwrap_err().to_string();

@@ -48,6 +48,12 @@ pub struct PeerStatus {
     pub lag_bytes: u64,
     #[serde(default)]
     pub lag_secs: f64,
+    /// Block data sent to the peer (replication and resync), as written and as sent on the
+    /// wire after compression.
+    #[serde(default)]
+    pub sent_data_bytes: u64,
+    #[serde(default)]
+    pub sent_wire_bytes: u64,
     /// Resync progress with this peer (this node as source), once one has run.
     pub resync: Option<ResyncStatus>,
     pub last_error: Option<String>,

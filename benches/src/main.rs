@@ -4,6 +4,7 @@
 //! offset, on the primary and on the standby, and the two images are compared block by
 //! block. A fast wrong answer is worthless. Not a test: nothing here has a time limit.
 
+mod compression;
 mod fio;
 mod resync;
 mod scan;
@@ -39,6 +40,9 @@ pub struct Args {
     /// Also measure resync: full resync rate vs dd, delta resync bytes vs changed bytes.
     #[arg(long)]
     resync: bool,
+    /// Only measure compression of mail-like data (no fio, no root needed).
+    #[arg(long)]
+    compression: bool,
     /// Volume size for the fio runs.
     #[arg(long, default_value_t = 1 << 30)]
     size: u64,
@@ -48,6 +52,10 @@ fn main() -> Result<()> {
     let mut args = Args::parse();
     if args.quick {
         args.runtime = 3;
+    }
+    if args.compression {
+        println!("{}", compression::run());
+        return Ok(());
     }
     // SAFETY: geteuid cannot fail.
     if unsafe { libc::geteuid() } != 0 {

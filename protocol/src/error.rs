@@ -4,6 +4,8 @@ use thiserror::Error;
 /// violation by the peer: the connection is dropped with this text as the reason.
 #[derive(Debug, Error, Clone, PartialEq, Eq)]
 pub enum DecodeError {
+    #[error("compressed block cannot be decompressed: {0}")]
+    Decompress(String),
     #[error(
         "bad frame magic {found:#06x} (expected {expected:#06x}): not a tandem peer or stream out of sync"
     )]

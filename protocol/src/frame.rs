@@ -131,6 +131,11 @@ pub const VERIFY_BLOCK: u32 = 4096;
 /// On data, flush and discard frames: the sender also wants an [`AckLevel::Received`] ack
 /// as soon as the frame arrives (`memory` mode). A `Durable` ack is always sent.
 pub const FLAG_ACK_RECEIVED: u8 = 1;
+/// On data and resync-data frames: the payload is lz4-compressed (block format); the fixed
+/// part declares the uncompressed length and checksum.
+pub const FLAG_LZ4: u8 = 2;
+/// As [`FLAG_LZ4`], zstd.
+pub const FLAG_ZSTD: u8 = 4;
 
 const ACK_RECEIVED: u8 = 1;
 const ACK_DURABLE: u8 = 2;
@@ -175,6 +180,22 @@ impl Frame {
                 (Bytes::copy_from_slice(&d.encode_head_as(FrameKind::ResyncData)), Some(d.payload.clone()))
             }
             other => (Bytes::from(other.encode_small()), None),
+        }
+    }
+
+    /// As [`Frame::encode_chunks`], with a data payload compressed by `c` where that pays.
+    pub fn encode_chunks_compressed(&self, c: crate::Compression) -> (Bytes, Option<Bytes>) {
+        let (d, kind) = match self {
+            Frame::Data(d) => (d, FrameKind::Data),
+            Frame::ResyncData(d) => (d, FrameKind::ResyncData),
+            _ => return self.encode_chunks(),
+        };
+        match crate::compress::compress(c, &d.payload) {
+            Some((flag, z)) => (
+                Bytes::copy_from_slice(&crate::compress::encode_compressed_head(d, kind, flag, &z)),
+                Some(Bytes::from(z)),
+            ),
+            None => self.encode_chunks(),
         }
     }
 
@@ -308,12 +329,20 @@ pub(crate) fn decode_data(
     fixed: &[u8; DataFrame::FIXED_LEN],
     payload: Bytes,
 ) -> Result<Frame, DecodeError> {
-    let allowed = if h.kind == FrameKind::Data { FLAG_ACK_RECEIVED } else { 0 };
+    let codecs = FLAG_LZ4 | FLAG_ZSTD;
+    let allowed = if h.kind == FrameKind::Data { FLAG_ACK_RECEIVED | codecs } else { codecs };
     only_flags(h.kind, h.flags, allowed)?;
     let seq = le_u64(&fixed[0..]);
     let offset = le_u64(&fixed[8..]);
     let declared = le_u32(&fixed[16..]);
     let checksum = le_u32(&fixed[20..]);
+    let codec = h.flags & codecs;
+    let payload = match codec {
+        0 => payload,
+        FLAG_LZ4 | FLAG_ZSTD => crate::compress::decompress(codec, declared, &payload)?,
+        _ => return Err(DecodeError::UnknownFlags { kind: h.kind.name(), flags: h.flags }),
+    };
+    let h = Header { flags: h.flags & !codecs, ..h };
     if payload.len() != declared as usize {
         return Err(DecodeError::LengthMismatch { declared, actual: payload.len() });
     }

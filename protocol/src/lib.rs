@@ -10,6 +10,7 @@
 //! See `docs/protocol.md` for the byte-level specification.
 
 mod checksum;
+pub mod compress;
 mod control;
 mod decoder;
 mod error;
@@ -17,13 +18,14 @@ mod frame;
 pub mod header;
 
 pub use checksum::{block_checksum, block_hash, BlockHash};
+pub use compress::Compression;
 pub use control::{
     AfterSplitBrain, ControlMsg, DiskState, Generation, Hello, PeerView, ResourceHello, ResyncKind, Role,
     StreamPurpose, CONTROL_ENVELOPE_VERSION,
 };
 pub use decoder::FrameDecoder;
 pub use error::DecodeError;
-pub use frame::{AckLevel, DataFrame, Frame, FLAG_ACK_RECEIVED, VERIFY_BLOCK};
+pub use frame::{AckLevel, DataFrame, Frame, FLAG_ACK_RECEIVED, FLAG_LZ4, FLAG_ZSTD, VERIFY_BLOCK};
 pub use header::{FrameKind, HEADER_LEN, MAGIC};
 
 /// The replication protocol version this build speaks. Peers exchange it in [`Hello`];

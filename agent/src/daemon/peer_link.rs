@@ -13,14 +13,14 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Result};
 use quinn::{Connection, VarInt};
-use tandem_protocol::{ControlMsg, Frame, Hello, StreamPurpose, PROTOCOL_VERSION};
+use tandem_protocol::{Compression, ControlMsg, Frame, Hello, StreamPurpose, PROTOCOL_VERSION};
 use tandem_replicator::Link;
 use tokio::sync::mpsc;
 use tracing::{error, info, warn};
 
 use super::Agent;
 use crate::config::Node;
-use crate::transport::framed::{spawn_link, FrameReader, FrameWriter};
+use crate::transport::framed::{spawn_link, FrameReader, FrameWriter, WireCounts};
 use crate::transport::{close_code, describe_close, peer_node};
 
 /// A handle on a live connection that resources use.
@@ -47,9 +47,16 @@ impl PeerConn {
     }
 
     /// Opens a stream for `resource` (replication or resync).
-    pub async fn open_stream(&self, resource: &str, purpose: StreamPurpose) -> Result<Link> {
+    /// Block data on it is compressed with `compression` where that pays.
+    pub async fn open_stream(
+        &self,
+        resource: &str,
+        purpose: StreamPurpose,
+        compression: Compression,
+        counts: Arc<WireCounts>,
+    ) -> Result<Link> {
         let (send, recv) = self.conn.open_bi().await?;
-        let mut w = FrameWriter::new(send);
+        let mut w = FrameWriter::new(send).with_compression(compression, counts);
         w.send(&Frame::Control(ControlMsg::OpenStream { resource: resource.to_string(), purpose })).await?;
         Ok(spawn_link(self.conn.clone(), w, FrameReader::new(recv), self.node.clone()))
     }

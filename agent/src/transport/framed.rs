@@ -3,7 +3,10 @@
 
 use bytes::Bytes;
 use quinn::{Connection, RecvStream, SendStream, VarInt};
-use tandem_protocol::{DecodeError, Frame, FrameDecoder};
+use std::sync::Arc;
+
+use tandem_protocol::{Compression, DecodeError, Frame, FrameDecoder};
+use tandem_replicator::Counter;
 use tandem_replicator::{Link, LINK_CAPACITY};
 use thiserror::Error;
 use tokio::sync::mpsc;
@@ -46,15 +49,39 @@ impl FrameReader {
 pub struct FrameWriter {
     send: SendStream,
     chunks: Vec<Bytes>,
+    compression: Compression,
+    counts: Option<Arc<WireCounts>>,
+}
+
+/// Block data sent to a peer: payload bytes as written, and as they went on the wire.
+#[derive(Debug, Default)]
+pub struct WireCounts {
+    pub data_bytes: Counter,
+    pub wire_bytes: Counter,
 }
 
 impl FrameWriter {
     pub fn new(send: SendStream) -> Self {
-        Self { send, chunks: Vec::new() }
+        Self { send, chunks: Vec::new(), compression: Compression::None, counts: None }
+    }
+
+    /// Compresses block data sent through this writer where that pays (WAN peers), and
+    /// counts it in `counts`.
+    pub fn with_compression(mut self, c: Compression, counts: Arc<WireCounts>) -> Self {
+        self.compression = c;
+        self.counts = Some(counts);
+        self
     }
 
     fn push(&mut self, f: &Frame) {
-        let (head, payload) = f.encode_chunks();
+        let (head, payload) = match self.compression {
+            Compression::None => f.encode_chunks(),
+            c => f.encode_chunks_compressed(c),
+        };
+        if let (Some(c), Frame::Data(d) | Frame::ResyncData(d), Some(p)) = (&self.counts, f, &payload) {
+            c.data_bytes.add(d.payload.len() as u64);
+            c.wire_bytes.add(p.len() as u64);
+        }
         self.chunks.push(head);
         if let Some(p) = payload {
             self.chunks.push(p);

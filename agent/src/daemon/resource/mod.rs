@@ -34,6 +34,7 @@ use crate::meta::{DiskState, MetaFile, MetaRecord, AL_MAX_EXTENTS};
 use crate::status::{PeerStatus, ResourceStats, ResourceStatus, ResyncStatus};
 use crate::storage::FileStore;
 use crate::transport::close_code;
+use crate::transport::framed::WireCounts;
 use persist::{persist_all_bitmaps, MetaAl};
 pub use sync::SyncRole;
 pub use verify::VerifyReport;
@@ -92,6 +93,8 @@ pub struct Resource {
     peers: Mutex<BTreeMap<String, PeerState>>,
     bitmaps: BTreeMap<String, Arc<Mutex<DirtyBitmap>>>,
     resync_stats: BTreeMap<String, Arc<ResyncStats>>,
+    /// Block data sent to each peer, before and after compression.
+    wire: BTreeMap<String, Arc<WireCounts>>,
     al: Arc<ActivityLog>,
     /// Receiving side shared by replication and resync streams.
     target: Arc<TargetState>,
@@ -209,6 +212,7 @@ impl Resource {
             current: Mutex::new(None),
             peers: Mutex::new(peers),
             bitmaps,
+            wire: resync_stats.keys().map(|p| (p.clone(), Arc::default())).collect(),
             resync_stats,
             al,
             applier_stats,
@@ -485,6 +489,8 @@ impl Resource {
                     peer_disk: p.remote.as_ref().map(|r| DiskState::from_wire(r.disk).as_str().to_string()),
                     pending_requests: rep.map_or(0, |r| r.pending_requests),
                     lag_bytes: rep.map_or(0, |r| r.lag_bytes),
+                    sent_data_bytes: self.wire[name].data_bytes.get(),
+                    sent_wire_bytes: self.wire[name].wire_bytes.get(),
                     lag_secs: rep.map_or(0.0, |r| r.lag.as_secs_f64()),
                     resync: (progress.active || progress.data_bytes_sent > 0 || progress.hash_bytes_sent > 0)
                         .then(|| ResyncStatus::from(progress)),

@@ -324,7 +324,14 @@ impl Resource {
 
     async fn run_resync_source(self: &Arc<Self>, peer: &str, checksum: bool) -> Result<()> {
         let Some(conn) = self.conn_of(peer) else { bail!("not connected") };
-        let link = conn.open_stream(&self.name, StreamPurpose::Resync).await?;
+        let link = conn
+            .open_stream(
+                &self.name,
+                StreamPurpose::Resync,
+                self.cfg.link_to(peer).compression,
+                self.wire[peer].clone(),
+            )
+            .await?;
         let bitmap = self.bitmaps[peer].clone();
         let total = bitmap.lock().unwrap().dirty_bytes();
         info!(resource = %self.name, peer, total_bytes = total, checksum, "resync started as source");
@@ -562,7 +569,15 @@ impl Resource {
     pub(super) async fn start_replication(self: &Arc<Self>, peer: &str) {
         let Some(volume) = self.volume() else { return };
         let Some(conn) = self.conn_of(peer) else { return };
-        let link = match conn.open_stream(&self.name, StreamPurpose::Replication).await {
+        let link = match conn
+            .open_stream(
+                &self.name,
+                StreamPurpose::Replication,
+                self.cfg.link_to(peer).compression,
+                self.wire[peer].clone(),
+            )
+            .await
+        {
             Ok(l) => l,
             Err(e) => {
                 warn!(resource = %self.name, peer, "cannot open replication stream: {e:#}");
