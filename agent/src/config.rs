@@ -8,6 +8,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use crate::volume_set::VolumeLayout;
 use serde::Deserialize;
 use tandem_protocol::Compression;
 use tandem_replicator::split_brain::{parse_policy, AfterSplitBrain};
@@ -103,7 +104,12 @@ struct FileNode {
 #[serde(deny_unknown_fields)]
 struct FileResource {
     name: String,
-    size: String,
+    /// The volume's size; for a volume group, omitted (the sum of the volumes).
+    #[serde(default)]
+    size: Option<String>,
+    /// A volume group: several volumes, one device each, one ordered change stream.
+    #[serde(default)]
+    volume: Vec<FileVolume>,
     #[serde(default)]
     mode: Option<String>,
     #[serde(default)]
@@ -136,6 +142,13 @@ struct FileResource {
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
+struct FileVolume {
+    name: String,
+    size: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct FileDisk {
     image: PathBuf,
     meta: PathBuf,
@@ -162,6 +175,7 @@ pub struct Node {
 
 #[derive(Debug, Clone)]
 pub struct Disk {
+    /// The image; for a volume group a pattern with `{volume}` (see [`Disk::image_for`]).
     pub image: PathBuf,
     pub meta: PathBuf,
     /// How a primary replicates to this node.
@@ -170,6 +184,16 @@ pub struct Disk {
     pub backlog: Option<Backlog>,
     /// Compression of block data sent to this node.
     pub compression: Compression,
+}
+
+impl Disk {
+    /// The image file of `volume` (the resource's only volume has an empty name).
+    pub fn image_for(&self, volume: &VolumeLayout) -> PathBuf {
+        if volume.name.is_empty() {
+            return self.image.clone();
+        }
+        PathBuf::from(self.image.to_string_lossy().replace("{volume}", &volume.name))
+    }
 }
 
 /// How a primary replicates to one peer.
@@ -183,7 +207,10 @@ pub struct PeerLink {
 #[derive(Debug, Clone)]
 pub struct Resource {
     pub name: String,
+    /// Total size (of every volume of a group).
     pub size: u64,
+    /// The volumes, laid end to end; one unnamed volume unless the resource is a group.
+    pub volumes: Vec<VolumeLayout>,
     pub mode: Mode,
     /// How long a peer may leave a request unanswered before it is declared disconnected.
     pub timeout: Duration,
@@ -367,10 +394,38 @@ impl Config {
                 return Err(invalid(format!("resource {:?} is defined twice", r.name)));
             }
             let ctx = |m: String| invalid(format!("resource {}: {m}", r.name));
-            let size = parse_size(&r.size).map_err(|e| ctx(format!("size: {e}")))?;
-            if size == 0 || size % 4096 != 0 {
-                return Err(ctx(format!("size {} must be a positive multiple of 4KiB", r.size)));
-            }
+            let check = |what: &str, s: &str| -> Result<u64, ConfigError> {
+                let n = parse_size(s).map_err(|e| ctx(format!("{what}: {e}")))?;
+                if n == 0 || n % 4096 != 0 {
+                    return Err(ctx(format!("{what} {s} must be a positive multiple of 4KiB")));
+                }
+                Ok(n)
+            };
+            let volumes = if r.volume.is_empty() {
+                let Some(s) = &r.size else { return Err(ctx("size is missing".into())) };
+                vec![VolumeLayout { name: String::new(), offset: 0, size: check("size", s)? }]
+            } else {
+                if r.size.is_some() {
+                    return Err(ctx(
+                        "a volume group has no size of its own: give each [[resource.volume]] one".into(),
+                    ));
+                }
+                let mut v: Vec<VolumeLayout> = Vec::new();
+                for fv in &r.volume {
+                    valid_name("volume", &fv.name)?;
+                    if v.iter().any(|x| x.name == fv.name) {
+                        return Err(ctx(format!("volume {:?} is defined twice", fv.name)));
+                    }
+                    let offset = v.last().map_or(0, |l| l.offset + l.size);
+                    v.push(VolumeLayout {
+                        name: fv.name.clone(),
+                        offset,
+                        size: check(&format!("volume {} size", fv.name), &fv.size)?,
+                    });
+                }
+                v
+            };
+            let size = volumes.iter().map(|v| v.size).sum::<u64>();
             let mode = match &r.mode {
                 None => Mode::Sync,
                 Some(m) => m.parse().map_err(|e: String| ctx(format!("mode: {e}")))?,
@@ -456,6 +511,13 @@ impl Config {
                 if d.image == d.meta {
                     return Err(ctx(format!("node {node}: image and meta are the same file")));
                 }
+                if volumes.len() > 1 && !d.image.to_string_lossy().contains("{volume}") {
+                    return Err(ctx(format!(
+                        "node {node}: a volume group needs one image per volume: put {{volume}} in the image path \
+                         (e.g. /var/lib/tandem/{}-{{volume}}.img)",
+                        r.name
+                    )));
+                }
                 let what = |k: &str| format!("disk.{node}.{k}");
                 let peer_mode = match &d.mode {
                     None => mode,
@@ -479,6 +541,7 @@ impl Config {
             resources.push(Resource {
                 name: r.name,
                 size,
+                volumes,
                 mode,
                 timeout,
                 bitmap_granularity,
@@ -639,6 +702,31 @@ meta = "/var/lib/tandem/beta/mailstore.meta"
             .unwrap_err()
             .to_string();
         assert!(e.contains("on_backlog_full") && e.contains("wait"), "{e}");
+    }
+
+    #[test]
+    fn volume_groups() {
+        let text = GOOD
+            .replace("size = \"512MiB\"\n", "")
+            .replacen(
+                "[resource.disk.alpha]",
+                "[[resource.volume]]\nname = \"queue\"\nsize = \"64MiB\"\n[[resource.volume]]\nname = \"store\"\n\
+                 size = \"1GiB\"\n[resource.disk.alpha]",
+                1,
+            )
+            .replace("mailstore.img", "mailstore-{volume}.img");
+        let c = parse(&text).unwrap();
+        let r = &c.resources[0];
+        assert_eq!(r.size, (64 << 20) + (1 << 30));
+        assert_eq!(r.volumes[1], VolumeLayout { name: "store".into(), offset: 64 << 20, size: 1 << 30 });
+        assert_eq!(
+            r.disks["alpha"].image_for(&r.volumes[0]),
+            PathBuf::from("/var/lib/tandem/alpha/mailstore-queue.img")
+        );
+        let e = parse(&text.replace("mailstore-{volume}.img", "mailstore.img")).unwrap_err().to_string();
+        assert!(e.contains("{volume}"), "{e}");
+        let e = parse(&text.replace("name = \"store\"", "name = \"queue\"")).unwrap_err().to_string();
+        assert!(e.contains("defined twice"), "{e}");
     }
 
     #[test]

@@ -17,13 +17,24 @@ pub struct ResourceStatus {
     pub role: String,
     /// "up_to_date" | "outdated" | "inconsistent"
     pub disk: String,
-    /// The block device on the primary, e.g. "/dev/loop3"; null on a secondary.
+    /// The block device on the primary, e.g. "/dev/loop3" (a volume group's first volume's);
+    /// null on a secondary.
     pub device: Option<String>,
+    /// A volume group's volumes and, on the primary, their devices (empty otherwise).
+    #[serde(default)]
+    pub volumes: Vec<VolumeStatus>,
     pub size: u64,
     /// The data generation this node holds (hex).
     pub generation: String,
     pub peers: Vec<PeerStatus>,
     pub stats: ResourceStats,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct VolumeStatus {
+    pub name: String,
+    pub size: u64,
+    pub device: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -175,8 +186,20 @@ impl NodeStatus {
                 r.role,
                 r.disk,
                 human_bytes(r.size),
-                r.device.as_ref().map(|d| format!("  device:{d}")).unwrap_or_default()
+                r.device
+                    .as_ref()
+                    .filter(|_| r.volumes.is_empty())
+                    .map(|d| format!("  device:{d}"))
+                    .unwrap_or_default()
             );
+            for v in &r.volumes {
+                out += &format!(
+                    "    volume {}  size:{}{}\n",
+                    v.name,
+                    human_bytes(v.size),
+                    v.device.as_ref().map(|d| format!("  device:{d}")).unwrap_or_default()
+                );
+            }
             for p in &r.peers {
                 out += &format!(
                     "    {}  connection:{}  replication:{}  mode:{}  out-of-sync:{}",

@@ -1,5 +1,6 @@
-//! The FUSE half of the loop-over-FUSE frontend: one directory holding one file, `image`,
-//! whose reads and writes go to the primary's [`Volume`].
+//! The FUSE half of the loop-over-FUSE frontend: one directory holding one file per volume
+//! (`image` for a resource of one volume, the volume names for a volume group), whose reads
+//! and writes go to the primary's [`Volume`] at the volume's place in its address space.
 //!
 //! Requests are handled on fuser's threads: a write's data is copied once into an aligned
 //! buffer, admitted (sequence number, ordering, fan-out) right there so the change stream
@@ -21,28 +22,51 @@ use tandem_replicator::{Volume, VolumeError};
 use tracing::{debug, warn};
 
 use crate::storage::AlignedBuf;
+use crate::volume_set::VolumeLayout;
 
 pub const IMAGE_NAME: &str = "image";
-const IMAGE_INO: INodeNo = INodeNo(2);
 const TTL: Duration = Duration::from_secs(3600);
+
+/// The file name a volume is exposed under.
+pub fn file_name(v: &VolumeLayout) -> &str {
+    if v.name.is_empty() {
+        IMAGE_NAME
+    } else {
+        &v.name
+    }
+}
 
 pub struct ImageFs {
     volume: Arc<Volume>,
-    size: u64,
+    /// Inode `2 + i` is `files[i]`.
+    files: Vec<VolumeLayout>,
 }
 
 impl ImageFs {
-    pub fn new(volume: Arc<Volume>) -> Self {
-        let size = volume.size();
-        Self { volume, size }
+    pub fn new(volume: Arc<Volume>, files: Vec<VolumeLayout>) -> Self {
+        Self { volume, files }
+    }
+
+    fn file(&self, ino: INodeNo) -> Option<&VolumeLayout> {
+        self.files.get((ino.0 as usize).checked_sub(2)?)
+    }
+
+    /// The volume offset of `[offset, +len)` of file `ino`, if the range is inside it.
+    fn place(&self, ino: INodeNo, offset: u64, len: u64) -> Result<u64, Errno> {
+        let f = self.file(ino).ok_or(Errno::ENOENT)?;
+        match offset.checked_add(len) {
+            Some(end) if end <= f.size => Ok(f.offset + offset),
+            _ => Err(Errno::EINVAL),
+        }
     }
 
     fn attr(&self, ino: INodeNo) -> FileAttr {
         let dir = ino == INodeNo::ROOT;
+        let size = self.file(ino).map_or(0, |f| f.size);
         FileAttr {
             ino,
-            size: if dir { 0 } else { self.size },
-            blocks: if dir { 0 } else { self.size / 512 },
+            size: if dir { 0 } else { size },
+            blocks: if dir { 0 } else { size / 512 },
             atime: UNIX_EPOCH,
             mtime: UNIX_EPOCH,
             ctime: UNIX_EPOCH,
@@ -78,15 +102,14 @@ impl Filesystem for ImageFs {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        if parent == INodeNo::ROOT && name == IMAGE_NAME {
-            reply.entry(&TTL, &self.attr(IMAGE_INO), Generation(0));
-        } else {
-            reply.error(Errno::ENOENT);
+        match self.files.iter().position(|f| parent == INodeNo::ROOT && name == file_name(f)) {
+            Some(i) => reply.entry(&TTL, &self.attr(INodeNo(2 + i as u64)), Generation(0)),
+            None => reply.error(Errno::ENOENT),
         }
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
-        if ino == INodeNo::ROOT || ino == IMAGE_INO {
+        if ino == INodeNo::ROOT || self.file(ino).is_some() {
             reply.attr(&TTL, &self.attr(ino));
         } else {
             reply.error(Errno::ENOENT);
@@ -112,7 +135,7 @@ impl Filesystem for ImageFs {
         reply: ReplyAttr,
     ) {
         // The volume's size is fixed by the configuration; everything else is cosmetic.
-        if ino == IMAGE_INO && size.is_some_and(|s| s != self.size) {
+        if self.file(ino).is_some_and(|f| size.is_some_and(|s| s != f.size)) {
             reply.error(Errno::EPERM);
             return;
         }
@@ -120,7 +143,7 @@ impl Filesystem for ImageFs {
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
-        if ino != IMAGE_INO {
+        if self.file(ino).is_none() {
             reply.error(Errno::EISDIR);
             return;
         }
@@ -132,7 +155,7 @@ impl Filesystem for ImageFs {
     fn read(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         _fh: FileHandle,
         offset: u64,
         size: u32,
@@ -140,9 +163,14 @@ impl Filesystem for ImageFs {
         _lock: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        let len = (size as u64).min(self.size.saturating_sub(offset)) as usize;
+        let file_size = self.file(ino).map_or(0, |f| f.size);
+        let len = (size as u64).min(file_size.saturating_sub(offset)) as usize;
+        let at = match self.place(ino, offset, len as u64) {
+            Ok(at) => at,
+            Err(e) => return reply.error(e),
+        };
         let mut buf = AlignedBuf::zeroed(len);
-        match self.volume.read_blocking(offset, buf.as_mut_slice()) {
+        match self.volume.read_blocking(at, buf.as_mut_slice()) {
             Ok(()) => reply.data(buf.as_ref()),
             Err(e) => reply.error(errno(&e)),
         }
@@ -151,7 +179,7 @@ impl Filesystem for ImageFs {
     fn write(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         _fh: FileHandle,
         offset: u64,
         data: &[u8],
@@ -160,6 +188,10 @@ impl Filesystem for ImageFs {
         _lock: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
+        let at = match self.place(ino, offset, data.len() as u64) {
+            Ok(at) => at,
+            Err(e) => return reply.error(e),
+        };
         // The one copy out of the kernel's request buffer, before anything else sees it.
         let buf = AlignedBuf::copy_from(data).into_bytes();
         let len = data.len() as u32;
@@ -169,7 +201,7 @@ impl Filesystem for ImageFs {
         });
         // The local write runs on this thread; the reply is sent by whoever completes the
         // request last (this thread, or the task receiving the peer's ack).
-        match self.volume.write(offset, buf, done) {
+        match self.volume.write(at, buf, done) {
             Ok(work) => work.run(),
             Err(e) => debug!("write refused: {e}"),
         }
@@ -191,7 +223,7 @@ impl Filesystem for ImageFs {
     fn fallocate(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         _fh: FileHandle,
         offset: u64,
         length: u64,
@@ -211,16 +243,21 @@ impl Filesystem for ImageFs {
             reply.error(Errno::EOPNOTSUPP);
             return;
         }
-        let length = length.min(self.size.saturating_sub(offset));
+        let file_size = self.file(ino).map_or(0, |f| f.size);
+        let length = length.min(file_size.saturating_sub(offset));
         if length == 0 {
             reply.ok();
             return;
         }
+        let at = match self.place(ino, offset, length) {
+            Ok(at) => at,
+            Err(e) => return reply.error(e),
+        };
         let done = Box::new(move |r: Result<u64, VolumeError>| match r {
             Ok(_) => reply.ok(),
             Err(e) => reply.error(errno(&e)),
         });
-        match self.volume.discard(offset, length, done) {
+        match self.volume.discard(at, length, done) {
             Ok(work) => work.run(),
             Err(e) => debug!("discard refused: {e}"),
         }
@@ -240,11 +277,11 @@ impl Filesystem for ImageFs {
             reply.error(Errno::ENOTDIR);
             return;
         }
-        let entries = [
-            (INodeNo::ROOT, FileType::Directory, "."),
-            (INodeNo::ROOT, FileType::Directory, ".."),
-            (IMAGE_INO, FileType::RegularFile, IMAGE_NAME),
-        ];
+        let mut entries =
+            vec![(INodeNo::ROOT, FileType::Directory, "."), (INodeNo::ROOT, FileType::Directory, "..")];
+        for (i, f) in self.files.iter().enumerate() {
+            entries.push((INodeNo(2 + i as u64), FileType::RegularFile, file_name(f)));
+        }
         for (i, (ino, kind, name)) in entries.iter().enumerate().skip(offset as usize) {
             if reply.add(*ino, (i + 1) as u64, *kind, name) {
                 break;

@@ -56,6 +56,19 @@ pub fn detach(dev: &str) -> Result<()> {
     Ok(())
 }
 
+/// Loop devices whose backing file is in directory `dir` (a FUSE mount of ours).
+pub fn attached_under(dir: &Path) -> Vec<String> {
+    let Ok(out) = losetup(&["-l", "-n", "--raw", "-O", "NAME,BACK-FILE"]) else {
+        return Vec::new();
+    };
+    let prefix = format!("{}/", dir.display());
+    out.lines()
+        .filter_map(|l| l.trim().split_once(' '))
+        .filter(|(_, back)| back.trim_start().starts_with(&prefix))
+        .map(|(name, _)| name.to_string())
+        .collect()
+}
+
 /// Loop devices whose backing file is `file` (left behind by an agent that was killed).
 pub fn attached_to(file: &Path) -> Vec<String> {
     let Some(f) = file.to_str() else {

@@ -10,15 +10,22 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use tandem_replicator::Volume;
+
+use crate::volume_set::VolumeLayout;
 use tracing::{info, warn};
 
-/// A running frontend exposing the primary's volume as a block device.
+/// A running frontend exposing the primary's volume as block devices.
 pub trait Frontend: Send + Sync {
-    /// The block device path applications use.
-    fn device(&self) -> &str;
-    /// Whether the device is open (e.g. mounted).
+    /// The block device of each volume, by volume name (one unnamed volume unless the
+    /// resource is a volume group).
+    fn devices(&self) -> &[(String, String)];
+    /// The first volume's device.
+    fn device(&self) -> &str {
+        &self.devices()[0].1
+    }
+    /// Whether any device is open (e.g. mounted).
     fn in_use(&self) -> bool;
-    /// Removes the device and stops serving. Refuses while the device is in use. On
+    /// Removes the devices and stops serving. Refuses while a device is in use. On
     /// return no request is in flight from this frontend.
     fn stop(self: Box<Self>) -> Result<(), (Box<Self>, anyhow::Error)>;
 }
@@ -26,11 +33,12 @@ pub trait Frontend: Send + Sync {
 /// Threads reading FUSE requests.
 const FUSE_THREADS: usize = 8;
 
-/// FUSE file + loop device.
+/// FUSE files + loop devices.
 pub struct FuseLoop {
     session: Option<::fuser::BackgroundSession>,
     mountpoint: PathBuf,
-    device: String,
+    /// (volume name, loop device)
+    devices: Vec<(String, String)>,
 }
 
 fn is_mountpoint(p: &Path) -> bool {
@@ -41,15 +49,14 @@ fn is_mountpoint(p: &Path) -> bool {
     info.lines().any(|l| l.split(' ').nth(4) == Some(want))
 }
 
-/// Removes what a killed agent left at `mountpoint`: loop devices on its image, then the
+/// Removes what a killed agent left at `mountpoint`: loop devices on its files, then the
 /// dead FUSE mount itself (lazily, so a filesystem still mounted on such a loop device does
 /// not block us; that filesystem gets I/O errors until the admin unmounts it).
 pub fn clean_stale(mountpoint: &Path) -> Result<()> {
-    let image = mountpoint.join(fuse::IMAGE_NAME);
     if !is_mountpoint(mountpoint) {
         return Ok(());
     }
-    for dev in loopdev::attached_to(&image) {
+    for dev in loopdev::attached_under(mountpoint) {
         warn!(device = %dev, "detaching loop device left by a previous agent");
         let _ = std::process::Command::new("losetup").args(["-d", &dev]).status();
     }
@@ -60,7 +67,8 @@ pub fn clean_stale(mountpoint: &Path) -> Result<()> {
 }
 
 impl FuseLoop {
-    pub fn start(volume: Arc<Volume>, mountpoint: &Path) -> Result<Self> {
+    /// Mounts the FUSE files of `volumes` at `mountpoint` and attaches a loop device to each.
+    pub fn start(volume: Arc<Volume>, mountpoint: &Path, volumes: &[VolumeLayout]) -> Result<Self> {
         std::fs::create_dir_all(mountpoint)
             .with_context(|| format!("cannot create {}", mountpoint.display()))?;
         clean_stale(mountpoint)?;
@@ -76,41 +84,47 @@ impl FuseLoop {
         // to keep a deep queue busy; idle ones cost nothing but a stack.
         cfg.n_threads = Some(FUSE_THREADS);
         cfg.clone_fd = true;
-        let fs = fuse::ImageFs::new(volume);
+        let fs = fuse::ImageFs::new(volume, volumes.to_vec());
         let session = ::fuser::spawn_mount(fs, mountpoint, &cfg).with_context(|| {
             format!("cannot mount FUSE at {} (is /dev/fuse available?)", mountpoint.display())
         })?;
-        let image = mountpoint.join(fuse::IMAGE_NAME);
-        let device = match loopdev::attach(&image) {
-            Ok(d) => d,
-            Err(e) => {
-                let _ = session.umount_and_join();
-                return Err(e);
-            }
-        };
-        info!(device = %device, "frontend up");
-        Ok(Self { session: Some(session), mountpoint: mountpoint.to_path_buf(), device })
+        let mut me =
+            Self { session: Some(session), mountpoint: mountpoint.to_path_buf(), devices: Vec::new() };
+        for v in volumes {
+            // On an error `me` is dropped: the devices attached so far are detached and the
+            // FUSE mount removed.
+            let dev = loopdev::attach(&mountpoint.join(fuse::file_name(v)))?;
+            info!(device = %dev, volume = %v.name, "frontend up");
+            me.devices.push((v.name.clone(), dev));
+        }
+        Ok(me)
     }
 }
 
 impl Frontend for FuseLoop {
-    fn device(&self) -> &str {
-        &self.device
+    fn devices(&self) -> &[(String, String)] {
+        &self.devices
     }
 
     fn in_use(&self) -> bool {
-        loopdev::in_use(&self.device)
+        self.devices.iter().any(|(_, d)| loopdev::in_use(d))
     }
 
     fn stop(mut self: Box<Self>) -> Result<(), (Box<Self>, anyhow::Error)> {
-        if let Err(e) = loopdev::detach(&self.device) {
+        if let Some((_, d)) = self.devices.iter().find(|(_, d)| loopdev::in_use(d)) {
+            let e = anyhow::anyhow!("device {d} is in use (mounted or open); unmount it first");
             return Err((self, e));
         }
-        // The loop driver lets go of the FUSE file asynchronously: wait for that, then
+        while let Some((v, d)) = self.devices.pop() {
+            if let Err(e) = loopdev::detach(&d) {
+                self.devices.push((v, d));
+                return Err((self, e));
+            }
+        }
+        // The loop driver lets go of the FUSE files asynchronously: wait for that, then
         // unmount; if it still will not go, detach lazily rather than hang.
-        let image = self.mountpoint.join(fuse::IMAGE_NAME);
         for _ in 0..100 {
-            if loopdev::attached_to(&image).is_empty() {
+            if loopdev::attached_under(&self.mountpoint).is_empty() {
                 break;
             }
             std::thread::sleep(Duration::from_millis(50));
@@ -120,7 +134,7 @@ impl Frontend for FuseLoop {
             warn!("FUSE unmount of {} failed ({e}); detaching lazily", self.mountpoint.display());
             let _ = nix::mount::umount2(&self.mountpoint, nix::mount::MntFlags::MNT_DETACH);
         }
-        info!(device = %self.device, "frontend down");
+        info!(mountpoint = %self.mountpoint.display(), "frontend down");
         Ok(())
     }
 }
@@ -129,7 +143,9 @@ impl Drop for FuseLoop {
     fn drop(&mut self) {
         if let Some(s) = self.session.take() {
             // Dropped without stop(): best effort, never leave a mount behind.
-            let _ = loopdev::detach(&self.device);
+            for (_, d) in &self.devices {
+                let _ = loopdev::detach(d);
+            }
             let _ = s.umount_and_join();
         }
     }

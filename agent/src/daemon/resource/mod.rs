@@ -23,7 +23,9 @@ use anyhow::{anyhow, bail, Context, Result};
 use tandem_protocol::{ControlMsg, ResourceHello, Role};
 use tandem_replicator::generation::{BLANK, UNKNOWN};
 use tandem_replicator::resync::stats::ResyncStats;
-use tandem_replicator::{ActivityLog, ApplierStats, DirtyBitmap, PeerHandle, TargetState, Volume};
+use tandem_replicator::{
+    ActivityLog, ApplierStats, BlockStore, DirtyBitmap, PeerHandle, TargetState, Volume,
+};
 use tracing::{error, info, warn};
 
 use crate::config;
@@ -31,10 +33,11 @@ use crate::daemon::hooks::{HookContext, HookEvent, Hooks};
 use crate::daemon::peer_link::PeerConn;
 use crate::frontend::FuseLoop;
 use crate::meta::{DiskState, MetaFile, MetaRecord, AL_MAX_EXTENTS};
-use crate::status::{PeerStatus, ResourceStats, ResourceStatus, ResyncStatus};
+use crate::status::{PeerStatus, ResourceStats, ResourceStatus, ResyncStatus, VolumeStatus};
 use crate::storage::FileStore;
 use crate::transport::close_code;
 use crate::transport::framed::WireCounts;
+use crate::volume_set::{VolumeLayout, VolumeSet};
 use persist::{persist_all_bitmaps, MetaAl};
 pub use sync::SyncRole;
 pub use verify::VerifyReport;
@@ -85,11 +88,14 @@ pub struct Resource {
     pub name: String,
     cfg: config::Resource,
     me: String,
-    store: Arc<FileStore>,
+    /// The image, or a volume group's images as one address space.
+    store: Arc<dyn BlockStore>,
     meta: Arc<Mutex<MetaFile>>,
     role: tokio::sync::Mutex<RoleState>,
     /// Snapshot of the role for readers that must not wait: (volume, device) when primary.
     current: Mutex<Option<(Arc<Volume>, String)>>,
+    /// While primary: each volume's device (name, path).
+    devices: Mutex<Vec<(String, String)>>,
     peers: Mutex<BTreeMap<String, PeerState>>,
     bitmaps: BTreeMap<String, Arc<Mutex<DirtyBitmap>>>,
     resync_stats: BTreeMap<String, Arc<ResyncStats>>,
@@ -131,10 +137,8 @@ impl Resource {
     ) -> Result<Arc<Self>> {
         let disk =
             cfg.disks.get(me).ok_or_else(|| anyhow!("resource {} has no disk on node {me}", cfg.name))?;
-        let meta = open_or_create_meta(cluster, me, cfg, &disk.image, &disk.meta)?;
-        let store = Arc::new(
-            FileStore::open(&disk.image, cfg.size).with_context(|| format!("resource {}", cfg.name))?,
-        );
+        let meta = open_or_create_meta(cluster, me, cfg, disk)?;
+        let store = open_store(cfg, disk)?;
         let mut meta = meta;
         for p in cfg.peers_of(me) {
             if meta.record().peer(&p).is_none() {
@@ -210,6 +214,7 @@ impl Resource {
             meta,
             role: tokio::sync::Mutex::new(RoleState::Secondary),
             current: Mutex::new(None),
+            devices: Mutex::new(Vec::new()),
             peers: Mutex::new(peers),
             bitmaps,
             wire: resync_stats.keys().map(|p| (p.clone(), Arc::default())).collect(),
@@ -526,6 +531,19 @@ impl Resource {
             role: if current.is_some() { "primary" } else { "secondary" }.to_string(),
             disk: rec.disk.as_str().to_string(),
             device: current.map(|(_, d)| d),
+            volumes: {
+                let devices = self.devices.lock().unwrap();
+                self.cfg
+                    .volumes
+                    .iter()
+                    .filter(|v| !v.name.is_empty())
+                    .map(|v| VolumeStatus {
+                        name: v.name.clone(),
+                        size: v.size,
+                        device: devices.iter().find(|(n, _)| *n == v.name).map(|(_, d)| d.clone()),
+                    })
+                    .collect()
+            },
             size: self.cfg.size,
             generation: format!("{:016x}", rec.current_generation),
             peers,
@@ -534,36 +552,58 @@ impl Resource {
     }
 }
 
+/// The resource's image as a store; a volume group's images as one.
+fn open_store(cfg: &config::Resource, disk: &config::Disk) -> Result<Arc<dyn BlockStore>> {
+    let ctx = || format!("resource {}", cfg.name);
+    if let [only] = cfg.volumes.as_slice() {
+        return Ok(Arc::new(FileStore::open(&disk.image_for(only), only.size).with_context(ctx)?));
+    }
+    let mut parts: Vec<(VolumeLayout, Arc<dyn BlockStore>)> = Vec::new();
+    for v in &cfg.volumes {
+        let s = FileStore::open(&disk.image_for(v), v.size)
+            .with_context(|| format!("{}, volume {}", ctx(), v.name))?;
+        parts.push((v.clone(), Arc::new(s)));
+    }
+    Ok(Arc::new(VolumeSet::new(parts)))
+}
+
 fn open_or_create_meta(
     cluster: &str,
     me: &str,
     cfg: &config::Resource,
-    image: &std::path::Path,
-    meta_path: &std::path::Path,
+    d: &config::Disk,
 ) -> Result<MetaFile> {
+    let meta_path = &d.meta;
     if meta_path.exists() {
         let m = MetaFile::open(meta_path).with_context(|| format!("resource {}", cfg.name))?;
         check_identity(m.record(), cluster, me, cfg)?;
-        if !image.exists() {
-            bail!(
-                "resource {}: metadata {} exists but the image {} does not; refusing to create an empty \
-                 image under metadata that describes data (move the metadata away to start fresh)",
-                cfg.name,
-                meta_path.display(),
-                image.display()
-            );
+        for v in &cfg.volumes {
+            let image = d.image_for(v);
+            if !image.exists() {
+                bail!(
+                    "resource {}: metadata {} exists but the image {} does not; refusing to create an empty \
+                     image under metadata that describes data (move the metadata away to start fresh)",
+                    cfg.name,
+                    meta_path.display(),
+                    image.display()
+                );
+            }
         }
         return Ok(m);
     }
-    let created = FileStore::create_if_missing(image, cfg.size, cfg.allocate_full)?;
-    // A brand-new image is all zeroes, like every other brand-new image: it is a valid copy
+    // Every image new: all zeroes, like every other brand-new image, so a valid copy
     // (generation BLANK). An image that existed without metadata holds unknown data.
+    let mut created = true;
+    for v in &cfg.volumes {
+        let image = d.image_for(v);
+        if !FileStore::create_if_missing(&image, v.size, cfg.allocate_full)? {
+            warn!(resource = %cfg.name, image = %image.display(),
+                  "existing image without metadata: marked inconsistent until synced or promoted with --force");
+            created = false;
+        }
+    }
     let (disk, generation) =
         if created { (DiskState::UpToDate, BLANK) } else { (DiskState::Inconsistent, UNKNOWN) };
-    if !created {
-        warn!(resource = %cfg.name, image = %image.display(),
-              "existing image without metadata: marked inconsistent until synced or promoted with --force");
-    }
     MetaFile::create(
         meta_path,
         MetaRecord {
@@ -592,7 +632,7 @@ pub fn create_md(cluster: &str, me: &str, cfg: &config::Resource) -> Result<Stri
     if disk.meta.exists() {
         bail!("{} already exists; move it away first if you really want new metadata", disk.meta.display());
     }
-    let m = open_or_create_meta(cluster, me, cfg, &disk.image, &disk.meta)?;
+    let m = open_or_create_meta(cluster, me, cfg, disk)?;
     Ok(format!("created {} for {} on {me}: disk {}", disk.meta.display(), cfg.name, m.record().disk.as_str()))
 }
 

@@ -87,7 +87,8 @@ impl Resource {
             (!self.bitmaps.is_empty()).then(|| self.al.clone()),
         );
         let (v, mp) = (volume.clone(), self.mountpoint.clone());
-        let frontend = match tokio::task::spawn_blocking(move || FuseLoop::start(v, &mp)).await? {
+        let volumes = self.cfg.volumes.clone();
+        let frontend = match tokio::task::spawn_blocking(move || FuseLoop::start(v, &mp, &volumes)).await? {
             Ok(f) => Box::new(f),
             Err(e) => {
                 self.update_meta(|m| m.primary = false)?;
@@ -95,6 +96,7 @@ impl Resource {
             }
         };
         let device = frontend.device().to_string();
+        *self.devices.lock().unwrap() = frontend.devices().to_vec();
         *self.current.lock().unwrap() = Some((volume.clone(), device.clone()));
         *role = RoleState::Primary { volume, frontend };
         drop(role);
@@ -115,7 +117,13 @@ impl Resource {
             self.start_replication(&p).await;
         }
         self.start_al_cooling();
-        Ok(format!("{} is primary on {}; device {device}", self.name, self.me))
+        let devices = self.devices.lock().unwrap().clone();
+        Ok(if devices.len() == 1 {
+            format!("{} is primary on {}; device {device}", self.name, self.me)
+        } else {
+            let list: Vec<String> = devices.iter().map(|(v, d)| format!("{v} {d}")).collect();
+            format!("{} is primary on {}; devices: {}", self.name, self.me, list.join(", "))
+        })
     }
 
     /// While primary: every [`AL_COOL_INTERVAL`], extents idle for a whole interval leave
@@ -233,6 +241,7 @@ impl Resource {
     /// sessions closed, and the metadata saying we are no longer primary.
     async fn release_primary(&self, volume: &Arc<Volume>) {
         *self.current.lock().unwrap() = None;
+        self.devices.lock().unwrap().clear();
         if let Err(e) = volume.submit_flush().await {
             warn!(resource = %self.name, "final flush failed: {e}");
         }
