@@ -14,6 +14,9 @@ use tandem_protocol::Compression;
 use tandem_replicator::split_brain::{parse_policy, AfterSplitBrain};
 use tandem_replicator::{Backlog, BacklogPolicy, Mode};
 
+/// Nodes holding a copy of one resource (the primary and up to 31 peers).
+pub const MAX_NODES_PER_RESOURCE: usize = 32;
+
 /// Data in flight to a `memory` or `async` peer before `on_backlog_full` applies.
 pub const DEFAULT_BACKLOG: u64 = 128 << 20;
 use thiserror::Error;
@@ -537,6 +540,12 @@ impl Config {
             }
             if disks.is_empty() {
                 return Err(ctx("no [resource.disk.NODE] entries".into()));
+            }
+            if disks.len() > MAX_NODES_PER_RESOURCE {
+                return Err(ctx(format!(
+                    "{} nodes hold a copy; at most {MAX_NODES_PER_RESOURCE} may",
+                    disks.len()
+                )));
             }
             resources.push(Resource {
                 name: r.name,
