@@ -9,6 +9,6 @@ pub mod meta;
 pub mod status;
 pub mod storage;
 pub mod sysutil;
-pub mod volume_set;
 pub mod tls;
 pub mod transport;
+pub mod volume_set;

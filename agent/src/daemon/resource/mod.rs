@@ -114,6 +114,8 @@ pub struct Resource {
     hooks: Hooks,
     /// `tandem resolve --discard-local`: give up this node's changes at the next split brain.
     discard_local: AtomicBool,
+    /// Peers resyncing into this copy right now.
+    resyncing_from: Mutex<std::collections::BTreeSet<String>>,
 }
 
 fn new_generation() -> u64 {
@@ -226,6 +228,7 @@ impl Resource {
             seq,
             hooks: Hooks::new(&cfg.name, me, cfg.handlers.clone(), hook_timeout),
             discard_local: AtomicBool::new(false),
+            resyncing_from: Mutex::new(Default::default()),
         });
         crate::frontend::prepare_mountpoint(&r.mountpoint)?;
         Ok(r)
@@ -327,6 +330,8 @@ impl Resource {
         }
         let was_connected = p.conn.is_some();
         p.conn = None;
+        // Its resync into us, if any, has ended with the connection.
+        self.resyncing_from.lock().unwrap().remove(peer);
         p.remote = None;
         if !matches!(p.sync, SyncRole::SplitBrain | SyncRole::Refused(_)) {
             p.sync = SyncRole::None;

@@ -224,6 +224,17 @@ impl Resource {
                 }
                 // The resync starts when the target has sent its own bitmap.
             }
+            SyncDecision::Target { .. }
+                if remote.role != Role::Primary && self.connected_primary(&peer).is_some() =>
+            {
+                // Only the primary resyncs a node while there is one: its reads are ordered
+                // with the writes it replicates to us; a secondary's are not.
+                let primary = self.connected_primary(&peer).unwrap_or_default();
+                info!(resource = %self.name, peer = %peer, "{peer} holds newer data, but {primary} is primary: the resync comes from {primary}");
+                if let Some(p) = self.peers.lock().unwrap().get_mut(&peer) {
+                    p.sync = SyncRole::None;
+                }
+            }
             SyncDecision::Target { full } => {
                 if self.disk() == DiskState::UpToDate {
                     self.set_disk(DiskState::Outdated, &format!("{peer} holds newer data"));
@@ -262,6 +273,9 @@ impl Resource {
 
     /// Source side: part of the target's bitmap for us.
     pub fn on_bitmap(self: &Arc<Self>, peer: &str, runs: Vec<(u64, u64)>, last: bool) {
+        if last && !self.may_serve_resync(peer) {
+            return;
+        }
         {
             let mut bm = self.bitmaps[peer].lock().unwrap();
             for (off, len) in runs {
@@ -279,12 +293,41 @@ impl Resource {
             warn!(resource = %self.name, peer, "peer asks for a full resync, but this node is not up to date");
             return;
         }
+        if !self.may_serve_resync(peer) {
+            return;
+        }
         info!(resource = %self.name, peer, checksum, "peer invalidated its copy: full resync");
         self.bitmaps[peer].lock().unwrap().set_all();
         if let Some(p) = self.peers.lock().unwrap().get_mut(peer) {
             p.sync = SyncRole::Source { started: false };
         }
         self.start_resync_source(peer, checksum || self.cfg.resync_checksum);
+    }
+
+    /// A connected peer other than `except` that is primary.
+    pub(super) fn connected_primary(&self, except: &str) -> Option<String> {
+        self.peers.lock().unwrap().iter().find_map(|(n, p)| {
+            (n != except && p.conn.is_some() && p.remote.as_ref().is_some_and(|r| r.role == Role::Primary))
+                .then(|| n.clone())
+        })
+    }
+
+    /// A secondary does not resync a peer while a primary is connected to it: the primary
+    /// does (its resync reads are ordered with its writes; a secondary's would race them).
+    fn may_serve_resync(&self, peer: &str) -> bool {
+        if self.is_primary() {
+            return true;
+        }
+        match self.connected_primary(peer) {
+            None => true,
+            Some(primary) => {
+                info!(resource = %self.name, peer, "not resyncing {peer}: {primary} is primary and resyncs it");
+                if let Some(p) = self.peers.lock().unwrap().get_mut(peer) {
+                    p.sync = SyncRole::None;
+                }
+                false
+            }
+        }
     }
 
     fn rate_settings(&self) -> RateSettings {
@@ -399,6 +442,7 @@ impl Resource {
     pub fn on_resync_start(&self, peer: &str, kind: ResyncKind, total: u64, g: Generation) {
         info!(resource = %self.name, peer, total_bytes = total, checksum = kind.checksum, "resync started as target");
         self.target.begin_resync();
+        self.resyncing_from.lock().unwrap().insert(peer.to_string());
         // The changes this node is told to give up are being replaced now.
         self.discard_local.store(false, std::sync::atomic::Ordering::SeqCst);
         let started_ms = self.remote_generation_started(peer);
@@ -441,6 +485,20 @@ impl Resource {
     }
 
     async fn finish_resync_target(self: &Arc<Self>, peer: &str, g: Generation) -> Result<()> {
+        let others: Vec<String> = {
+            let mut active = self.resyncing_from.lock().unwrap();
+            active.remove(peer);
+            active.iter().cloned().collect()
+        };
+        if !others.is_empty() {
+            // Another source is still writing into this copy: it is not complete until
+            // that resync is, and replicated writes must stay tracked for it.
+            info!(resource = %self.name, peer, "resync from {peer} done; still receiving from {}", others.join(", "));
+            if let Some(p) = self.peers.lock().unwrap().get_mut(peer) {
+                p.sync = SyncRole::None;
+            }
+            return Ok(());
+        }
         let store = self.store.clone();
         tokio::task::spawn_blocking(move || tandem_replicator::BlockStore::flush(store.as_ref())).await??;
         self.bitmaps[peer].lock().unwrap().clear_all();
@@ -454,8 +512,15 @@ impl Resource {
         })?;
         self.persist_bitmaps();
         self.target.end_resync();
-        if let Some(p) = self.peers.lock().unwrap().get_mut(peer) {
-            p.sync = SyncRole::InSync;
+        for (n, p) in self.peers.lock().unwrap().iter_mut() {
+            if n == peer {
+                p.sync = SyncRole::InSync;
+            } else if p.sync == SyncRole::Target {
+                // A resync asked of another peer that never ran (it left it to the
+                // primary): we now hold what it holds, or the next connect decides.
+                let same = p.remote.as_ref().is_some_and(|r| r.generation.current == g.current);
+                p.sync = if same { SyncRole::InSync } else { SyncRole::None };
+            }
         }
         info!(resource = %self.name, peer, "resync complete: disk up to date");
         self.broadcast_state();
