@@ -90,6 +90,7 @@ struct FileOptions {
     stream_window: Option<String>,
     max_mtu: Option<u16>,
     hook_timeout: Option<String>,
+    congestion: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -262,6 +263,16 @@ pub struct Options {
     pub max_mtu: u16,
     /// How long a handler may run; `fence-peer` past it refuses the promotion.
     pub hook_timeout: Duration,
+    /// QUIC congestion control.
+    pub congestion: Congestion,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Congestion {
+    /// Loss-based (the default; fair to other traffic on a shared LAN).
+    Cubic,
+    /// Model-based: keeps a lossy long-distance path full.
+    Bbr,
 }
 
 impl Default for Options {
@@ -273,6 +284,7 @@ impl Default for Options {
             stream_window: 16 << 20,
             max_mtu: 9000,
             hook_timeout: Duration::from_secs(60),
+            congestion: Congestion::Cubic,
         }
     }
 }
@@ -339,6 +351,13 @@ impl Config {
             dur("heartbeat_interval", &f.options.heartbeat_interval, options.heartbeat_interval)?;
         options.connect_retry = dur("connect_retry", &f.options.connect_retry, options.connect_retry)?;
         options.hook_timeout = dur("hook_timeout", &f.options.hook_timeout, options.hook_timeout)?;
+        options.congestion = match f.options.congestion.as_deref() {
+            None | Some("cubic") => Congestion::Cubic,
+            Some("bbr") => Congestion::Bbr,
+            Some(other) => {
+                return Err(invalid(format!("options.congestion {other:?} must be \"cubic\" or \"bbr\"")))
+            }
+        };
         if let Some(w) = &f.options.stream_window {
             options.stream_window =
                 parse_size(w).map_err(|e| invalid(format!("options.stream_window: {e}")))?;
