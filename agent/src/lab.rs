@@ -31,6 +31,9 @@ pub struct LabNode {
     pub port: u16,
     /// The network namespace the agent runs in (`LabOptions::netns`).
     pub netns: Option<String>,
+    /// The config file this node's agent starts with when it is not the lab's shared one
+    /// (see [`Lab::route_via`]).
+    config: Option<PathBuf>,
     child: Option<Child>,
 }
 
@@ -122,6 +125,7 @@ impl Lab {
                     ip: net.node_ip(i),
                     port: LAB_NETNS_PORT,
                     netns: Some(net.node_ns[i].clone()),
+                    config: None,
                     child: None,
                 },
                 None => LabNode {
@@ -129,6 +133,7 @@ impl Lab {
                     ip: "127.0.0.1".into(),
                     port: free_udp_port()?,
                     netns: None,
+                    config: None,
                     child: None,
                 },
             };
@@ -221,8 +226,45 @@ impl Lab {
 
     /// Starts `node`'s agent and waits until it answers on its control socket.
     pub fn start(&mut self, node: &str) -> Result<()> {
-        let config = self.config.clone();
+        let config = self.config_of(node)?;
         self.start_with_config(node, &config)
+    }
+
+    /// The config file `node`'s agent starts with: its own copy after [`Lab::route_via`],
+    /// else the lab's shared one.
+    pub fn config_of(&self, node: &str) -> Result<PathBuf> {
+        let n = &self.nodes[self.node_index(node)?];
+        Ok(n.config.clone().unwrap_or_else(|| self.config.clone()))
+    }
+
+    /// The UDP address `node`'s agent listens on.
+    pub fn node_addr(&self, node: &str) -> Result<std::net::SocketAddr> {
+        let n = &self.nodes[self.node_index(node)?];
+        format!("{}:{}", n.ip, n.port).parse().with_context(|| format!("address of {node}"))
+    }
+
+    /// Makes `dialer` reach `peer` at `via` (e.g. a UDP relay in front of `peer`) instead
+    /// of `peer`'s own address: writes `dialer`'s own copy of the config, in which `peer`'s
+    /// `address` is `via`, and starts `dialer` with it from now on ([`Lab::start`]). `peer`
+    /// still listens on its real address; it accepts the connection by its certificate,
+    /// whatever address it comes from. Only the dialing side of a pair — the node whose name
+    /// sorts first — uses the address, so `dialer` must sort before `peer`. Returns the
+    /// path of the new config. Takes effect at `dialer`'s next start.
+    pub fn route_via(&mut self, dialer: &str, peer: &str, via: std::net::SocketAddr) -> Result<PathBuf> {
+        if dialer >= peer {
+            bail!("{dialer} does not dial {peer} (the node whose name sorts first dials)");
+        }
+        let real = self.node_addr(peer)?;
+        let base = self.config_of(dialer)?;
+        let text = std::fs::read_to_string(&base).with_context(|| format!("read {}", base.display()))?;
+        let from = format!("address = \"{real}\"");
+        if text.matches(&from).count() != 1 {
+            bail!("{} does not name {peer}'s address {real} exactly once", base.display());
+        }
+        let path = self.dir.join(format!("{dialer}.toml"));
+        std::fs::write(&path, text.replace(&from, &format!("address = \"{via}\"")))?;
+        self.node_mut(dialer)?.config = Some(path.clone());
+        Ok(path)
     }
 
     /// Starts `node`'s agent with another config file (e.g. one that disagrees with the
@@ -440,8 +482,7 @@ impl Drop for Lab {
         if let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") {
             let root = self.dir.to_string_lossy().to_string();
             for mp in info.lines().filter_map(|l| l.split(' ').nth(4)).filter(|m| m.starts_with(&root)) {
-                let img = Path::new(mp).join(crate::frontend::fuse::IMAGE_NAME);
-                for dev in crate::frontend::loopdev::attached_to(&img) {
+                for dev in crate::frontend::loopdev::attached_under(Path::new(mp)) {
                     let _ = Command::new("losetup").args(["-d", &dev]).status();
                 }
                 let _ = nix::mount::umount2(mp, nix::mount::MntFlags::MNT_DETACH);

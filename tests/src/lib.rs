@@ -2,6 +2,9 @@
 //! the real-device tests need (and failing loudly without them), and I/O helpers that write
 //! and check blocks recording their own offset.
 
+pub mod epochs;
+pub mod relay;
+
 use std::fs::OpenOptions;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
