@@ -187,11 +187,10 @@ impl PeerSession {
         self.pending.lock().unwrap().ahead
     }
 
-    /// Resolves when an `ahead` episode ends: the backlog drained, data flows again, and
-    /// what the peer missed meanwhile is in its bitmap, to be resynced.
-    pub async fn backlog_drained(&self) {
-        let mut rx = self.drained.subscribe();
-        let _ = rx.changed().await;
+    /// Counts `ahead` episodes that ended (the backlog drained, data flows again, and what
+    /// the peer missed meanwhile is in its bitmap, to be resynced).
+    pub fn drained_episodes(&self) -> watch::Receiver<u64> {
+        self.drained.subscribe()
     }
 
     pub fn is_closed(&self) -> bool {

@@ -536,14 +536,15 @@ impl Volume {
         let core = self.core.lock().unwrap();
         core.peers
             .iter()
-            .map(|(name, slot)| PeerReplication {
+            .map(|(name, slot)| (name, slot, slot.session.as_ref().map_or((0, Duration::ZERO), |s| s.lag())))
+            .map(|(name, slot, (lag_bytes, lag))| PeerReplication {
                 name: name.clone(),
                 mode: slot.mode,
                 connected: slot.session.as_ref().is_some_and(|s| !s.is_closed()),
                 out_of_sync_bytes: slot.bitmap.lock().unwrap().dirty_bytes(),
                 pending_requests: slot.session.as_ref().map_or(0, |s| s.pending_count()),
-                lag_bytes: slot.session.as_ref().map_or(0, |s| s.lag().0),
-                lag: slot.session.as_ref().map_or(Duration::ZERO, |s| s.lag().1),
+                lag_bytes,
+                lag,
                 ahead: slot.session.as_ref().is_some_and(|s| s.is_ahead()),
                 last_error: slot
                     .session
@@ -573,10 +574,11 @@ impl PeerHandle {
         self.session.close(reason);
     }
 
-    /// Resolves each time the peer, left behind because its backlog overflowed, has
-    /// drained it: data flows again, and the blocks it missed are in its bitmap.
-    pub async fn backlog_drained(&self) {
-        self.session.backlog_drained().await
+    /// Changes each time the peer, left behind because its backlog overflowed, has drained
+    /// it: data flows again, and the blocks it missed are in its bitmap. A receiver sees
+    /// every drain after its creation, however late it looks.
+    pub fn backlog_drained(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.session.drained_episodes()
     }
 
     /// Resolves with the reason once the connection has ended and the volume has let go of it.

@@ -454,8 +454,12 @@ fn async_backlog_overflow_goes_ahead_then_drains() {
         // Longer than the timeout: an async peer is not dropped for slow acks.
         tokio::time::sleep(Duration::from_millis(600)).await;
         assert!(volume.peers()[0].connected);
+        let mut drained = peer.backlog_drained();
         ctl.thaw();
-        tokio::time::timeout(Duration::from_secs(10), peer.backlog_drained()).await.expect("never drained");
+        tokio::time::timeout(Duration::from_secs(10), drained.changed())
+            .await
+            .expect("never drained")
+            .unwrap();
         let p = &volume.peers()[0];
         assert!(!p.ahead && p.lag_bytes == 0, "{p:?}");
         // Data flows again.

@@ -662,10 +662,11 @@ impl Resource {
         info!(resource = %self.name, peer, "replication established");
         // A peer left behind by a full backlog catches up by a resync once it has drained.
         let (me, h, name) = (self.clone(), handle.clone(), peer.to_string());
+        let mut drained = handle.backlog_drained();
         tokio::spawn(async move {
             loop {
                 tokio::select! {
-                    _ = h.backlog_drained() => {}
+                    r = drained.changed() => if r.is_err() { return },
                     _ = h.closed() => return,
                 }
                 if let Some(c) = me.conn_of(&name) {
