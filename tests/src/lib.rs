@@ -235,3 +235,27 @@ pub fn wait_until(
     lab.wait_for(node, what, timeout, pred)
         .unwrap_or_else(|e| panic!("{e:#}\nlog of {node}:\n{}", lab.log_text(node)))
 }
+
+/// Writes `mib` MiB sequentially (wrapping within the first 32 MiB) in 1 MiB O_DIRECT
+/// writes of stamped 4 KiB blocks, recording versions in `written`; returns MB/s.
+pub fn sequential_mib(
+    dev: &str,
+    run: u64,
+    mib: u64,
+    written: &mut std::collections::BTreeMap<u64, u64>,
+) -> f64 {
+    const MIB: u64 = 1 << 20;
+    let t = std::time::Instant::now();
+    let mut buf = Vec::with_capacity(MIB as usize);
+    for m in 0..mib {
+        buf.clear();
+        for b in 0..(MIB / BLOCK as u64) {
+            let off = ((m % 32) * MIB) + b * BLOCK as u64;
+            let v = written.get(&off).map_or(1, |v| v + 1);
+            buf.extend_from_slice(&stamped_block(off, run, v));
+            written.insert(off, v);
+        }
+        write_block_direct(dev, (m % 32) * MIB, &buf, false).expect("write");
+    }
+    (mib * MIB) as f64 / t.elapsed().as_secs_f64() / 1e6
+}

@@ -14,24 +14,6 @@ use tandem_tests::*;
 const MIB: u64 = 1 << 20;
 const SIZE: u64 = 64 * MIB;
 
-/// Writes `mib` MiB sequentially in 1 MiB O_DIRECT writes, 4 KiB stamped blocks each,
-/// and returns MB/s.
-fn sequential(dev: &str, run: u64, mib: u64, w: &mut std::collections::BTreeMap<u64, u64>) -> f64 {
-    let t = Instant::now();
-    let mut buf = Vec::with_capacity(MIB as usize);
-    for m in 0..mib {
-        buf.clear();
-        for b in 0..(MIB / BLOCK as u64) {
-            let off = ((m % 32) * MIB) + b * BLOCK as u64;
-            let v = w.get(&off).map_or(1, |v| v + 1);
-            buf.extend_from_slice(&stamped_block(off, run, v));
-            w.insert(off, v);
-        }
-        write_block_direct(dev, (m % 32) * MIB, &buf, false).expect("write");
-    }
-    (mib * MIB) as f64 / t.elapsed().as_secs_f64() / 1e6
-}
-
 #[test]
 fn sync_standby_stays_current_while_async_wan_replica_lags_then_converges() {
     // gamma is the WAN replica: async, compressed, on its own disk entry.
@@ -75,7 +57,7 @@ fn sync_standby_stays_current_while_async_wan_replica_lags_then_converges() {
     let mut written = Default::default();
 
     // The primary's sequential rate with the WAN replica attached, then with no peer.
-    let with_wan = sequential(&dev, run, 64, &mut written);
+    let with_wan = sequential_mib(&dev, run, 64, &mut written);
     let st = lab.resource_status("alpha").unwrap();
     let peer = |n: &str| st.peers.iter().find(|p| p.node == n).unwrap().clone();
     let (beta, gamma) = (peer("beta"), peer("gamma"));
@@ -104,7 +86,7 @@ fn sync_standby_stays_current_while_async_wan_replica_lags_then_converges() {
     // Baseline: the same writes with the peers disconnected (tracked for a later resync).
     tandem_ok(&lab, "alpha", &["disconnect", "mail"]);
     wait_until(&lab, "alpha", "disconnected", secs(30), |r| r.peers.iter().all(|p| p.replication == "off"));
-    let alone = sequential(&dev, run, 64, &mut written);
+    let alone = sequential_mib(&dev, run, 64, &mut written);
     println!(
         "no peer connected: {alone:.0} MB/s; with the async WAN replica (and the sync LAN standby): {:.0} %",
         with_wan * 100.0 / alone

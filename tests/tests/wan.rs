@@ -203,3 +203,87 @@ fn async_peer_over_a_lossy_50ms_link_catches_up() {
     assert_eq!(sha256_file(&lab.image("alpha")), sha256_file(&lab.image("beta")), "images differ");
     drop(relay);
 }
+
+/// The primary's sequential-write rate (1 MiB writes) with an `async` peer behind the relay
+/// (50 ms RTT, 1 % loss) against the rate with no peer connected, and, for contrast, with the
+/// same peer in `sync`. Figures are printed, not asserted (not a timed test); the data is
+/// checked on both images.
+#[test]
+fn sequential_write_rate_with_a_wan_peer_async_against_none_and_sync() {
+    let mut lab = new_lab(
+        &["alpha", "beta"],
+        &LabOptions {
+            size: 64 * MIB,
+            mode: "sync".into(),
+            timeout: Duration::from_secs(5),
+            extra_options: "congestion = \"bbr\"".into(),
+            ..Default::default()
+        },
+    );
+    let base = std::fs::read_to_string(&lab.config).unwrap();
+    let beta_meta = "beta/mail.meta\"\n";
+    assert!(base.contains(beta_meta));
+    let with_mode =
+        |m: &str| base.replace(beta_meta, &format!("{beta_meta}mode = \"{m}\"\nbacklog = \"512MiB\"\n"));
+    std::fs::write(&lab.config, with_mode("async")).unwrap();
+    let link = LinkProfile::default().with_delay(Duration::from_millis(25)).with_loss(0.01);
+    let relay = Relay::start(
+        "127.0.0.1:0".parse().unwrap(),
+        lab.node_addr("beta").unwrap(),
+        RelayConfig::symmetric(link, 11),
+    )
+    .expect("relay");
+    let alpha_cfg = lab.route_via("alpha", "beta", relay.addr()).unwrap();
+    let up = |lab: &mut tandem_agent::lab::Lab| -> String {
+        lab.start("alpha").unwrap();
+        lab.start("beta").unwrap();
+        lab.wait_connected("alpha", secs(60)).unwrap();
+        assert!(lab.promote("alpha", false).unwrap().ok);
+        wait_until(lab, "alpha", "replicating", secs(60), |r| {
+            r.device.is_some() && r.peers[0].replication == "established"
+        })
+        .device
+        .unwrap()
+    };
+    let dev = up(&mut lab);
+    let run = rand::random();
+    let mut written = Default::default();
+    let with_async = sequential_mib(&dev, run, 64, &mut written);
+    let st = lab.resource_status("alpha").unwrap();
+    let t = Instant::now();
+    wait_until(&lab, "alpha", "caught up", secs(600), caught_up);
+    let caught_up_after = t.elapsed();
+    tandem_ok(&lab, "alpha", &["disconnect", "mail"]);
+    wait_until(&lab, "alpha", "disconnected", secs(30), |r| r.peers[0].replication == "off");
+    let alone = sequential_mib(&dev, run, 64, &mut written);
+    tandem_ok(&lab, "alpha", &["connect", "mail"]);
+    wait_until(&lab, "alpha", "resynced", secs(600), caught_up);
+    assert!(lab.demote("alpha").unwrap().ok);
+    assert!(lab.stop_all().values().all(|c| *c));
+    // The same peer in sync mode (both configs: alpha dials beta through the relay).
+    for cfg in [&lab.config, &alpha_cfg] {
+        let text = std::fs::read_to_string(cfg)
+            .unwrap()
+            .replace("mode = \"async\"\nbacklog", "mode = \"sync\"\nbacklog");
+        std::fs::write(cfg, text).unwrap();
+    }
+    let dev = up(&mut lab);
+    assert_eq!(lab.resource_status("alpha").unwrap().peers[0].mode, "sync");
+    let with_sync = sequential_mib(&dev, run, 8, &mut written);
+    println!(
+        "sequential 1 MiB writes on the primary, peer behind 50 ms RTT / 1 % loss: no peer {alone:.0} MB/s; \
+         async peer {with_async:.0} MB/s ({:.0} % of no peer; lag at the end {:.1} MiB / {:.2} s, caught up {caught_up_after:.1?} later); \
+         sync peer {with_sync:.1} MB/s ({:.1} %)",
+        with_async * 100.0 / alone,
+        st.peers[0].lag_bytes as f64 / MIB as f64,
+        st.peers[0].lag_secs,
+        with_sync * 100.0 / alone
+    );
+    assert!(lab.demote("alpha").unwrap().ok);
+    assert!(lab.stop_all().values().all(|c| *c));
+    for n in ["alpha", "beta"] {
+        assert_eq!(stale_blocks(&lab.image(n), run, &written), Vec::<u64>::new(), "{n}");
+    }
+    assert_eq!(sha256_file(&lab.image("alpha")), sha256_file(&lab.image("beta")), "images differ");
+    drop(relay);
+}
