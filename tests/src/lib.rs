@@ -187,21 +187,43 @@ pub struct BlockWriter {
     file: std::fs::File,
     pub run: u64,
     pub written: std::collections::BTreeMap<u64, u64>,
+    /// The write that failed (offset, version), if one did.
+    pub failed: Option<(u64, u64)>,
 }
 
 impl BlockWriter {
     pub fn open(dev: &str, run: u64, sync: bool) -> Self {
         let flags = libc::O_DIRECT | if sync { libc::O_DSYNC } else { 0 };
         let file = OpenOptions::new().write(true).custom_flags(flags).open(dev).expect("open device");
-        Self { file, run, written: Default::default() }
+        Self { file, run, written: Default::default(), failed: None }
     }
 
     pub fn write(&mut self, offset: u64) -> std::io::Result<()> {
         let version = self.written.get(&offset).map_or(1, |v| v + 1);
         let a = Aligned::new(&stamped_block(offset, self.run, version));
-        self.file.write_all_at(a.slice(BLOCK), offset)?;
+        if let Err(e) = self.file.write_all_at(a.slice(BLOCK), offset) {
+            self.failed = Some((offset, version));
+            return Err(e);
+        }
         self.written.insert(offset, version);
         Ok(())
+    }
+
+    /// Blocks of `image` that hold neither their acknowledged version nor, for the write
+    /// that failed (never acknowledged, but it may have reached a disk), its version.
+    pub fn lacking(&self, image: &Path) -> Vec<u64> {
+        let f = std::fs::File::open(image).expect("open image");
+        let mut buf = vec![0u8; BLOCK];
+        self.written
+            .iter()
+            .filter(|(off, v)| {
+                f.read_exact_at(&mut buf, **off).expect("read image");
+                let in_flight = self.failed.filter(|(o, _)| o == *off).map(|(_, fv)| fv);
+                buf != stamped_block(**off, self.run, **v)
+                    && in_flight.is_none_or(|fv| buf != stamped_block(**off, self.run, fv))
+            })
+            .map(|(o, _)| *o)
+            .collect()
     }
 
     pub fn sync(&self) {
