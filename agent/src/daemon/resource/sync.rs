@@ -83,7 +83,8 @@ impl Resource {
     }
 
     /// Logs a split brain and runs its handler, once per split brain.
-    fn report_split_brain(&self, peer: &str, resolution: &Resolution) {
+    /// `remote_discards`: the peer was told to discard its changes (`resolve`).
+    fn report_split_brain(&self, peer: &str, resolution: &Resolution, remote_discards: bool) {
         let first = {
             let mut peers = self.peers.lock().unwrap();
             match peers.get_mut(peer) {
@@ -101,10 +102,8 @@ impl Resource {
             }
             Resolution::LocalLoses | Resolution::RemoteLoses => {
                 let loser = if *resolution == Resolution::LocalLoses { self.me.as_str() } else { peer };
-                let how = if self.discard_local.load(std::sync::atomic::Ordering::SeqCst)
-                    || *resolution == Resolution::RemoteLoses && !first
-                {
-                    "by command".to_string()
+                let how = if self.discard_local.load(std::sync::atomic::Ordering::SeqCst) || remote_discards {
+                    "by `resolve --discard-local`".to_string()
                 } else {
                     format!("by after_split_brain = {}", policy_name(self.cfg.after_split_brain))
                 };
@@ -125,7 +124,7 @@ impl Resource {
         }
         let v = self.decide_with(peer, remote);
         if let Some(r) = &v.split_brain {
-            self.report_split_brain(peer, r);
+            self.report_split_brain(peer, r, remote.discard_local);
         }
         let refusal = match v.decision {
             SyncDecision::SplitBrain => {
@@ -216,6 +215,7 @@ impl Resource {
             self.role_conflict(&conn);
             return;
         }
+        let other_primary = self.connected_primary(&peer);
         match decision {
             SyncDecision::InSync => {}
             SyncDecision::Source { full } => {
@@ -224,12 +224,10 @@ impl Resource {
                 }
                 // The resync starts when the target has sent its own bitmap.
             }
-            SyncDecision::Target { .. }
-                if remote.role != Role::Primary && self.connected_primary(&peer).is_some() =>
-            {
+            SyncDecision::Target { .. } if remote.role != Role::Primary && other_primary.is_some() => {
                 // Only the primary resyncs a node while there is one: its reads are ordered
                 // with the writes it replicates to us; a secondary's are not.
-                let primary = self.connected_primary(&peer).unwrap_or_default();
+                let primary = other_primary.unwrap_or_default();
                 info!(resource = %self.name, peer = %peer, "{peer} holds newer data, but {primary} is primary: the resync comes from {primary}");
                 if let Some(p) = self.peers.lock().unwrap().get_mut(&peer) {
                     p.sync = SyncRole::None;
