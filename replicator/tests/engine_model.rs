@@ -60,12 +60,16 @@ struct Pair {
 }
 
 fn pair(mode: Mode, latency: Duration, timeout: Duration) -> Pair {
+    pair_with_backlog(mode, latency, timeout, None)
+}
+
+fn pair_with_backlog(mode: Mode, latency: Duration, timeout: Duration, backlog: Option<Backlog>) -> Pair {
     let primary_disk = Arc::new(MemStore::new(SIZE));
     let standby_disk = Arc::new(MemStore::new(SIZE));
     let bitmap = Arc::new(Mutex::new(DirtyBitmap::new(SIZE, BLOCK)));
     let volume = Volume::new(
         primary_disk.clone(),
-        vec![PeerConfig { name: "beta".into(), mode, bitmap: bitmap.clone(), backlog: None }],
+        vec![PeerConfig { name: "beta".into(), mode, bitmap: bitmap.clone(), backlog }],
         1,
         timeout,
     );
@@ -412,26 +416,10 @@ fn activity_log_holds_extents_until_async_peers_have_them() {
     });
 }
 
-fn backlog_pair(
-    when_full: BacklogPolicy,
-) -> (Arc<Volume>, Arc<Mutex<DirtyBitmap>>, Arc<SimControl>, PeerHandle) {
-    let bitmap = Arc::new(Mutex::new(DirtyBitmap::new(SIZE, BLOCK)));
-    let volume = Volume::new(
-        Arc::new(MemStore::new(SIZE)),
-        vec![PeerConfig {
-            name: "beta".into(),
-            mode: Mode::Async,
-            bitmap: bitmap.clone(),
-            backlog: Some(Backlog { limit: 16 * BLOCK, when_full }),
-        }],
-        1,
-        Duration::from_millis(300),
-    );
-    let (a, b, ctl) = sim_pair(SimOptions { latency: Duration::ZERO });
-    let applier = Applier::new(TargetState::new(Arc::new(MemStore::new(SIZE)), Arc::default()));
-    tokio::spawn(async move { applier.run(b).await });
-    let peer = volume.attach_peer("beta", a).unwrap();
-    (volume, bitmap, ctl, peer)
+/// An async peer with a 16-block backlog.
+fn backlog_pair(when_full: BacklogPolicy) -> Pair {
+    let backlog = Some(Backlog { limit: 16 * BLOCK, when_full });
+    pair_with_backlog(Mode::Async, Duration::ZERO, Duration::from_millis(300), backlog)
 }
 
 /// An async peer that cannot keep up never holds the application: past its backlog it is
@@ -440,7 +428,7 @@ fn backlog_pair(
 #[test]
 fn async_backlog_overflow_goes_ahead_then_drains() {
     rt().block_on(async {
-        let (volume, bitmap, ctl, peer) = backlog_pair(BacklogPolicy::Ahead);
+        let Pair { volume, bitmap, ctl, peer, .. } = backlog_pair(BacklogPolicy::Ahead);
         ctl.freeze();
         for i in 0..32u64 {
             let w = volume.submit_write(i * BLOCK, payload(i, 1, 3, i as usize)).unwrap();
@@ -472,7 +460,7 @@ fn async_backlog_overflow_goes_ahead_then_drains() {
 #[test]
 fn async_backlog_overflow_blocks_when_told_to() {
     rt().block_on(async {
-        let (volume, bitmap, ctl, _peer) = backlog_pair(BacklogPolicy::Block);
+        let Pair { volume, bitmap, ctl, peer: _peer, .. } = backlog_pair(BacklogPolicy::Block);
         ctl.freeze();
         for i in 0..16u64 {
             volume.submit_write(i * BLOCK, payload(i, 1, 4, i as usize)).unwrap().await.unwrap();

@@ -281,3 +281,39 @@ pub fn sequential_mib(
     }
     (mib * MIB) as f64 / t.elapsed().as_secs_f64() / 1e6
 }
+
+/// Every peer connected and replicating, with nothing pending and nothing out of sync.
+pub fn all_caught_up(r: &tandem_agent::status::ResourceStatus) -> bool {
+    r.peers.iter().all(|p| {
+        p.connection == "connected"
+            && p.replication == "established"
+            && p.pending_requests == 0
+            && p.out_of_sync_bytes == 0
+    })
+}
+
+/// Starts the agents of `nodes`, waits until alpha is connected, promotes alpha and waits
+/// until `ready` holds for it; returns alpha's device.
+pub fn start_and_promote_alpha(
+    lab: &mut Lab,
+    nodes: &[&str],
+    ready: impl Fn(&tandem_agent::status::ResourceStatus) -> bool,
+) -> String {
+    for n in nodes {
+        lab.start(n).unwrap();
+    }
+    lab.wait_connected("alpha", secs(60)).unwrap();
+    let r = lab.promote("alpha", false).unwrap();
+    assert!(r.ok, "{r:?}");
+    wait_until(lab, "alpha", "ready", secs(60), |r| r.device.is_some() && ready(r))
+        .device
+        .expect("primary has a device")
+}
+
+/// `config` with `keys` (TOML lines) added to `node`'s `[resource.disk.NODE]` table: the
+/// per-peer settings (mode, backlog, compression) for replication to `node`.
+pub fn with_disk_keys(config: &str, node: &str, keys: &str) -> String {
+    let meta = format!("{node}/mail.meta\"\n");
+    assert!(config.contains(&meta), "no disk table for {node} in the lab config");
+    config.replacen(&meta, &format!("{meta}{keys}\n"), 1)
+}

@@ -61,12 +61,7 @@ fn status(lab: &Lab, node: &str) -> ResourceStatus {
 
 /// Starts alpha and beta, promotes alpha, waits until beta is in sync; returns the device.
 fn up(lab: &mut Lab) -> String {
-    lab.start("alpha").unwrap();
-    lab.start("beta").unwrap();
-    lab.wait_connected("alpha", secs(30)).unwrap();
-    let r = lab.promote("alpha", false).unwrap();
-    assert!(r.ok, "{r:?}");
-    wait_until(lab, "alpha", "in sync", secs(30), in_sync).device.expect("primary has a device")
+    start_and_promote_alpha(lab, &["alpha", "beta"], in_sync)
 }
 
 fn mkfs(dev: &str) {

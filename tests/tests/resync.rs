@@ -20,12 +20,7 @@ fn in_sync(r: &tandem_agent::status::ResourceStatus) -> bool {
 }
 
 fn up(lab: &mut Lab) -> String {
-    lab.start("alpha").unwrap();
-    lab.start("beta").unwrap();
-    lab.wait_connected("alpha", secs(30)).unwrap();
-    let r = lab.promote("alpha", false).unwrap();
-    assert!(r.ok, "{r:?}");
-    wait_until(lab, "alpha", "in sync", secs(30), in_sync).device.unwrap()
+    start_and_promote_alpha(lab, &["alpha", "beta"], in_sync)
 }
 
 /// Demotes alpha, stops both, and checks that the images are equal and hold `written`.

@@ -26,10 +26,8 @@ fn sync_standby_stays_current_while_async_wan_replica_lags_then_converges() {
     };
     let mut lab = new_lab(&["alpha", "beta", "gamma"], &opts);
     let text = std::fs::read_to_string(&lab.config).unwrap();
-    let gamma_meta = "gamma/mail.meta\"\n";
-    assert!(text.contains(gamma_meta));
-    let text = text.replace(gamma_meta, &format!("{gamma_meta}mode = \"async\"\nbacklog = \"256MiB\"\n"));
-    std::fs::write(&lab.config, text).unwrap();
+    std::fs::write(&lab.config, with_disk_keys(&text, "gamma", "mode = \"async\"\nbacklog = \"256MiB\""))
+        .unwrap();
     let link = LinkProfile::default().with_delay(Duration::from_millis(25)).with_loss(0.01);
     let relay = Relay::start(
         "127.0.0.1:0".parse().unwrap(),

@@ -20,7 +20,6 @@ use std::time::{Duration, Instant};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use tandem_agent::lab::LabOptions;
-use tandem_agent::status::ResourceStatus;
 use tandem_tests::relay::{Direction, LinkProfile, Relay, RelayConfig};
 use tandem_tests::*;
 
@@ -30,15 +29,6 @@ const REGION: u64 = 16 * MIB;
 
 fn env_u64(name: &str, default: u64) -> u64 {
     std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
-}
-
-fn caught_up(r: &ResourceStatus) -> bool {
-    r.peers.iter().all(|p| {
-        p.connection == "connected"
-            && p.replication == "established"
-            && p.pending_requests == 0
-            && p.out_of_sync_bytes == 0
-    })
 }
 
 #[test]
@@ -81,7 +71,7 @@ fn async_peer_over_a_lossy_50ms_link_catches_up() {
     lab.wait_connected("alpha", secs(60)).unwrap();
     println!("connected through the relay in {:?}", t.elapsed());
     assert!(lab.promote("alpha", false).unwrap().ok);
-    let dev = wait_until(&lab, "alpha", "in sync", secs(60), caught_up).device.expect("device");
+    let dev = wait_until(&lab, "alpha", "in sync", secs(60), all_caught_up).device.expect("device");
     let connected = lab.log_text("alpha");
     assert!(
         connected.contains(&format!("remote={}", relay.addr())),
@@ -147,7 +137,7 @@ fn async_peer_over_a_lossy_50ms_link_catches_up() {
     let load_time = t0.elapsed();
     let at_end = lab.resource_status("alpha").unwrap();
     let t1 = Instant::now();
-    let done = wait_until(&lab, "alpha", "peer caught up", secs(600), caught_up);
+    let done = wait_until(&lab, "alpha", "peer caught up", secs(600), all_caught_up);
     let converge = t1.elapsed();
     stop.store(true, Ordering::SeqCst);
     watcher.join().unwrap();
@@ -221,11 +211,8 @@ fn sequential_write_rate_with_a_wan_peer_async_against_none_and_sync() {
         },
     );
     let base = std::fs::read_to_string(&lab.config).unwrap();
-    let beta_meta = "beta/mail.meta\"\n";
-    assert!(base.contains(beta_meta));
-    let with_mode =
-        |m: &str| base.replace(beta_meta, &format!("{beta_meta}mode = \"{m}\"\nbacklog = \"512MiB\"\n"));
-    std::fs::write(&lab.config, with_mode("async")).unwrap();
+    std::fs::write(&lab.config, with_disk_keys(&base, "beta", "mode = \"async\"\nbacklog = \"512MiB\""))
+        .unwrap();
     let link = LinkProfile::default().with_delay(Duration::from_millis(25)).with_loss(0.01);
     let relay = Relay::start(
         "127.0.0.1:0".parse().unwrap(),
@@ -235,15 +222,7 @@ fn sequential_write_rate_with_a_wan_peer_async_against_none_and_sync() {
     .expect("relay");
     let alpha_cfg = lab.route_via("alpha", "beta", relay.addr()).unwrap();
     let up = |lab: &mut tandem_agent::lab::Lab| -> String {
-        lab.start("alpha").unwrap();
-        lab.start("beta").unwrap();
-        lab.wait_connected("alpha", secs(60)).unwrap();
-        assert!(lab.promote("alpha", false).unwrap().ok);
-        wait_until(lab, "alpha", "replicating", secs(60), |r| {
-            r.device.is_some() && r.peers[0].replication == "established"
-        })
-        .device
-        .unwrap()
+        start_and_promote_alpha(lab, &["alpha", "beta"], |r| r.peers[0].replication == "established")
     };
     let dev = up(&mut lab);
     let run = rand::random();
@@ -251,13 +230,13 @@ fn sequential_write_rate_with_a_wan_peer_async_against_none_and_sync() {
     let with_async = sequential_mib(&dev, run, 64, &mut written);
     let st = lab.resource_status("alpha").unwrap();
     let t = Instant::now();
-    wait_until(&lab, "alpha", "caught up", secs(600), caught_up);
+    wait_until(&lab, "alpha", "caught up", secs(600), all_caught_up);
     let caught_up_after = t.elapsed();
     tandem_ok(&lab, "alpha", &["disconnect", "mail"]);
     wait_until(&lab, "alpha", "disconnected", secs(30), |r| r.peers[0].replication == "off");
     let alone = sequential_mib(&dev, run, 64, &mut written);
     tandem_ok(&lab, "alpha", &["connect", "mail"]);
-    wait_until(&lab, "alpha", "resynced", secs(600), caught_up);
+    wait_until(&lab, "alpha", "resynced", secs(600), all_caught_up);
     assert!(lab.demote("alpha").unwrap().ok);
     assert!(lab.stop_all().values().all(|c| *c));
     // The same peer in sync mode (both configs: alpha dials beta through the relay).
