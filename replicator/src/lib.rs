@@ -18,6 +18,7 @@ mod link;
 mod mode;
 mod peer;
 mod primary;
+pub mod relation;
 mod request;
 pub mod resync;
 mod secondary;
