@@ -135,6 +135,13 @@ pub enum ControlMsg {
     ResyncDone { resource: String, generation: Generation },
     /// The sender discards its copy and asks for a full resync from the receiver.
     Invalidate { resource: String, checksum: bool },
+    /// The sender offers the resource's session on this connection, with its side as in the
+    /// handshake; `answer`: in reply to the receiver's offer. The session is up once both
+    /// offered (in the hello, or with these).
+    ResourceUp { hello: ResourceHello, answer: bool },
+    /// The sender ends the resource's session (the connection and other resources stay),
+    /// or, with `declines_offer`, declines the receiver's offer.
+    ResourceDown { resource: String, reason: String, declines_offer: bool },
 }
 
 fn config() -> impl bincode::config::Config {

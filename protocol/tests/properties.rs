@@ -81,6 +81,11 @@ fn arb_control() -> impl Strategy<Value = ControlMsg> {
             .prop_map(|(resource, generation)| ControlMsg::ResyncDone { resource, generation }),
         ("[a-z]{1,8}", any::<bool>())
             .prop_map(|(resource, checksum)| ControlMsg::Invalidate { resource, checksum }),
+        (arb_resource_hello(), any::<bool>())
+            .prop_map(|(hello, answer)| ControlMsg::ResourceUp { hello, answer }),
+        ("[a-z]{1,10}", ".{0,40}", any::<bool>()).prop_map(|(resource, reason, declines_offer)| {
+            ControlMsg::ResourceDown { resource, reason, declines_offer }
+        }),
     ]
 }
 

@@ -89,7 +89,8 @@ async fn dispatch(agent: &Arc<Agent>, req: Request) -> Response {
             let agent = agent.clone();
             run(resource(&name), |r| async move {
                 let msg = r.admin_connect();
-                agent.drop_connections(&r.peer_names());
+                // A peer not reached yet is dialled now, not after the back-off.
+                agent.redial.notify_waiters();
                 Ok(msg)
             })
             .await
@@ -106,7 +107,7 @@ async fn dispatch(agent: &Arc<Agent>, req: Request) -> Response {
                     );
                 }
                 let msg = r.resolve_discard_local()?;
-                agent.drop_connections(&r.peer_names());
+                agent.redial.notify_waiters();
                 Ok(msg)
             })
             .await

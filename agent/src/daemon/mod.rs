@@ -26,7 +26,7 @@ pub struct Agent {
     pub resources: BTreeMap<String, Arc<Resource>>,
     connections: Mutex<HashMap<String, Connection>>,
     pub shutdown: CancellationToken,
-    /// Wakes the dial loops now instead of after their back-off (after `resolve`/`connect`).
+    /// Wakes the dial loops now instead of after their back-off (after `connect`).
     pub redial: tokio::sync::Notify,
 }
 
@@ -45,7 +45,14 @@ impl Agent {
         for r in cfg.resources_of(node) {
             resources.insert(
                 r.name.clone(),
-                Resource::open(&cfg.cluster, node, &me.run_dir, r, cfg.options.hook_timeout)?,
+                Resource::open(
+                    &cfg.cluster,
+                    node,
+                    &me.run_dir,
+                    r,
+                    cfg.options.hook_timeout,
+                    cfg.options.connect_retry,
+                )?,
             );
         }
         let transport = Transport::bind(identity, pinned, TransportSettings::from_config(&cfg), me.address)?;
@@ -73,18 +80,6 @@ impl Agent {
         let mut c = self.connections.lock().unwrap();
         if c.get(node).is_some_and(|x| x.stable_id() == conn.stable_id()) {
             c.remove(node);
-        }
-    }
-
-    /// Closes the live connections to `nodes` so they are re-established with a fresh
-    /// handshake (after `tandem connect`).
-    pub fn drop_connections(&self, nodes: &[String]) {
-        self.redial.notify_waiters();
-        let c = self.connections.lock().unwrap();
-        for n in nodes {
-            if let Some(conn) = c.get(n) {
-                conn.close(quinn::VarInt::from_u32(crate::transport::close_code::SHUTDOWN), b"reconnecting");
-            }
         }
     }
 

@@ -2,12 +2,20 @@
 //! streams each resource opens on it.
 //!
 //! The node whose name sorts first dials; the other accepts. The dialer opens the control
-//! stream; both send a hello at once and check the other's: protocol version, cluster, the
-//! node named by the certificate, and for every shared resource its size and block size.
-//! Any mismatch is refused with a reason both logs show.
+//! stream; both send a hello at once and check the other's: protocol version, cluster and
+//! the node named by the certificate — a mismatch there refuses the connection, with a
+//! reason both logs show. Everything about a resource is the resource's own business: the
+//! hello carries each side's offer of the resources it shares, and from there on each
+//! resource's session with the peer lives and dies on its own (see
+//! `tandem_replicator::relation`); a refusal, split brain, timeout or bad frame in one
+//! resource never ends the connection the others use.
+//!
+//! Control messages are never dropped: the queue to the control stream is unbounded, and a
+//! peer that cannot keep up with it for [`CONTROL_QUEUE_LIMIT`] messages has its
+//! connection closed with that reason (every resource then restarts from a known state).
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -16,6 +24,7 @@ use quinn::{Connection, VarInt};
 use tandem_protocol::{Compression, ControlMsg, Frame, Hello, StreamPurpose, PROTOCOL_VERSION};
 use tandem_replicator::Link;
 use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use super::Agent;
@@ -23,22 +32,79 @@ use crate::config::Node;
 use crate::transport::framed::{spawn_link, FrameReader, FrameWriter, WireCounts};
 use crate::transport::{close_code, describe_close, peer_node};
 
+/// Control messages queued for one connection beyond which the peer is declared unable to
+/// keep up and the connection is closed (a bound on memory, never a silent drop).
+pub const CONTROL_QUEUE_LIMIT: usize = 1 << 20;
+
 /// A handle on a live connection that resources use.
 #[derive(Clone)]
 pub struct PeerConn {
     pub node: String,
     conn: Connection,
-    control: mpsc::Sender<Frame>,
+    control: ControlQueue,
+}
+
+/// The sending side of a connection's control stream: ordered, unbounded up to
+/// [`CONTROL_QUEUE_LIMIT`] queued messages.
+#[derive(Clone)]
+pub struct ControlQueue {
+    tx: mpsc::UnboundedSender<Frame>,
+    queued: Arc<AtomicUsize>,
+}
+
+impl ControlQueue {
+    pub fn new() -> (Self, ControlReceiver) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let queued = Arc::new(AtomicUsize::new(0));
+        (Self { tx, queued: queued.clone() }, ControlReceiver { rx, queued })
+    }
+
+    /// Queues `f`; `Err` with the reason when the connection must be closed instead.
+    fn push(&self, f: Frame) -> Result<(), String> {
+        let n = self.queued.fetch_add(1, Ordering::Relaxed) + 1;
+        if n > CONTROL_QUEUE_LIMIT {
+            self.queued.fetch_sub(1, Ordering::Relaxed);
+            return Err(format!("{n} control messages queued: the peer does not keep up"));
+        }
+        if self.tx.send(f).is_err() {
+            self.queued.fetch_sub(1, Ordering::Relaxed);
+            return Err("control stream closed".into());
+        }
+        Ok(())
+    }
+}
+
+pub struct ControlReceiver {
+    rx: mpsc::UnboundedReceiver<Frame>,
+    queued: Arc<AtomicUsize>,
+}
+
+impl ControlReceiver {
+    pub async fn recv(&mut self) -> Option<Frame> {
+        let f = self.rx.recv().await?;
+        self.queued.fetch_sub(1, Ordering::Relaxed);
+        Some(f)
+    }
 }
 
 impl PeerConn {
+    pub fn new(node: &str, conn: Connection, control: ControlQueue) -> Self {
+        Self { node: node.to_string(), conn, control }
+    }
+
     pub fn id(&self) -> usize {
         self.conn.stable_id()
     }
 
+    /// Queues a control message, in order with every other one on this connection. It is
+    /// never dropped: if it cannot be queued, the connection is closed with the reason (and
+    /// every resource's session restarts when it is re-established).
     pub fn send_control(&self, msg: ControlMsg) {
-        if self.control.try_send(Frame::Control(msg)).is_err() {
-            warn!(peer = %self.node, "control channel full or closed; message dropped");
+        if let Err(why) = self.control.push(Frame::Control(msg)) {
+            if self.conn.close_reason().is_none() {
+                error!(peer = %self.node, "closing the connection: {why}");
+                self.conn.close(VarInt::from_u32(close_code::PROTOCOL_ERROR), why.as_bytes());
+            }
         }
     }
 
@@ -46,19 +112,21 @@ impl PeerConn {
         self.conn.close(VarInt::from_u32(code), reason.as_bytes());
     }
 
-    /// Opens a stream for `resource` (replication or resync).
-    /// Block data on it is compressed with `compression` where that pays.
+    /// Opens a stream for `resource` (replication or resync). Block data on it is
+    /// compressed with `compression` where that pays. `cancel` ends the stream (and only
+    /// it) when the resource's session with the peer ends.
     pub async fn open_stream(
         &self,
         resource: &str,
         purpose: StreamPurpose,
         compression: Compression,
         counts: Arc<WireCounts>,
+        cancel: CancellationToken,
     ) -> Result<Link> {
         let (send, recv) = self.conn.open_bi().await?;
         let mut w = FrameWriter::new(send).with_compression(compression, counts);
         w.send(&Frame::Control(ControlMsg::OpenStream { resource: resource.to_string(), purpose })).await?;
-        Ok(spawn_link(self.conn.clone(), w, FrameReader::new(recv), self.node.clone()))
+        Ok(spawn_link(w, FrameReader::new(recv), self.node.clone(), cancel))
     }
 }
 
@@ -145,7 +213,9 @@ async fn read_hello(r: &mut FrameReader, timeout: Duration) -> Result<Hello> {
     }
 }
 
-/// Checks the peer's hello against our configuration; returns the reason to refuse.
+/// Checks the peer's hello against our configuration; returns the reason to refuse the
+/// connection. Only what concerns the connection as a whole: resources are checked by
+/// their own sessions.
 fn check_hello(agent: &Agent, node: &str, h: &Hello) -> Result<(), String> {
     if h.cluster != agent.cfg.cluster {
         return Err(format!("peer is in cluster {:?}, this node in {:?}", h.cluster, agent.cfg.cluster));
@@ -153,40 +223,20 @@ fn check_hello(agent: &Agent, node: &str, h: &Hello) -> Result<(), String> {
     if h.node != node {
         return Err(format!("peer says it is node {:?} but presented the certificate of {node:?}", h.node));
     }
-    for r in agent.resources.values().filter(|r| r.has_peer(node) && !r.admin_down(node)) {
-        let Some(theirs) = h.resources.iter().find(|x| x.name == r.name) else {
-            continue;
-        };
-        let mine = r.hello_for(node);
-        if theirs.size != mine.size {
-            return Err(format!(
-                "resource {}: size mismatch: {} has {} bytes, {} has {} bytes",
-                r.name, agent.me.name, mine.size, node, theirs.size
-            ));
-        }
-        if theirs.block_size != mine.block_size {
-            return Err(format!(
-                "resource {}: block size mismatch: {} uses {}, {} uses {}",
-                r.name, agent.me.name, mine.block_size, node, theirs.block_size
-            ));
-        }
-        // Split brain, unrelated data, nothing consistent on either side: refuse, say why.
-        r.precheck(node, theirs)?;
-    }
     Ok(())
 }
 
 /// Runs a connection from handshake to its end. `Err` means the handshake was refused.
 async fn serve(agent: Arc<Agent>, conn: Connection, node: &str, dialed: bool) -> Result<()> {
     let timeout = agent.cfg.options.timeout;
-    // Resources disconnected by the administrator are left out: the peer sees this node
-    // does not offer them on this connection.
-    let shared: Vec<_> =
-        agent.resources.values().filter(|r| r.has_peer(node) && !r.admin_down(node)).cloned().collect();
+    let shared: Vec<_> = agent.resources.values().filter(|r| r.has_peer(node)).cloned().collect();
+    // Each resource's side as this node offers it; resources disconnected by the
+    // administrator are not offered (the peer then waits for an offer).
+    let sent: BTreeMap<String, _> = shared.iter().map(|r| (r.name.clone(), r.hello_for(node))).collect();
     let hello = Hello {
         cluster: agent.cfg.cluster.clone(),
         node: agent.me.name.clone(),
-        resources: shared.iter().map(|r| r.hello_for(node)).collect(),
+        resources: shared.iter().filter(|r| r.offers(node)).map(|r| sent[&r.name].clone()).collect(),
     };
     let (send, recv) = if dialed {
         conn.open_bi().await?
@@ -219,15 +269,15 @@ async fn serve(agent: Arc<Agent>, conn: Connection, node: &str, dialed: bool) ->
     }
     info!(peer = %node, remote = %conn.remote_address(), "connected");
 
-    let (control_tx, mut control_rx) = mpsc::channel::<Frame>(1024);
-    let pc = PeerConn { node: node.to_string(), conn: conn.clone(), control: control_tx.clone() };
-    let remote: BTreeMap<String, _> = theirs.resources.into_iter().map(|r| (r.name.clone(), r)).collect();
+    let (control_tx, mut control_rx) = ControlQueue::new();
+    let pc = PeerConn::new(node, conn.clone(), control_tx.clone());
+    let mut offered: BTreeMap<String, _> =
+        theirs.resources.into_iter().map(|r| (r.name.clone(), r)).collect();
     for res in &shared {
-        if let Some(rh) = remote.get(&res.name) {
-            res.peer_connected(pc.clone(), rh.clone());
-        } else {
-            warn!(resource = %res.name, peer = %node, "peer does not configure this resource");
-        }
+        res.link_up(pc.clone(), sent[&res.name].clone(), offered.remove(&res.name));
+    }
+    for name in offered.keys() {
+        warn!(peer = %node, "the peer offers resource {name:?}, which this node does not share with it");
     }
 
     let started = Instant::now();
@@ -245,10 +295,19 @@ async fn serve(agent: Arc<Agent>, conn: Connection, node: &str, dialed: bool) ->
         loop {
             tokio::time::sleep(agent.cfg.options.heartbeat_interval).await;
             nonce += 1;
-            if control_tx.send(Frame::Heartbeat { nonce, reply: false }).await.is_err() {
+            if control_tx.push(Frame::Heartbeat { nonce, reply: false }).is_err() {
                 return;
             }
         }
+    };
+    // A resource's control message; `None` for a resource this node does not share with the
+    // peer (a configuration difference, logged once per message).
+    let resource = |name: &str| {
+        let r = agent.resources.get(name).filter(|r| r.has_peer(node)).cloned();
+        if r.is_none() {
+            warn!(peer = %node, "control message for resource {name:?}, which this node does not share with it");
+        }
+        r
     };
     let reader = async {
         loop {
@@ -264,31 +323,43 @@ async fn serve(agent: Arc<Agent>, conn: Connection, node: &str, dialed: bool) ->
             last_heard.store(heard(), Ordering::Relaxed);
             match f {
                 Frame::Heartbeat { nonce, reply: false } => {
-                    let _ = control_tx.try_send(Frame::Heartbeat { nonce, reply: true });
+                    if control_tx.push(Frame::Heartbeat { nonce, reply: true }).is_err() {
+                        return "control stream closed".to_string();
+                    }
                 }
                 Frame::Heartbeat { reply: true, .. } => {}
+                Frame::Control(ControlMsg::ResourceUp { hello, answer }) => {
+                    if let Some(res) = resource(&hello.name) {
+                        res.on_offer(node, hello, answer);
+                    }
+                }
+                Frame::Control(ControlMsg::ResourceDown { resource: name, reason, declines_offer }) => {
+                    if let Some(res) = resource(&name) {
+                        res.on_withdraw(node, reason, declines_offer);
+                    }
+                }
                 Frame::Control(ControlMsg::ResourceState(rh)) => {
-                    if let Some(res) = agent.resources.get(&rh.name) {
+                    if let Some(res) = resource(&rh.name) {
                         res.on_remote_state(node, rh);
                     }
                 }
-                Frame::Control(ControlMsg::Bitmap { resource, runs, last }) => {
-                    if let Some(res) = agent.resources.get(&resource).filter(|r| r.has_peer(node)) {
+                Frame::Control(ControlMsg::Bitmap { resource: name, runs, last }) => {
+                    if let Some(res) = resource(&name) {
                         res.on_bitmap(node, runs, last);
                     }
                 }
-                Frame::Control(ControlMsg::Invalidate { resource, checksum }) => {
-                    if let Some(res) = agent.resources.get(&resource).filter(|r| r.has_peer(node)) {
+                Frame::Control(ControlMsg::Invalidate { resource: name, checksum }) => {
+                    if let Some(res) = resource(&name) {
                         res.on_invalidate(node, checksum);
                     }
                 }
-                Frame::Control(ControlMsg::ResyncStart { resource, kind, total_bytes, generation }) => {
-                    if let Some(res) = agent.resources.get(&resource).filter(|r| r.has_peer(node)) {
+                Frame::Control(ControlMsg::ResyncStart { resource: name, kind, total_bytes, generation }) => {
+                    if let Some(res) = resource(&name) {
                         res.on_resync_start(node, kind, total_bytes, generation);
                     }
                 }
-                Frame::Control(ControlMsg::ResyncDone { resource, generation }) => {
-                    if let Some(res) = agent.resources.get(&resource).filter(|r| r.has_peer(node)) {
+                Frame::Control(ControlMsg::ResyncDone { resource: name, generation }) => {
+                    if let Some(res) = resource(&name) {
                         res.on_resync_done(node, generation);
                     }
                 }
@@ -322,22 +393,12 @@ async fn serve(agent: Arc<Agent>, conn: Connection, node: &str, dialed: bool) ->
             tokio::spawn(async move {
                 let mut r = FrameReader::new(recv);
                 match tokio::time::timeout(Duration::from_secs(10), r.next()).await {
-                    Ok(Ok(Some(Frame::Control(ControlMsg::OpenStream { resource, purpose })))) => match agent
-                        .resources
-                        .get(&resource)
-                        .filter(|res| res.has_peer(&node) && !res.admin_down(&node))
-                    {
-                        Some(res) => {
-                            let link = spawn_link(pc.conn.clone(), FrameWriter::new(send), r, node.clone());
-                            match purpose {
-                                StreamPurpose::Replication => res.accept_replication(&node, pc, link),
-                                StreamPurpose::Resync => res.accept_resync(&node, pc, link),
-                            }
+                    Ok(Ok(Some(Frame::Control(ControlMsg::OpenStream { resource, purpose })))) => {
+                        match agent.resources.get(&resource).filter(|res| res.has_peer(&node)) {
+                            Some(res) => res.accept_stream(&node, &pc, purpose, FrameWriter::new(send), r),
+                            None => warn!(peer = %node, "stream for unknown resource {resource:?} ignored"),
                         }
-                        None => {
-                            warn!(peer = %node, "stream for unknown or disconnected resource {resource:?} ignored")
-                        }
-                    },
+                    }
                     other => {
                         warn!(peer = %node, "stream without a valid opening frame ignored: {other:?}")
                     }
@@ -360,7 +421,7 @@ async fn serve(agent: Arc<Agent>, conn: Connection, node: &str, dialed: bool) ->
     agent.unregister_connection(node, &conn);
     warn!(peer = %node, "disconnected: {reason}");
     for res in &shared {
-        res.peer_disconnected(node, pc.id(), &reason, false);
+        res.link_down(node, pc.id(), &reason);
     }
     Ok(())
 }

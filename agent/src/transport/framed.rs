@@ -2,14 +2,15 @@
 //! and the pump that turns a bidirectional stream into a [`Link`] for the engine.
 
 use bytes::Bytes;
-use quinn::{Connection, RecvStream, SendStream, VarInt};
+use quinn::{RecvStream, SendStream, VarInt};
 use std::sync::Arc;
 
-use tandem_protocol::{Compression, DecodeError, Frame, FrameDecoder};
+use tandem_protocol::{Compression, ControlMsg, DecodeError, Frame, FrameDecoder};
 use tandem_replicator::Counter;
 use tandem_replicator::{Link, LINK_CAPACITY};
 use thiserror::Error;
 use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 use tracing::{debug, error};
 
 use super::close_code;
@@ -104,14 +105,27 @@ impl FrameWriter {
     }
 }
 
-/// Pumps frames between a stream pair and the engine. A malformed frame closes the whole
-/// connection with the decoder's reason: the peer is broken or hostile, and nothing it sent
-/// after the bad frame can be trusted or even located.
-pub fn spawn_link(conn: Connection, mut w: FrameWriter, mut r: FrameReader, peer: String) -> Link {
+/// Pumps frames between a stream pair and the engine, until either side ends or `cancel`
+/// fires (the resource's session with the peer ended). A malformed frame ends this stream
+/// only, with the decoder's reason logged: nothing the peer sent after it can be trusted or
+/// even located on this stream, but the connection's other streams have their own framing,
+/// so other resources go on.
+pub fn spawn_link(mut w: FrameWriter, mut r: FrameReader, peer: String, cancel: CancellationToken) -> Link {
     let (to_net, mut from_engine) = mpsc::unbounded_channel::<Frame>();
     let (to_engine, from_net) = mpsc::channel::<Frame>(LINK_CAPACITY);
+    let writer_cancel = cancel.clone();
     tokio::spawn(async move {
-        while let Some(f) = from_engine.recv().await {
+        loop {
+            let f = tokio::select! {
+                f = from_engine.recv() => match f {
+                    Some(f) => f,
+                    None => break,
+                },
+                _ = writer_cancel.cancelled() => {
+                    let _ = w.send.reset(VarInt::from_u32(close_code::SHUTDOWN));
+                    return;
+                }
+            };
             w.push(&f);
             // Batch whatever else is ready into one write.
             while w.chunks.len() < 128 {
@@ -128,7 +142,14 @@ pub fn spawn_link(conn: Connection, mut w: FrameWriter, mut r: FrameReader, peer
     });
     tokio::spawn(async move {
         loop {
-            match r.next().await {
+            let next = tokio::select! {
+                n = r.next() => n,
+                _ = cancel.cancelled() => {
+                    let _ = r.recv.stop(VarInt::from_u32(close_code::SHUTDOWN));
+                    return;
+                }
+            };
+            match next {
                 Ok(Some(f)) => {
                     if to_engine.send(f).await.is_err() {
                         return;
@@ -137,12 +158,14 @@ pub fn spawn_link(conn: Connection, mut w: FrameWriter, mut r: FrameReader, peer
                 Ok(None) => return,
                 Err(RecvError::Malformed(e)) => {
                     let reason = format!("malformed frame from {peer}: {e}");
-                    error!("{reason}; closing the connection");
-                    conn.close(VarInt::from_u32(close_code::PROTOCOL_ERROR), reason.as_bytes());
+                    error!("{reason}; ending this stream");
+                    let _ = r.recv.stop(VarInt::from_u32(close_code::PROTOCOL_ERROR));
+                    // The engine ends the resource's session with this reason.
+                    let _ = to_engine.send(Frame::Control(ControlMsg::Error { reason })).await;
                     return;
                 }
                 Err(RecvError::Read(e)) => {
-                    debug!(peer = %peer, "replication stream ended: {e}");
+                    debug!(peer = %peer, "stream ended: {e}");
                     return;
                 }
             }

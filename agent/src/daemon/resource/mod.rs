@@ -2,13 +2,15 @@
 //! what it knows about each peer. Role changes are serialised by one async lock; status
 //! reads never wait for a role change in progress.
 //!
+//! - `relation`: the resource's relation with each peer — the engine's state machine fed
+//!   with events, its actions carried out; nothing else changes a relation;
 //! - `roles`: promotion and demotion rules;
-//! - `sync`: what happens when a peer connects (the generation-ID decision), resync as
-//!   source and as target;
+//! - `sync`: the mechanics of replication and resync as source and as target;
 //! - `verify`: online verify;
 //! - `persist`: the activity log's and bitmaps' way to the metadata file.
 
 mod persist;
+mod relation;
 mod roles;
 mod sync;
 mod verify;
@@ -20,13 +22,15 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
-use tandem_protocol::{ControlMsg, ResourceHello, Role};
+use tandem_protocol::{ResourceHello, Role};
 use tandem_replicator::generation::{BLANK, UNKNOWN};
+use tandem_replicator::relation::{ConnectionState, Phase, Refusal, Relation};
 use tandem_replicator::resync::stats::ResyncStats;
 use tandem_replicator::{
     ActivityLog, ApplierStats, BlockStore, DirtyBitmap, PeerHandle, TargetState, Volume,
 };
-use tracing::{error, info, warn};
+use tokio_util::sync::CancellationToken;
+use tracing::{error, warn};
 
 use crate::config;
 use crate::daemon::hooks::{HookContext, HookEvent, Hooks};
@@ -35,48 +39,29 @@ use crate::frontend::FuseLoop;
 use crate::meta::{DiskState, MetaFile, MetaRecord, AL_MAX_EXTENTS};
 use crate::status::{PeerStatus, ResourceStats, ResourceStatus, ResyncStatus, VolumeStatus};
 use crate::storage::FileStore;
-use crate::transport::close_code;
 use crate::transport::framed::WireCounts;
 use crate::volume_set::{VolumeLayout, VolumeSet};
 use persist::{persist_all_bitmaps, MetaAl};
-pub use sync::SyncRole;
 pub use verify::VerifyReport;
 
 /// The logical block size the volume exposes (the loop device's sector size).
 pub const LOGICAL_BLOCK: u32 = 4096;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ConnState {
-    Connecting,
-    Connected,
-    StandAlone,
-}
-
-impl ConnState {
-    fn as_str(self) -> &'static str {
-        match self {
-            ConnState::Connecting => "connecting",
-            ConnState::Connected => "connected",
-            ConnState::StandAlone => "standalone",
-        }
-    }
-}
-
+/// What the resource keeps about one peer.
 struct PeerState {
+    /// The relation's state machine (`tandem_replicator::relation`).
+    rel: Relation,
+    /// The live connection to the peer, if any.
     conn: Option<PeerConn>,
-    state: ConnState,
-    remote: Option<ResourceHello>,
     /// Primary side: the replication session to this peer.
     session: Option<PeerHandle>,
     /// Secondary side: applying this peer's stream.
     applying: bool,
-    /// What the last connect decided for this pair.
-    sync: SyncRole,
-    /// `tandem disconnect`: do not use connections to this peer for this resource.
-    admin_down: bool,
-    /// The split-brain handler ran for the split brain this peer is in.
-    split_brain_notified: bool,
-    last_error: Option<String>,
+    /// Cancelled when the resource's session with the peer ends: every stream of the
+    /// session (replication, resync) ends with it. A new one per session.
+    streams: CancellationToken,
+    /// Target side: bytes the running resync announced.
+    resync_total: u64,
 }
 
 enum RoleState {
@@ -116,6 +101,8 @@ pub struct Resource {
     discard_local: AtomicBool,
     /// Peers resyncing into this copy right now.
     resyncing_from: Mutex<std::collections::BTreeSet<String>>,
+    /// How long a session that ended for a passing reason waits before it is offered again.
+    retry_after: Duration,
 }
 
 fn new_generation() -> u64 {
@@ -136,6 +123,7 @@ impl Resource {
         run_dir: &std::path::Path,
         cfg: &config::Resource,
         hook_timeout: Duration,
+        retry_after: Duration,
     ) -> Result<Arc<Self>> {
         let disk =
             cfg.disks.get(me).ok_or_else(|| anyhow!("resource {} has no disk on node {me}", cfg.name))?;
@@ -157,17 +145,14 @@ impl Resource {
             bitmaps.insert(p.clone(), Arc::new(Mutex::new(bm)));
             resync_stats.insert(p.clone(), Arc::new(ResyncStats::default()));
             peers.insert(
-                p,
+                p.clone(),
                 PeerState {
+                    rel: Relation::new(&p),
                     conn: None,
-                    state: ConnState::Connecting,
-                    remote: None,
                     session: None,
                     applying: false,
-                    sync: SyncRole::None,
-                    admin_down: false,
-                    split_brain_notified: false,
-                    last_error: None,
+                    streams: CancellationToken::new(),
+                    resync_total: 0,
                 },
             );
         }
@@ -229,6 +214,7 @@ impl Resource {
             hooks: Hooks::new(&cfg.name, me, cfg.handlers.clone(), hook_timeout),
             discard_local: AtomicBool::new(false),
             resyncing_from: Mutex::new(Default::default()),
+            retry_after,
         });
         crate::frontend::prepare_mountpoint(&r.mountpoint)?;
         Ok(r)
@@ -301,14 +287,6 @@ impl Resource {
         self.hooks.fire(event, self.hook_ctx(peer));
     }
 
-    fn broadcast_state(&self) {
-        for (name, p) in self.peers.lock().unwrap().iter() {
-            if let (Some(c), false) = (&p.conn, p.admin_down) {
-                c.send_control(ControlMsg::ResourceState(self.hello_for(name)));
-            }
-        }
-    }
-
     /// Writes every bitmap in full (progress record, clean shutdown).
     fn persist_bitmaps(&self) {
         if let Err(e) = persist_all_bitmaps(&self.meta, &self.bitmaps) {
@@ -320,144 +298,8 @@ impl Resource {
         self.peers.lock().unwrap().get(peer).and_then(|p| p.conn.clone())
     }
 
-    // ---------------------------------------------------------------- connection events
-
-    pub fn peer_disconnected(&self, peer: &str, conn_id: usize, reason: &str, refused: bool) {
-        let mut peers = self.peers.lock().unwrap();
-        let Some(p) = peers.get_mut(peer) else { return };
-        if p.conn.as_ref().is_some_and(|c| c.id() != conn_id) {
-            return; // a newer connection already replaced this one
-        }
-        let was_connected = p.conn.is_some();
-        p.conn = None;
-        // Its resync into us, if any, has ended with the connection.
-        self.resyncing_from.lock().unwrap().remove(peer);
-        p.remote = None;
-        if !matches!(p.sync, SyncRole::SplitBrain | SyncRole::Refused(_)) {
-            p.sync = SyncRole::None;
-        }
-        p.state = if refused || p.admin_down { ConnState::StandAlone } else { ConnState::Connecting };
-        p.last_error = Some(reason.to_string());
-        drop(peers);
-        if was_connected {
-            let mut ctx = self.hook_ctx(Some(peer));
-            ctx.extra.push(("TANDEM_REASON", reason.to_string()));
-            self.hooks.fire(HookEvent::Disconnected, ctx);
-        }
-    }
-
-    /// A connection attempt was refused before it could be established.
-    pub fn peer_refused(&self, peer: &str, reason: &str) {
-        let mut peers = self.peers.lock().unwrap();
-        if let Some(p) = peers.get_mut(peer) {
-            if p.conn.is_none() {
-                p.state = ConnState::StandAlone;
-                p.last_error = Some(reason.to_string());
-            }
-        }
-    }
-
-    fn role_conflict(&self, conn: &PeerConn) {
-        let reason = format!("resource {}: both {} and {} are primary", self.name, self.me, conn.node);
-        error!("{reason}; disconnecting");
-        conn.close(close_code::ROLE_CONFLICT, &reason);
-    }
-
-    pub fn on_remote_state(&self, peer: &str, remote: ResourceHello) {
-        let (conn, sync) = {
-            let mut peers = self.peers.lock().unwrap();
-            let Some(p) = peers.get_mut(peer) else { return };
-            if p.admin_down {
-                return;
-            }
-            p.remote = Some(remote.clone());
-            (p.conn.clone(), p.sync)
-        };
-        info!(resource = %self.name, peer, "peer is now {:?}/{:?}", remote.role, remote.disk);
-        if remote.role == Role::Primary && self.is_primary() {
-            if let Some(c) = conn {
-                self.role_conflict(&c);
-            }
-            return;
-        }
-        // The primary has blocks marked for us while we are connected (`tandem resync`
-        // after a verify, a block that failed its checksum): receive them.
-        if remote.role == Role::Primary && sync == SyncRole::InSync && remote.out_of_sync_bytes > 0 {
-            if let Some(c) = &conn {
-                info!(resource = %self.name, peer, bytes = remote.out_of_sync_bytes, "peer has blocks for us: resync");
-                if let Some(p) = self.peers.lock().unwrap().get_mut(peer) {
-                    p.sync = SyncRole::Target;
-                }
-                self.target.begin_resync();
-                self.send_bitmap(c);
-            }
-        }
-        // An in-sync secondary follows its primary's generation.
-        if remote.role == Role::Primary && sync == SyncRole::InSync && self.disk() == DiskState::UpToDate {
-            let g = remote.generation;
-            if g.current != self.record().current_generation {
-                if let Err(e) = self.update_meta(|m| {
-                    m.current_generation = g.current;
-                    m.history = g.history.clone();
-                    m.generation_started_ms = remote.generation_started_ms;
-                }) {
-                    error!(resource = %self.name, "cannot record generation: {e:#}");
-                }
-            }
-        }
-    }
-
-    // ---------------------------------------------------------------- admin connect/disconnect
-
-    /// `tandem disconnect`: stop replicating with every peer and stay apart until `connect`.
-    pub fn admin_disconnect(&self) -> String {
-        let conns: Vec<PeerConn> = {
-            let mut peers = self.peers.lock().unwrap();
-            peers
-                .values_mut()
-                .filter_map(|p| {
-                    p.admin_down = true;
-                    p.state = ConnState::StandAlone;
-                    p.remote = None;
-                    p.sync = SyncRole::None;
-                    if let Some(s) = p.session.take() {
-                        s.close("disconnected by the administrator");
-                    }
-                    p.conn.take()
-                })
-                .collect()
-        };
-        for c in conns {
-            // One connection carries every resource of the pair; dropping it is how the
-            // peer learns. It redials, and this resource ignores it until `connect`.
-            c.close(
-                close_code::SHUTDOWN,
-                &format!("resource {} disconnected by the administrator", self.name),
-            );
-        }
-        self.persist_bitmaps();
-        format!("{} disconnected from its peers; `tandem connect {}` resumes", self.name, self.name)
-    }
-
-    pub fn admin_connect(&self) -> String {
-        for p in self.peers.lock().unwrap().values_mut() {
-            p.admin_down = false;
-            if p.state == ConnState::StandAlone {
-                p.state = ConnState::Connecting;
-            }
-            if matches!(p.sync, SyncRole::Refused(_)) {
-                p.sync = SyncRole::None;
-            }
-        }
-        format!("{} will connect to its peers", self.name)
-    }
-
     pub fn peer_names(&self) -> Vec<String> {
         self.bitmaps.keys().cloned().collect()
-    }
-
-    pub fn admin_down(&self, peer: &str) -> bool {
-        self.peers.lock().unwrap().get(peer).is_some_and(|p| p.admin_down)
     }
 
     // ---------------------------------------------------------------- status
@@ -478,25 +320,32 @@ impl Resource {
                 let rep = replication.get(name);
                 let progress = self.resync_stats[name].progress();
                 let replicating = rep.is_some_and(|r| r.connected) || p.applying;
-                let replication = match p.sync {
+                let up = p.rel.is_up();
+                let replication = match p.rel.phase {
                     _ if rep.is_some_and(|r| r.ahead) => "ahead",
-                    SyncRole::Source { .. } if progress.active || p.conn.is_some() => "sync_source",
-                    SyncRole::Target if p.conn.is_some() => "sync_target",
-                    SyncRole::SplitBrain => "split_brain",
+                    Phase::Source(_) if progress.active || up => "sync_source",
+                    Phase::Target(_) if up => "sync_target",
+                    Phase::Refused(Refusal::SplitBrain) => "split_brain",
                     _ if replicating => "established",
                     _ => "off",
                 };
+                let connection = match p.rel.connection_state() {
+                    ConnectionState::Connected => "connected",
+                    ConnectionState::Connecting => "connecting",
+                    ConnectionState::StandAlone => "standalone",
+                };
+                let remote = p.rel.remote.as_ref().filter(|_| up);
                 PeerStatus {
                     node: name.clone(),
-                    connection: p.state.as_str().to_string(),
+                    connection: connection.to_string(),
                     replication: replication.to_string(),
                     mode: self.cfg.link_to(name).mode.to_string(),
                     out_of_sync_bytes: self.bitmaps[name].lock().unwrap().dirty_bytes(),
-                    peer_role: p.remote.as_ref().map(|r| match r.role {
+                    peer_role: remote.map(|r| match r.role {
                         Role::Primary => "primary".to_string(),
                         Role::Secondary => "secondary".to_string(),
                     }),
-                    peer_disk: p.remote.as_ref().map(|r| DiskState::from_wire(r.disk).as_str().to_string()),
+                    peer_disk: remote.map(|r| DiskState::from_wire(r.disk).as_str().to_string()),
                     pending_requests: rep.map_or(0, |r| r.pending_requests),
                     lag_bytes: rep.map_or(0, |r| r.lag_bytes),
                     sent_data_bytes: self.wire[name].data_bytes.get(),
@@ -504,7 +353,7 @@ impl Resource {
                     lag_secs: rep.map_or(0.0, |r| r.lag.as_secs_f64()),
                     resync: (progress.active || progress.data_bytes_sent > 0 || progress.hash_bytes_sent > 0)
                         .then(|| ResyncStatus::from(progress)),
-                    last_error: p.last_error.clone(),
+                    last_error: p.rel.last_error.clone(),
                 }
             })
             .collect();

@@ -4,13 +4,13 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use anyhow::{bail, Result};
-use tandem_protocol::Role;
 use tandem_replicator::{PeerConfig, PeerHandle, Volume};
 use tracing::{error, info, warn};
 
-use super::sync::{rotate_generation, SyncRole};
+use super::sync::rotate_generation;
 use super::{Resource, RoleState};
 use crate::daemon::hooks::HookEvent;
+use tandem_replicator::relation::{Event, Phase};
 
 /// How often idle extents leave the activity log while primary.
 const AL_COOL_INTERVAL: std::time::Duration = std::time::Duration::from_secs(2);
@@ -23,10 +23,8 @@ impl Resource {
         if matches!(*role, RoleState::Primary { .. }) {
             return Ok(format!("{} is already primary here", self.name));
         }
-        let primary_peer = self.peers.lock().unwrap().iter().find_map(|(n, p)| {
-            (p.conn.is_some() && p.remote.as_ref().is_some_and(|r| r.role == Role::Primary))
-                .then(|| n.clone())
-        });
+        let primary_peer =
+            self.peers.lock().unwrap().iter().find_map(|(n, p)| p.rel.remote_primary().then(|| n.clone()));
         if let Some(n) = primary_peer {
             bail!("refusing to promote {}: peer {n} is primary (demote it first)", self.name);
         }
@@ -54,7 +52,7 @@ impl Resource {
             .lock()
             .unwrap()
             .iter()
-            .filter(|(_, p)| p.conn.is_some() && p.sync == SyncRole::InSync)
+            .filter(|(_, p)| p.rel.is_up() && p.rel.phase == Phase::InSync)
             .map(|(n, _)| n.clone())
             .collect();
         let peers: Vec<String> = self.bitmaps.keys().cloned().collect();
@@ -101,20 +99,12 @@ impl Resource {
         *role = RoleState::Primary { volume, frontend };
         drop(role);
         info!(resource = %self.name, device = %device, "promoted to primary");
-        self.broadcast_state();
         let mut ctx = self.hook_ctx(None);
         ctx.extra.push(("TANDEM_DEVICE", device.clone()));
         self.hooks.fire(HookEvent::RoleChange, ctx);
-        let replicate: Vec<String> = self
-            .peers
-            .lock()
-            .unwrap()
-            .iter()
-            .filter(|(_, p)| p.conn.is_some() && matches!(p.sync, SyncRole::InSync | SyncRole::Source { .. }))
-            .map(|(n, _)| n.clone())
-            .collect();
-        for p in replicate {
-            self.start_replication(&p).await;
+        // Peers in session learn the new role; those in sync get the replication stream.
+        for p in self.peer_names() {
+            self.handle(&p, Event::Promoted);
         }
         self.start_al_cooling();
         let devices = self.devices.lock().unwrap().clone();
@@ -162,7 +152,7 @@ impl Resource {
             .lock()
             .unwrap()
             .iter()
-            .filter(|(_, p)| p.conn.is_none())
+            .filter(|(_, p)| !p.rel.is_up())
             .map(|(n, _)| n.clone())
             .collect();
         for peer in unreachable {
@@ -182,41 +172,6 @@ impl Resource {
         Ok(())
     }
 
-    /// `tandem resolve --discard-local`: this node gives up the changes it made since a
-    /// split brain and becomes the sync target of the peer it split from.
-    pub fn resolve_discard_local(&self) -> Result<String> {
-        if self.is_primary() {
-            bail!(
-                "refusing to discard the changes of {} on {}: it is primary here; unmount and `tandem demote` first",
-                self.name,
-                self.me
-            );
-        }
-        self.discard_local.store(true, Ordering::SeqCst);
-        let mut split = Vec::new();
-        for (n, p) in self.peers.lock().unwrap().iter_mut() {
-            if p.sync == SyncRole::SplitBrain {
-                split.push(n.clone());
-                p.sync = SyncRole::None;
-                p.state = super::ConnState::Connecting;
-            }
-        }
-        warn!(resource = %self.name, "resolve --discard-local: this node's changes since the split will be replaced");
-        Ok(if split.is_empty() {
-            format!(
-                "{}: no split brain is known yet; if one is found at the next connection, {}'s changes are discarded",
-                self.name, self.me
-            )
-        } else {
-            format!(
-                "{}: discarding {}'s changes since the split; reconnecting to {} to resync from it",
-                self.name,
-                self.me,
-                split.join(", ")
-            )
-        })
-    }
-
     pub async fn demote(self: &Arc<Self>) -> Result<String> {
         let mut role = self.role.lock().await;
         let RoleState::Primary { volume, frontend } = std::mem::replace(&mut *role, RoleState::Secondary)
@@ -232,7 +187,9 @@ impl Resource {
         self.release_primary(&volume).await;
         drop(role);
         info!(resource = %self.name, device = %device, "demoted to secondary");
-        self.broadcast_state();
+        for p in self.peer_names() {
+            self.handle(&p, Event::Demoted);
+        }
         self.fire(HookEvent::RoleChange, None);
         Ok(format!("{} is secondary on {}; device {device} removed", self.name, self.me))
     }

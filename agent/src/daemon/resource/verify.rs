@@ -11,9 +11,9 @@ use std::sync::Arc;
 use anyhow::{bail, Result};
 use tracing::{info, warn};
 
-use super::sync::SyncRole;
 use super::Resource;
 pub use crate::status::VerifyReport;
+use tandem_replicator::relation::{Event, Phase};
 
 /// Ranges compared concurrently.
 const WINDOW: usize = 8;
@@ -29,7 +29,7 @@ impl Resource {
             .lock()
             .unwrap()
             .iter()
-            .filter(|(_, p)| p.session.is_some() && p.sync == SyncRole::InSync)
+            .filter(|(_, p)| p.session.is_some() && p.rel.phase == Phase::InSync)
             .map(|(n, _)| n.clone())
             .collect();
         if peers.is_empty() {
@@ -73,7 +73,10 @@ impl Resource {
                 info!(resource = %self.name, peer = %peer, "online verify found no differences");
             }
             if repair && differing > 0 {
-                self.start_resync_source(&peer, false);
+                // The same path as `tandem resync`: the target starts tracking replicated
+                // writes before the resync may send anything (starting the source here
+                // directly let an older resync block overwrite a newer write).
+                self.handle(&peer, Event::ResyncRequested);
             }
             reports.push(VerifyReport { peer, checked_bytes: size, differing_bytes: differing, ranges });
         }
