@@ -281,14 +281,20 @@ impl World {
     fn write(&mut self, b: usize) {
         let p = self.primary();
         let seq = self.take_seq();
-        let n = &mut self.nodes[p];
-        if n.rotate_on_write {
-            n.rotate_on_write = false;
+        if std::mem::take(&mut self.nodes[p].rotate_on_write) {
+            let g = self.next_generation;
+            self.next_generation += 1;
+            let n = &mut self.nodes[p];
             let old = n.generation.current;
             n.generation.history.insert(0, old);
-            n.generation.current = self.next_generation;
-            self.next_generation += 1;
+            n.generation.current = g;
+            // The agent tells the peers in session (they follow it if in sync).
+            if n.rel.is_up() {
+                let h = n.hello();
+                self.send(p, Msg::State(h));
+            }
         }
+        let n = &mut self.nodes[p];
         n.data[b] = seq;
         n.written_at[b] = seq;
         if n.replicating && n.rel.is_up() {
@@ -330,11 +336,19 @@ impl World {
     fn deliver_data(&mut self) {
         let Some((seq, b)) = self.data.pop_front() else { return };
         let s = 1 - self.primary();
+        if self.nodes[s].rel.session == Session::Offered {
+            // The stream waits to be accepted until the secondary's session is up (the
+            // answer to its offer is on the way on the control stream).
+            self.data.push_front((seq, b));
+            return;
+        }
         if !self.nodes[s].rel.is_up() {
-            // The secondary's side of the stream is gone: the primary's session ends with
-            // this write unacknowledged, so it is marked.
+            // The secondary refuses the stream: the primary's session ends with this
+            // write unacknowledged, so it is marked.
             let p = self.primary();
+            self.stop_streams();
             self.nodes[p].mark(b);
+            self.deliver(p, Event::StreamFailed { reason: "stream refused".into() });
             return;
         }
         let n = &mut self.nodes[s];
@@ -376,6 +390,10 @@ impl World {
     fn deliver_resync(&mut self) {
         let Some(c) = self.resync_chunks.pop_front() else { return };
         let Some(s) = self.source() else { return };
+        if self.nodes[1 - s].rel.session == Session::Offered {
+            self.resync_chunks.push_front(c);
+            return;
+        }
         if !self.nodes[1 - s].rel.is_up() {
             // A node accepts resync streams only within an established session.
             self.resync_chunks.clear();

@@ -395,7 +395,9 @@ async fn serve(agent: Arc<Agent>, conn: Connection, node: &str, dialed: bool) ->
                 match tokio::time::timeout(Duration::from_secs(10), r.next()).await {
                     Ok(Ok(Some(Frame::Control(ControlMsg::OpenStream { resource, purpose })))) => {
                         match agent.resources.get(&resource).filter(|res| res.has_peer(&node)) {
-                            Some(res) => res.accept_stream(&node, &pc, purpose, FrameWriter::new(send), r),
+                            Some(res) => {
+                                res.accept_stream(&node, &pc, purpose, FrameWriter::new(send), r).await
+                            }
                             None => warn!(peer = %node, "stream for unknown resource {resource:?} ignored"),
                         }
                     }
@@ -424,4 +426,89 @@ async fn serve(agent: Arc<Agent>, conn: Connection, node: &str, dialed: bool) ->
         res.link_down(node, pc.id(), &reason);
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Node;
+    use crate::tls::{self, Identity, PinnedPeers};
+    use crate::transport::{Transport, TransportSettings};
+
+    fn node(dir: &std::path::Path, name: &str, port: u16) -> Node {
+        let (cert, key) = tls::keygen(name, dir, false).unwrap();
+        Node {
+            name: name.into(),
+            address: format!("127.0.0.1:{port}").parse().unwrap(),
+            control: dir.join(format!("{name}.sock")),
+            run_dir: dir.join(name),
+            cert,
+            key,
+        }
+    }
+
+    fn transport(me: &Node, peer: &Node) -> Transport {
+        let mut pinned = PinnedPeers::default();
+        pinned.insert(&peer.name, &tls::load_certs(&peer.cert).unwrap()[0]);
+        let settings = TransportSettings {
+            stream_window: 16 << 20,
+            heartbeat_interval: Duration::from_secs(1),
+            timeout: Duration::from_secs(30),
+            max_mtu: 1452,
+            bbr: false,
+        };
+        Transport::bind(Identity::load(&me.cert, &me.key).unwrap(), pinned, settings, me.address).unwrap()
+    }
+
+    /// A burst of control messages far larger than any channel a sender could wait on,
+    /// queued synchronously (as resources do, under their locks) over a real QUIC
+    /// connection: every one arrives, in order. (The queue used to be a bounded channel fed
+    /// with `try_send`, which dropped what did not fit — `Bitmap{last}`, `ResyncStart` and
+    /// `ResyncDone` included.)
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_flood_of_control_messages_loses_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let port = |_| std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let (a, b) = (node(dir.path(), "alpha", port(0)), node(dir.path(), "beta", port(1)));
+        let (ta, tb) = (transport(&a, &b), transport(&b, &a));
+        let accept = async {
+            let c = tb.accept().await.unwrap().await.unwrap();
+            let (_, recv) = c.accept_bi().await.unwrap();
+            (c, FrameReader::new(recv))
+        };
+        let (conn, (_server, mut reader)) = tokio::join!(async { ta.connect(&b).await.unwrap() }, accept);
+        let (send, _) = conn.open_bi().await.unwrap();
+        let (queue, mut rx) = ControlQueue::new();
+        let pc = PeerConn::new("beta", conn.clone(), queue);
+        const N: u64 = 100_000;
+        for i in 0..N {
+            pc.send_control(ControlMsg::Bitmap {
+                resource: "r".into(),
+                runs: vec![(i, 1)],
+                last: i == N - 1,
+            });
+        }
+        let mut w = FrameWriter::new(send);
+        let writer = async move {
+            while let Some(f) = rx.recv().await {
+                w.send(&f).await.unwrap();
+            }
+        };
+        let check = async move {
+            for want in 0..N {
+                match reader.next().await.unwrap() {
+                    Some(Frame::Control(ControlMsg::Bitmap { runs, last, .. })) => {
+                        assert_eq!(runs, vec![(want, 1)], "message {want} lost or out of order");
+                        assert_eq!(last, want == N - 1);
+                    }
+                    other => panic!("message {want}: unexpected {other:?}"),
+                }
+            }
+        };
+        tokio::select! {
+            _ = writer => panic!("the control writer ended early"),
+            _ = check => {}
+        }
+        assert!(conn.close_reason().is_none(), "the connection was closed: {:?}", conn.close_reason());
+    }
 }

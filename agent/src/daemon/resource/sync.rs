@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::{anyhow, Result};
 use tandem_protocol::{ControlMsg, Generation, ResyncKind, StreamPurpose};
 use tandem_replicator::generation::rotate;
-use tandem_replicator::relation::Event;
+use tandem_replicator::relation::{Event, Session};
 use tandem_replicator::resync::rate::RateSettings;
 use tandem_replicator::resync::source::{ResyncReader, ResyncSource, StoreReader};
 use tandem_replicator::{ApplyError, Link, Volume};
@@ -220,8 +220,10 @@ impl Resource {
     // ---------------------------------------------------------------- streams from the peer
 
     /// A stream the peer opened for this resource. Accepted only within the session it
-    /// belongs to: it ends with the session.
-    pub fn accept_stream(
+    /// belongs to, and it ends with the session. A peer that answered this node's offer
+    /// may open its streams before the answer, on the control stream, has been read here:
+    /// such a stream waits (up to the resource's timeout) for the session to come up.
+    pub async fn accept_stream(
         self: &Arc<Self>,
         peer: &str,
         conn: &PeerConn,
@@ -229,12 +231,20 @@ impl Resource {
         w: FrameWriter,
         r: FrameReader,
     ) {
-        let streams = {
-            let peers = self.peers.lock().unwrap();
-            let ok = peers
-                .get(peer)
-                .filter(|p| p.rel.is_up() && p.conn.as_ref().is_some_and(|c| c.id() == conn.id()));
-            ok.map(|p| p.streams.clone())
+        let deadline = tokio::time::Instant::now() + self.cfg.timeout;
+        let streams = loop {
+            let (up, waiting) = {
+                let peers = self.peers.lock().unwrap();
+                let p = peers.get(peer).filter(|p| p.conn.as_ref().is_some_and(|c| c.id() == conn.id()));
+                (
+                    p.filter(|p| p.rel.is_up()).map(|p| p.streams.clone()),
+                    p.is_some_and(|p| p.rel.session == Session::Offered),
+                )
+            };
+            if up.is_some() || !waiting || tokio::time::Instant::now() > deadline {
+                break up;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
         };
         let Some(streams) = streams else {
             warn!(resource = %self.name, peer, ?purpose, "stream outside an established session ignored");
