@@ -563,11 +563,13 @@ impl Resource {
 fn open_store(cfg: &config::Resource, disk: &config::Disk) -> Result<Arc<dyn BlockStore>> {
     let ctx = || format!("resource {}", cfg.name);
     if let [only] = cfg.volumes.as_slice() {
-        return Ok(Arc::new(FileStore::open(&disk.image_for(only), only.size).with_context(ctx)?));
+        return Ok(Arc::new(
+            FileStore::open(&disk.image_for(only), only.size, cfg.allocation()).with_context(ctx)?,
+        ));
     }
     let mut parts: Vec<(VolumeLayout, Arc<dyn BlockStore>)> = Vec::new();
     for v in &cfg.volumes {
-        let s = FileStore::open(&disk.image_for(v), v.size)
+        let s = FileStore::open(&disk.image_for(v), v.size, cfg.allocation())
             .with_context(|| format!("{}, volume {}", ctx(), v.name))?;
         parts.push((v.clone(), Arc::new(s)));
     }
@@ -603,7 +605,7 @@ fn open_or_create_meta(
     let mut created = true;
     for v in &cfg.volumes {
         let image = d.image_for(v);
-        if !FileStore::create_if_missing(&image, v.size, cfg.allocate_full)? {
+        if !FileStore::create_if_missing(&image, v.size, cfg.allocation())? {
             warn!(resource = %cfg.name, image = %image.display(),
                   "existing image without metadata: marked inconsistent until synced or promoted with --force");
             created = false;
