@@ -8,6 +8,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use crate::storage::Allocation;
 use crate::volume_set::VolumeLayout;
 use serde::Deserialize;
 use tandem_protocol::Compression;
@@ -239,6 +240,15 @@ pub struct Resource {
 }
 
 impl Resource {
+    /// How the images' blocks are allocated, and so what a discard does to them.
+    pub fn allocation(&self) -> Allocation {
+        if self.allocate_full {
+            Allocation::Full
+        } else {
+            Allocation::Sparse
+        }
+    }
+
     /// How a primary replicates to `node`.
     pub fn link_to(&self, node: &str) -> PeerLink {
         match self.disks.get(node) {

@@ -6,6 +6,10 @@
 //! 4 KiB sectors) go through a buffered descriptor of the same file; a flush (fdatasync)
 //! covers both. On a filesystem without O_DIRECT (tmpfs) everything is buffered.
 //!
+//! A discard reads back as zeroes afterwards, through either descriptor. What it does to the
+//! blocks follows the image's [`Allocation`]: a fully allocated image stays fully allocated
+//! (the range is zeroed in place), a sparse one gives the blocks back (a hole is punched).
+//!
 //! Blocking `pwrite`/`pread` on the engine's I/O threads: measured in docs/benchmarks.md,
 //! the storage call is not where time goes on this path, so io_uring waits for a profile
 //! that says otherwise.
@@ -98,22 +102,45 @@ fn mem_aligned(p: &[u8]) -> bool {
     (p.as_ptr() as usize).is_multiple_of(DIO_ALIGN)
 }
 
+/// How an image's blocks are allocated (`allocate = "full" | "sparse"` in the config).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Allocation {
+    /// Every block is allocated when the image is created and stays allocated: a filling
+    /// filesystem cannot fail a write later. A discard zeroes the range in place
+    /// (`FALLOC_FL_ZERO_RANGE`, or written zeroes where the filesystem lacks it).
+    Full,
+    /// Blocks are allocated as they are written; a discard gives them back
+    /// (`FALLOC_FL_PUNCH_HOLE`, or written zeroes where the filesystem lacks it).
+    Sparse,
+}
+
+impl Allocation {
+    /// The `fallocate` mode a discard uses. Neither changes the file's size.
+    fn discard_mode(self) -> libc::c_int {
+        match self {
+            Allocation::Full => libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE,
+            Allocation::Sparse => libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+        }
+    }
+}
+
 pub struct FileStore {
     path: PathBuf,
     direct: Option<File>,
     buffered: File,
     size: u64,
+    allocation: Allocation,
 }
 
 impl FileStore {
     /// Creates an image of exactly `size` bytes of zeroes if none exists. Returns whether it
     /// created one (a new image is known to be all zeroes).
     ///
-    /// With `full` allocation the zeroes are written out: every block is allocated before
+    /// With [`Allocation::Full`] the zeroes are written out: every block is allocated before
     /// the volume is used, so a filling filesystem cannot fail a write later, and writes are
     /// overwrites — on ext4 a first write into a hole or an unwritten extent costs a journal
     /// commit at the next flush, which cut synchronous 4 KiB writes to a quarter here.
-    pub fn create_if_missing(path: &Path, size: u64, full: bool) -> Result<bool> {
+    pub fn create_if_missing(path: &Path, size: u64, allocation: Allocation) -> Result<bool> {
         if path.exists() {
             return Ok(false);
         }
@@ -127,7 +154,7 @@ impl FileStore {
             .open(path)
             .with_context(|| format!("cannot create image {}", path.display()))?;
         f.set_len(size).with_context(|| format!("cannot size image {}", path.display()))?;
-        if full {
+        if allocation == Allocation::Full {
             info!(image = %path.display(), size, "allocating image (writing zeroes)");
             let zeroes = vec![0u8; 4 << 20];
             let mut at = 0u64;
@@ -139,12 +166,13 @@ impl FileStore {
             }
         }
         f.sync_all()?;
-        info!(image = %path.display(), size, full, "created image");
+        info!(image = %path.display(), size, ?allocation, "created image");
         Ok(true)
     }
 
-    /// Opens an existing image, which must be exactly `size` bytes.
-    pub fn open(path: &Path, size: u64) -> Result<Self> {
+    /// Opens an existing image, which must be exactly `size` bytes; `allocation` decides
+    /// what a discard does to its blocks.
+    pub fn open(path: &Path, size: u64, allocation: Allocation) -> Result<Self> {
         let buffered = OpenOptions::new()
             .read(true)
             .write(true)
@@ -168,7 +196,7 @@ impl FileStore {
                 return Err(e).with_context(|| format!("cannot open image {} with O_DIRECT", path.display()))
             }
         };
-        Ok(Self { path: path.to_path_buf(), direct, buffered, size })
+        Ok(Self { path: path.to_path_buf(), direct, buffered, size, allocation })
     }
 
     pub fn path(&self) -> &Path {
@@ -210,9 +238,12 @@ impl BlockStore for FileStore {
         self.buffered.sync_data()
     }
 
+    /// Zeroes `[offset, offset+len)`; frees its blocks only if the image is sparse. The
+    /// kernel writes back and drops the range's page cache, and O_DIRECT reads of zeroed or
+    /// punched extents return zeroes: both descriptors read zeroes after it.
     fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
         let fd = self.buffered.as_raw_fd();
-        let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+        let mode = self.allocation.discard_mode();
         // SAFETY: plain syscall on an owned fd.
         let r = unsafe { libc::fallocate(fd, mode, offset as libc::off_t, len as libc::off_t) };
         if r == 0 {
@@ -222,7 +253,8 @@ impl BlockStore for FileStore {
         if e.raw_os_error() != Some(libc::EOPNOTSUPP) {
             return Err(e);
         }
-        // No hole punching here: write zeroes, so the range reads back as zero everywhere.
+        // The filesystem cannot zero or punch (tmpfs has no ZERO_RANGE): write zeroes, which
+        // keeps the blocks allocated and reads back as zero everywhere.
         let chunk = AlignedBuf::zeroed(1 << 20);
         let mut at = offset;
         while at < offset + len {
@@ -237,15 +269,100 @@ impl BlockStore for FileStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::MetadataExt;
+
+    const MIB: u64 = 1 << 20;
+
+    /// A store on a real filesystem with O_DIRECT, hole punching and ZERO_RANGE (tmpfs has
+    /// no ZERO_RANGE, so not the default temporary directory, which may be tmpfs).
+    fn store_on_disk(dir: &tempfile::TempDir, size: u64, allocation: Allocation) -> (PathBuf, FileStore) {
+        let p = dir.path().join("img");
+        assert!(FileStore::create_if_missing(&p, size, allocation).unwrap());
+        let s = FileStore::open(&p, size, allocation).unwrap();
+        assert!(
+            s.direct.is_some(),
+            "{} has no O_DIRECT: these tests need a disk filesystem (ext4, xfs) there",
+            dir.path().display()
+        );
+        (p, s)
+    }
+
+    fn allocated_bytes(p: &Path) -> u64 {
+        std::fs::metadata(p).unwrap().blocks() * 512
+    }
+
+    /// Reads `[offset, offset+len)` through the O_DIRECT descriptor (aligned buffer).
+    fn read_direct(s: &FileStore, offset: u64, len: usize) -> Vec<u8> {
+        let mut b = AlignedBuf::zeroed(len);
+        s.direct.as_ref().unwrap().read_exact_at(b.as_mut_slice(), offset).unwrap();
+        b.as_ref().to_vec()
+    }
+
+    #[test]
+    fn a_discard_on_a_fully_allocated_image_zeroes_in_place_and_keeps_every_block() {
+        let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+        let size = 4 * MIB;
+        let (p, s) = store_on_disk(&dir, size, Allocation::Full);
+        s.write_at(MIB, &AlignedBuf::copy_from(&vec![7u8; 2 * MIB as usize]).into_bytes()).unwrap();
+        // Buffered writes into the range and at its edges, not yet flushed: the page cache
+        // holds them when the range is discarded.
+        s.write_at(MIB + 100, b"in range").unwrap();
+        s.write_at(MIB + 4096 - 3, b"edge").unwrap();
+        s.flush().unwrap();
+        let before = allocated_bytes(&p);
+        assert!(before >= size, "created fully allocated: {before} of {size} bytes");
+
+        // An aligned discard, and one that starts and ends inside blocks.
+        s.discard(MIB, MIB).unwrap();
+        s.discard(2 * MIB + 1000, 5000).unwrap();
+        s.flush().unwrap();
+
+        let after = allocated_bytes(&p);
+        assert!(
+            after >= before,
+            "a discard freed blocks of a fully allocated image: {before} -> {after} bytes"
+        );
+        let direct = read_direct(&s, 0, 4 * MIB as usize);
+        let zeroed =
+            |r: std::ops::Range<u64>| direct[r.start as usize..r.end as usize].iter().all(|b| *b == 0);
+        let sevens =
+            |r: std::ops::Range<u64>| direct[r.start as usize..r.end as usize].iter().all(|b| *b == 7);
+        assert!(zeroed(MIB..2 * MIB), "a direct read sees the discarded range as zeroes");
+        assert!(sevens(2 * MIB..2 * MIB + 1000) && sevens(2 * MIB + 6000..3 * MIB), "neighbours are kept");
+        assert!(zeroed(2 * MIB + 1000..2 * MIB + 6000), "the unaligned discard is zero to the byte");
+        assert!(zeroed(0..MIB) && zeroed(3 * MIB..4 * MIB));
+        // The buffered descriptor agrees (an unaligned read goes through it).
+        let mut buffered = vec![1u8; MIB as usize + 1];
+        s.read_at(MIB, &mut buffered).unwrap();
+        assert!(buffered[..MIB as usize].iter().all(|b| *b == 0) && buffered[MIB as usize] == 7);
+    }
+
+    #[test]
+    fn a_discard_on_a_sparse_image_frees_its_blocks() {
+        let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+        let (p, s) = store_on_disk(&dir, 4 * MIB, Allocation::Sparse);
+        assert!(allocated_bytes(&p) < MIB, "a sparse image starts with (almost) no blocks");
+        s.write_at(0, &AlignedBuf::copy_from(&vec![7u8; 3 * MIB as usize]).into_bytes()).unwrap();
+        s.flush().unwrap();
+        let before = allocated_bytes(&p);
+        assert!(before >= 3 * MIB, "written blocks are allocated: {before}");
+        s.discard(MIB, MIB).unwrap();
+        s.flush().unwrap();
+        let after = allocated_bytes(&p);
+        assert!(after + MIB <= before, "the hole gives back the discarded MiB: {before} -> {after} bytes");
+        let direct = read_direct(&s, 0, 3 * MIB as usize);
+        assert!(direct[MIB as usize..2 * MIB as usize].iter().all(|b| *b == 0));
+        assert!(direct[..MIB as usize].iter().chain(&direct[2 * MIB as usize..]).all(|b| *b == 7));
+    }
 
     #[test]
     fn aligned_and_unaligned_io_and_discard() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("img");
-        assert!(FileStore::create_if_missing(&p, 1 << 20, true).unwrap());
-        assert!(!FileStore::create_if_missing(&p, 1 << 20, true).unwrap());
+        assert!(FileStore::create_if_missing(&p, 1 << 20, Allocation::Full).unwrap());
+        assert!(!FileStore::create_if_missing(&p, 1 << 20, Allocation::Full).unwrap());
         assert_eq!(std::fs::metadata(&p).unwrap().len(), 1 << 20);
-        let s = FileStore::open(&p, 1 << 20).unwrap();
+        let s = FileStore::open(&p, 1 << 20, Allocation::Full).unwrap();
         let data = AlignedBuf::copy_from(&[7u8; 8192]).into_bytes();
         s.write_at(4096, &data).unwrap();
         s.write_at(100, b"hello").unwrap(); // unaligned
@@ -260,7 +377,7 @@ mod tests {
         s.read_at(0, &mut buf).unwrap();
         assert!(buf[4096..12288].iter().all(|b| *b == 0));
         assert_eq!(&buf[100..105], b"hello");
-        let e = FileStore::open(&p, 2 << 20).err().unwrap().to_string();
+        let e = FileStore::open(&p, 2 << 20, Allocation::Full).err().unwrap().to_string();
         assert!(e.contains("1048576 bytes but the config says 2097152"), "{e}");
     }
 }

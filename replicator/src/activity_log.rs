@@ -8,7 +8,12 @@
 //! is in flight, and only after the dirty-bitmap bits of that extent are on disk.
 //!
 //! Invariant, for a primary that crashes: every block that may differ between it and a
-//! peer is either marked in the persisted bitmap or lies in a persisted hot extent.
+//! peer is either marked in the persisted bitmap or lies in a persisted hot extent. When it
+//! starts again, [`replay_activity_log`] marks the hot extents in every peer's bitmap.
+
+mod replay;
+
+pub use replay::replay_activity_log;
 
 use std::collections::HashMap;
 use std::io;

@@ -27,7 +27,7 @@ pub mod split_brain;
 mod stats;
 mod store;
 
-pub use activity_log::{ActivityLog, ActivityLogStats, ActivityLogStore, AlGuard};
+pub use activity_log::{replay_activity_log, ActivityLog, ActivityLogStats, ActivityLogStore, AlGuard};
 pub use bitmap::DirtyBitmap;
 pub use error::{ApplyError, AttachError, VolumeError};
 pub use link::{Link, LINK_CAPACITY};

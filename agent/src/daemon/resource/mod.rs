@@ -156,21 +156,23 @@ impl Resource {
                 },
             );
         }
-        // Crash recovery: every block of a hot extent may differ from every peer.
-        let hot = meta.load_al().unwrap_or_else(|e| {
-            warn!(resource = %cfg.name, "{e:#}; treating the whole volume as hot");
-            (0..cfg.size.div_ceil(cfg.al_extent_size) as u32).collect()
-        });
+        // Crash recovery: every block of a hot extent may differ from every peer. The log's
+        // extents are in the size it was written with, which the metadata records.
         if meta.record().primary {
-            let ext = meta.record().al_extent_size;
-            warn!(resource = %cfg.name, hot_extents = hot.len(),
+            let recorded = meta
+                .load_al()
+                .inspect_err(|e| warn!(resource = %cfg.name, "{e:#}; treating the whole volume as hot"))
+                .ok();
+            let mut locked: Vec<_> = bitmaps.values().map(|bm| bm.lock().unwrap()).collect();
+            let marked = tandem_replicator::replay_activity_log(
+                recorded.as_deref(),
+                meta.record().al_extent_size,
+                meta.record().size,
+                locked.iter_mut().map(|bm| &mut **bm),
+            );
+            drop(locked);
+            warn!(resource = %cfg.name, hot_bytes = marked,
                   "this node was primary when its agent stopped uncleanly: marking its activity log out of sync for every peer");
-            for bm in bitmaps.values() {
-                let mut bm = bm.lock().unwrap();
-                for e in &hot {
-                    bm.set_range(*e as u64 * ext, ext);
-                }
-            }
             let meta_m = Mutex::new(meta);
             persist_all_bitmaps(&meta_m, &bitmaps)?;
             meta = meta_m.into_inner().unwrap();
@@ -410,11 +412,13 @@ impl Resource {
 fn open_store(cfg: &config::Resource, disk: &config::Disk) -> Result<Arc<dyn BlockStore>> {
     let ctx = || format!("resource {}", cfg.name);
     if let [only] = cfg.volumes.as_slice() {
-        return Ok(Arc::new(FileStore::open(&disk.image_for(only), only.size).with_context(ctx)?));
+        return Ok(Arc::new(
+            FileStore::open(&disk.image_for(only), only.size, cfg.allocation()).with_context(ctx)?,
+        ));
     }
     let mut parts: Vec<(VolumeLayout, Arc<dyn BlockStore>)> = Vec::new();
     for v in &cfg.volumes {
-        let s = FileStore::open(&disk.image_for(v), v.size)
+        let s = FileStore::open(&disk.image_for(v), v.size, cfg.allocation())
             .with_context(|| format!("{}, volume {}", ctx(), v.name))?;
         parts.push((v.clone(), Arc::new(s)));
     }
@@ -450,7 +454,7 @@ fn open_or_create_meta(
     let mut created = true;
     for v in &cfg.volumes {
         let image = d.image_for(v);
-        if !FileStore::create_if_missing(&image, v.size, cfg.allocate_full)? {
+        if !FileStore::create_if_missing(&image, v.size, cfg.allocation())? {
             warn!(resource = %cfg.name, image = %image.display(),
                   "existing image without metadata: marked inconsistent until synced or promoted with --force");
             created = false;
