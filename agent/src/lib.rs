@@ -4,7 +4,6 @@ pub mod control;
 pub mod daemon;
 pub mod demo;
 pub mod frontend;
-pub mod lab;
 pub mod meta;
 pub mod status;
 pub mod storage;

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Result};
 use rand::Rng;
-use tandem_agent::lab::{run_cmd, Lab, LabOptions};
+use tandem_tests::lab::{run_cmd, Lab, LabOptions};
 
 use crate::Args;
 

@@ -5,7 +5,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use tandem_agent::lab::{run_cmd, Lab, LabOptions};
+use tandem_tests::lab::{run_cmd, Lab, LabOptions};
 
 use crate::fio::{self, Row, WORKLOADS};
 use crate::scan::{self, Check};

@@ -1,8 +1,10 @@
-//! Support for the integration tests: locating the `tandem` binary, checking the privileges
-//! the real-device tests need (and failing loudly without them), and I/O helpers that write
-//! and check blocks recording their own offset.
+//! Support for the integration tests (and the benchmarks): the lab of real agents
+//! ([`lab`]), locating the `tandem` binary, checking the privileges the real-device tests
+//! need (and failing loudly without them), and I/O helpers that write and check blocks
+//! recording their own offset.
 
 pub mod epochs;
+pub mod lab;
 pub mod relay;
 
 use std::fs::OpenOptions;
@@ -10,8 +12,8 @@ use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use crate::lab::{Lab, LabOptions};
 use sha2::{Digest, Sha256};
-use tandem_agent::lab::{Lab, LabOptions};
 
 /// The `tandem` binary built alongside this test (cargo builds it for the agent's own
 /// integration tests): target/<profile>/tandem, two levels above target/<profile>/deps/.

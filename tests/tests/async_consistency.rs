@@ -28,9 +28,9 @@ use std::time::{Duration, Instant};
 use rand::rngs::StdRng;
 use rand::seq::index::sample;
 use rand::{Rng, SeedableRng};
-use tandem_agent::lab::LabOptions;
 use tandem_agent::status::ResourceStatus;
 use tandem_tests::epochs::{read_versions, EpochLog};
+use tandem_tests::lab::LabOptions;
 use tandem_tests::*;
 
 const MIB: u64 = 1 << 20;

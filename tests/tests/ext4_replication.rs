@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::io::Write;
 
 use sha2::{Digest, Sha256};
-use tandem_agent::lab::{run_cmd, LabOptions};
+use tandem_tests::lab::{run_cmd, LabOptions};
 use tandem_tests::*;
 
 #[test]
@@ -59,7 +59,8 @@ fn ext4_with_1000_fsynced_files_replicates_exactly() {
     let fsck =
         std::process::Command::new("e2fsck").args(["-f", "-n"]).arg(lab.image("beta")).output().unwrap();
     assert!(fsck.status.success(), "fsck of the standby: {}", String::from_utf8_lossy(&fsck.stdout));
-    let ro_dev = lab.attach_ro(&lab.image("beta")).unwrap();
+    let beta_image = lab.image("beta");
+    let ro_dev = lab.attach_ro(&beta_image).unwrap();
     let ro = lab.dir.join("ro");
     lab.mount(&ro_dev, &ro, "ro,noload").unwrap();
     for (name, sum) in &manifest {

@@ -25,8 +25,8 @@ use std::time::{Duration, Instant};
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use tandem_agent::lab::{run_cmd, Lab, LabOptions};
 use tandem_agent::status::ResourceStatus;
+use tandem_tests::lab::{run_cmd, Lab, LabOptions};
 use tandem_tests::*;
 
 const MIB: u64 = 1 << 20;

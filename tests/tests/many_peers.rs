@@ -17,8 +17,8 @@ use std::time::{Duration, Instant};
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use tandem_agent::lab::{Lab, LabOptions};
 use tandem_agent::status::{PeerStatus, ResourceStatus};
+use tandem_tests::lab::{Lab, LabOptions};
 use tandem_tests::*;
 
 const MIB: u64 = 1 << 20;

@@ -5,7 +5,7 @@
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
-use tandem_agent::lab::{Lab, LabOptions};
+use tandem_tests::lab::{Lab, LabOptions};
 use tandem_tests::*;
 
 const SIZE: u64 = 64 << 20;

@@ -6,11 +6,11 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use tandem_agent::config::Config;
-use tandem_agent::lab::{Lab, LabOptions};
 use tandem_agent::tls::Identity;
 use tandem_agent::transport::framed::{FrameReader, FrameWriter};
 use tandem_agent::transport::{pin_peers, Transport, TransportSettings};
 use tandem_protocol::*;
+use tandem_tests::lab::{Lab, LabOptions};
 use tandem_tests::*;
 
 const SIZE: u64 = 64 << 20;

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use rand::Rng;
-use tandem_agent::lab::{Lab, LabOptions};
+use tandem_tests::lab::{Lab, LabOptions};
 use tandem_tests::*;
 
 const GIB: u64 = 1 << 30;

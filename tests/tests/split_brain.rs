@@ -6,8 +6,8 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use tandem_agent::lab::{Lab, LabOptions};
 use tandem_agent::status::ResourceStatus;
+use tandem_tests::lab::{Lab, LabOptions};
 use tandem_tests::*;
 
 const SIZE: u64 = 64 << 20;

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
-use tandem_agent::lab::LabOptions;
+use tandem_tests::lab::LabOptions;
 use tandem_tests::*;
 
 #[test]

@@ -7,7 +7,7 @@
 
 use std::time::{Duration, Instant};
 
-use tandem_agent::lab::LabOptions;
+use tandem_tests::lab::LabOptions;
 use tandem_tests::relay::{LinkProfile, Relay, RelayConfig};
 use tandem_tests::*;
 

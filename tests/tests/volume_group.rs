@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use rand::{Rng, SeedableRng};
-use tandem_agent::lab::{Lab, LabOptions};
+use tandem_tests::lab::{Lab, LabOptions};
 use tandem_tests::*;
 
 const VOLUME: u64 = 16 << 20;

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use tandem_agent::lab::LabOptions;
+use tandem_tests::lab::LabOptions;
 use tandem_tests::relay::{Direction, LinkProfile, Relay, RelayConfig};
 use tandem_tests::*;
 
@@ -221,7 +221,7 @@ fn sequential_write_rate_with_a_wan_peer_async_against_none_and_sync() {
     )
     .expect("relay");
     let alpha_cfg = lab.route_via("alpha", "beta", relay.addr()).unwrap();
-    let up = |lab: &mut tandem_agent::lab::Lab| -> String {
+    let up = |lab: &mut tandem_tests::lab::Lab| -> String {
         start_and_promote_alpha(lab, &["alpha", "beta"], |r| r.peers[0].replication == "established")
     };
     let dev = up(&mut lab);

@@ -6,6 +6,12 @@
 //! on it, more mail delivered there, the old primary brought back as the new mirror by a
 //! delta resync, and finally both images compared byte for byte and the mirror's copy
 //! mounted read-only and every message checked against what was written.
+//!
+//! The agents run as a [`cluster::LocalCluster`], which removes every process, mount, loop
+//! device and file of the run when it is dropped: on success, on an error and on Ctrl-C
+//! (which the scenario notices between steps and turns into an error).
+
+pub mod cluster;
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -17,7 +23,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use sha2::{Digest, Sha256};
 
-use crate::lab::{run_cmd, Lab, LabOptions};
+use cluster::{run_cmd, ClusterSpec, LocalCluster};
 
 pub struct DemoOptions {
     pub messages: usize,
@@ -131,14 +137,14 @@ pub fn run(o: &DemoOptions) -> Result<bool> {
     }
     let started = Instant::now();
     let exe = std::env::current_exe()?;
-    let opts = LabOptions { size: o.size, timeout: Duration::from_secs(5), ..Default::default() };
+    let spec = ClusterSpec { size: o.size, timeout: Duration::from_secs(5), ..Default::default() };
 
     step(1, "generating keys and a two-node configuration on 127.0.0.1");
-    let mut lab = Lab::new(&o.parent, &exe, &["alpha", "beta"], &opts)?;
-    lab.keep(o.keep);
-    println!("    work directory {}", lab.dir.display());
-    println!("    config {}", lab.config.display());
-    let result = run_in(&mut lab, o);
+    let mut cluster = LocalCluster::on_loopback(&o.parent, &exe, &["alpha", "beta"], &spec)?;
+    cluster.keep(o.keep);
+    println!("    work directory {}", cluster.dir.display());
+    println!("    config {}", cluster.config.display());
+    let result = run_in(&mut cluster, o);
     match &result {
         Ok(true) => println!(
             "\nVERDICT: PASS — replicated {} messages, failed over without losing one, and the old \
@@ -150,7 +156,7 @@ pub fn run(o: &DemoOptions) -> Result<bool> {
         Err(e) => {
             println!("\nVERDICT: FAIL — {e:#}");
             for n in ["alpha", "beta"] {
-                let log = lab.log_text(n);
+                let log = cluster.log_text(n);
                 let tail: Vec<&str> = log.lines().rev().take(15).collect();
                 println!("--- last lines of {n}'s log:");
                 for l in tail.iter().rev() {
@@ -160,9 +166,9 @@ pub fn run(o: &DemoOptions) -> Result<bool> {
         }
     }
     if o.keep {
-        println!("(kept {})", lab.dir.display());
+        println!("(kept {})", cluster.dir.display());
     }
-    drop(lab);
+    drop(cluster);
     println!(
         "cleaned up: agents stopped, mounts and loop devices removed{}",
         if o.keep { "" } else { ", files deleted" }
@@ -170,20 +176,20 @@ pub fn run(o: &DemoOptions) -> Result<bool> {
     Ok(result.unwrap_or(false))
 }
 
-fn run_in(lab: &mut Lab, o: &DemoOptions) -> Result<bool> {
+fn run_in(cluster: &mut LocalCluster, o: &DemoOptions) -> Result<bool> {
     step(2, "starting both agents (QUIC, mutual TLS with pinned certificates)");
-    lab.start("alpha")?;
-    lab.start("beta")?;
-    lab.wait_connected("alpha", Duration::from_secs(20))?;
+    cluster.start("alpha")?;
+    cluster.start("beta")?;
+    cluster.wait_connected("alpha", Duration::from_secs(20))?;
     println!("    alpha and beta connected");
     check_interrupt()?;
 
     step(3, "promoting alpha to primary");
-    let r = lab.promote("alpha", false)?;
+    let r = cluster.promote("alpha", false)?;
     if !r.ok {
         bail!("promote failed: {:?}", r.error);
     }
-    let st = lab.wait_for("alpha", "replication established", Duration::from_secs(20), |r| {
+    let st = cluster.wait_for("alpha", "replication established", Duration::from_secs(20), |r| {
         r.device.is_some() && r.peers.iter().all(|p| p.replication == "established")
     })?;
     let dev = st.device.clone().unwrap_or_default();
@@ -191,8 +197,8 @@ fn run_in(lab: &mut Lab, o: &DemoOptions) -> Result<bool> {
 
     step(4, &format!("mkfs.ext4 on {dev} and mount it"));
     run_cmd(Command::new("mkfs.ext4").args(["-q", "-F", "-L", "maildata", &dev]))?;
-    let mnt = lab.dir.join("mnt");
-    lab.mount(&dev, &mnt, "")?;
+    let mnt = cluster.dir.join("mnt");
+    cluster.mount(&dev, &mnt, "")?;
     check_interrupt()?;
 
     step(5, &format!("delivering {} messages into a Maildir (fsync each, rename into new/)", o.messages));
@@ -206,7 +212,7 @@ fn run_in(lab: &mut Lab, o: &DemoOptions) -> Result<bool> {
     );
 
     step(6, "status on alpha");
-    let s = lab.status("alpha")?;
+    let s = cluster.status("alpha")?;
     for l in s.render().lines() {
         println!("    {l}");
     }
@@ -218,7 +224,7 @@ fn run_in(lab: &mut Lab, o: &DemoOptions) -> Result<bool> {
         manifest.extend(deliver_from(&mnt.join("Maildir"), o.messages + k, 1)?);
         std::thread::sleep(Duration::from_millis(500));
     }
-    let st = lab.resource_status("alpha")?;
+    let st = cluster.resource_status("alpha")?;
     println!(
         "    {} messages in all; activity log: {} hot extents of 4 MiB (what a crash now would resync)",
         manifest.len(),
@@ -226,23 +232,23 @@ fn run_in(lab: &mut Lab, o: &DemoOptions) -> Result<bool> {
     );
 
     step(8, "failover: kill -9 alpha's agent, as if the active mail server died");
-    lab.kill9("alpha")?;
+    cluster.kill9("alpha")?;
     // The filesystem on the dead node's device can only be detached now.
-    lab.umount_lazy(&mnt)?;
-    lab.wait_for("beta", "alpha's loss noticed", Duration::from_secs(30), |r| {
+    cluster.umount_lazy(&mnt)?;
+    cluster.wait_for("beta", "alpha's loss noticed", Duration::from_secs(30), |r| {
         r.peers.iter().all(|p| p.connection != "connected")
     })?;
     println!("    alpha is gone; beta noticed the connection loss");
     check_interrupt()?;
 
     step(9, "promoting beta and checking every acknowledged message is there");
-    let r = lab.promote("beta", false)?;
+    let r = cluster.promote("beta", false)?;
     if !r.ok {
         bail!("promote beta failed: {:?}", r.error);
     }
     println!("    {}", r.message.unwrap_or_default());
-    let dev_b = lab.resource_status("beta")?.device.unwrap_or_default();
-    lab.mount(&dev_b, &mnt, "")?;
+    let dev_b = cluster.resource_status("beta")?.device.unwrap_or_default();
+    cluster.mount(&dev_b, &mnt, "")?;
     let found = verify_maildir(&mnt.join("Maildir"), &manifest)?;
     println!("    {found}/{} messages present and intact on beta", manifest.len());
     let more = (o.messages / 5).max(1);
@@ -255,8 +261,8 @@ fn run_in(lab: &mut Lab, o: &DemoOptions) -> Result<bool> {
     check_interrupt()?;
 
     step(10, "bringing alpha back: it becomes beta's mirror with a delta resync");
-    lab.start("alpha")?;
-    let st = lab.wait_for("beta", "alpha resynced", Duration::from_secs(120), |r| {
+    cluster.start("alpha")?;
+    let st = cluster.wait_for("beta", "alpha resynced", Duration::from_secs(120), |r| {
         r.peers.iter().all(|p| {
             p.connection == "connected" && p.replication == "established" && p.out_of_sync_bytes == 0
         })
@@ -267,37 +273,37 @@ fn run_in(lab: &mut Lab, o: &DemoOptions) -> Result<bool> {
         moved as f64 * 100.0 / o.size as f64,
         o.size
     );
-    for l in lab.status("beta")?.render().lines() {
+    for l in cluster.status("beta")?.render().lines() {
         println!("    {l}");
     }
 
     step(11, "unmount, demote beta, stop both agents");
-    lab.umount(&mnt)?;
-    let r = lab.demote("beta")?;
+    cluster.umount(&mnt)?;
+    let r = cluster.demote("beta")?;
     if !r.ok {
         bail!("demote failed: {:?}", r.error);
     }
     println!("    {}", r.message.unwrap_or_default());
-    let clean = lab.stop_all();
+    let clean = cluster.stop_all();
     for (n, ok) in &clean {
         println!("    {n} stopped {}", if *ok { "cleanly" } else { "UNCLEANLY" });
     }
 
     step(12, "verifying");
-    let a = sha256_file(&lab.image("alpha"))?;
-    let b = sha256_file(&lab.image("beta"))?;
+    let a = sha256_file(&cluster.image("alpha"))?;
+    let b = sha256_file(&cluster.image("beta"))?;
     println!("    sha256 alpha image: {a}");
     println!("    sha256 beta  image: {b}");
     let equal = a == b;
     println!("    images identical: {}", if equal { "yes" } else { "NO" });
-    let fsck = Command::new("e2fsck").args(["-f", "-n"]).arg(lab.image("alpha")).output()?;
+    let fsck = Command::new("e2fsck").args(["-f", "-n"]).arg(cluster.image("alpha")).output()?;
     println!("    e2fsck -fn of alpha's image: {}", if fsck.status.success() { "clean" } else { "ERRORS" });
-    let dev = lab.attach_ro(&lab.image("alpha"))?;
-    let ro = lab.dir.join("mirror-ro");
-    lab.mount(&dev, &ro, "ro,noload")?;
+    let dev = cluster.attach_ro(&cluster.image("alpha"))?;
+    let ro = cluster.dir.join("mirror-ro");
+    cluster.mount(&dev, &ro, "ro,noload")?;
     let checked = verify_maildir(&ro.join("Maildir"), &manifest);
-    lab.umount(&ro)?;
-    lab.detach(&dev)?;
+    cluster.umount(&ro)?;
+    cluster.detach(&dev)?;
     let checked = checked?;
     println!(
         "    messages read back from alpha's copy (the new mirror) and matched: {checked}/{}",
