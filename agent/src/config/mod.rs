@@ -3,15 +3,15 @@
 //! Parsing is strict (unknown keys are errors) and every error names the file and the
 //! offending item, so a typo is found when the agent starts, not when a failover needs it.
 //!
-//! Two steps: serde reads the file into typed values with their defaults ([`file`]; the
-//! defaults all live in [`defaults`], the string forms in [`units`]), then [`Config::parse`]
+//! Two steps: serde reads the file into typed values with their defaults (`file.rs`; the
+//! defaults all live in `defaults.rs`, the string forms in `units.rs`), then [`Config::parse`]
 //! resolves what is inherited (a disk's mode and backlog from its resource, a resource's
 //! timeout and handlers from the top level) and checks what relates several values
 //! (heartbeat shorter than timeout, sizes that are multiples of 4KiB, known nodes, ...).
 
-pub mod defaults;
+mod defaults;
 mod file;
-pub mod units;
+mod units;
 
 #[cfg(test)]
 mod tests;
@@ -171,7 +171,7 @@ impl Resource {
     }
 }
 
-/// `[options]`: cluster-wide settings; every key is optional (see [`defaults`]).
+/// `[options]`: cluster-wide settings; every key is optional (defaults in `defaults.rs`).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Options {

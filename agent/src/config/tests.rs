@@ -354,7 +354,8 @@ fn a_bad_value_names_the_file_the_item_and_the_key() {
     // In a volume group, the volume is named too.
     let group = minimal().replace(
         "size = \"512MiB\"\n",
-        "[[resource.volume]]\nname = \"queue\"\nsize = \"64MiB\"\n[[resource.volume]]\nname = \"store\"\nsize = \"lots\"\n",
+        "[[resource.volume]]\nname = \"queue\"\nsize = \"64MiB\"\n\
+         [[resource.volume]]\nname = \"store\"\nsize = \"lots\"\n",
     );
     let e = err(&group);
     assert!(e.contains("resource mailstore: volume store: size: ") && e.contains("\"lots\""), "{e}");
@@ -441,8 +442,8 @@ fn values_that_do_not_fit_together_are_refused() {
     let mut many = String::from("cluster = \"big\"\n");
     for i in 0..33 {
         many += &format!(
-            "[[node]]\nname = \"n{i}\"\naddress = \"127.0.0.1:{}\"\ncontrol = \"/c{i}\"\nrun_dir = \"/r{i}\"\n\
-             cert = \"/c{i}.crt\"\nkey = \"/c{i}.key\"\n",
+            "[[node]]\nname = \"n{i}\"\naddress = \"127.0.0.1:{}\"\n\
+             control = \"/c{i}\"\nrun_dir = \"/r{i}\"\ncert = \"/c{i}.crt\"\nkey = \"/c{i}.key\"\n",
             7000 + i
         );
     }
@@ -493,13 +494,21 @@ proptest! {
     #[test]
     fn sizes_round_trip(n in any::<u64>(), k in 0u64..1 << 20, unit in 0usize..5, spelling in 0usize..4) {
         prop_assert_eq!(parse_size(&format_size(n)), Ok(n));
-        let names = [["", "b", "B", ""], ["k", "KiB", "kb", "K"], ["m", "MiB", "MB", "mib"], ["g", "GiB", "gb", "G"], ["t", "TiB", "TB", "tib"]];
+        let names = [
+            ["", "b", "B", ""],
+            ["k", "KiB", "kb", "K"],
+            ["m", "MiB", "MB", "mib"],
+            ["g", "GiB", "gb", "G"],
+            ["t", "TiB", "TB", "tib"],
+        ];
+        let bytes = k << (10 * unit);
+        prop_assert_eq!(parse_size(&format_size(bytes)), Ok(bytes));
         let text = format!("{k}{}", names[unit][spelling]);
-        prop_assert_eq!(parse_size(&text), Ok(k << (10 * unit)));
+        prop_assert_eq!(parse_size(&text), Ok(bytes));
         let toml = format!("v = \"{text}\"");
         #[derive(Deserialize)]
         struct V { v: ByteSize }
-        prop_assert_eq!(toml::from_str::<V>(&toml).map(|x| x.v.0).ok(), Some(k << (10 * unit)));
+        prop_assert_eq!(toml::from_str::<V>(&toml).map(|x| x.v.0).ok(), Some(bytes));
     }
 }
 
