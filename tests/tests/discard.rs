@@ -6,7 +6,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::process::Command;
 
-use tandem_agent::lab::LabOptions;
+use tandem_tests::lab::LabOptions;
 use tandem_tests::*;
 
 const MIB: u64 = 1 << 20;
