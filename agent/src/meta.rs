@@ -20,7 +20,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail, Context, Result};
 use bincode::{Decode, Encode};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tandem_replicator::DirtyBitmap;
 use tracing::warn;
 
@@ -41,12 +41,24 @@ const PAGE_HEAD: usize = 16;
 /// Bitmap words per page: 510 words = 4080 bytes = 32640 bits.
 pub const PAGE_WORDS: usize = (SLOT - PAGE_HEAD) / 8;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Encode, Decode, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Encode, Decode, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum DiskState {
     UpToDate,
     Outdated,
     Inconsistent,
+}
+
+impl PartialEq<&str> for DiskState {
+    fn eq(&self, other: &&str) -> bool {
+        self.as_str() == *other
+    }
+}
+
+impl std::fmt::Display for DiskState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 impl DiskState {

@@ -1,7 +1,91 @@
 //! What `tandem status` reports, shared by the daemon (which fills it) and the CLI (which
 //! prints it). The JSON form is an interface: fields are added, never renamed or removed.
+//! States are enums, serialised as the snake_case words the JSON has always used.
+
+use std::fmt;
 
 use serde::{Deserialize, Serialize};
+
+pub use crate::meta::DiskState;
+
+/// Declares a status enum: serde as snake_case words, `as_str`, `Display`, and comparison
+/// with those words (scripts and tests read the JSON as words).
+macro_rules! status_enum {
+    ($(#[$m:meta])* $name:ident { $($(#[$vm:meta])* $v:ident = $s:literal),+ $(,)? }) => {
+        $(#[$m])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+        pub enum $name {
+            $($(#[$vm])* #[serde(rename = $s)] $v),+
+        }
+        impl $name {
+            pub fn as_str(self) -> &'static str {
+                match self { $($name::$v => $s),+ }
+            }
+        }
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+        impl PartialEq<&str> for $name {
+            fn eq(&self, other: &&str) -> bool {
+                self.as_str() == *other
+            }
+        }
+    };
+}
+
+status_enum! {
+    /// A node's role for a resource.
+    Role { Primary = "primary", Secondary = "secondary" }
+}
+
+status_enum! {
+    /// A resource's session with a peer.
+    ConnectionState {
+        /// The session is up.
+        Connected = "connected",
+        /// Trying to reach the peer, or waiting for it to offer the resource.
+        Connecting = "connecting",
+        /// Kept apart: disconnected by the administrator, or refused (split brain,
+        /// unrelated data, ...) until an administrator acts.
+        StandAlone = "standalone",
+    }
+}
+
+status_enum! {
+    /// What replication does with a peer.
+    ReplicationState {
+        /// Replicating: every write goes to the peer.
+        Established = "established",
+        /// The backlog overflowed: data withheld until it drains, then resynced.
+        Ahead = "ahead",
+        SyncSource = "sync_source",
+        SyncTarget = "sync_target",
+        SplitBrain = "split_brain",
+        Off = "off",
+    }
+}
+
+impl From<tandem_replicator::relation::ConnectionState> for ConnectionState {
+    fn from(c: tandem_replicator::relation::ConnectionState) -> Self {
+        use tandem_replicator::relation::ConnectionState as C;
+        match c {
+            C::Connected => ConnectionState::Connected,
+            C::Connecting => ConnectionState::Connecting,
+            C::StandAlone => ConnectionState::StandAlone,
+        }
+    }
+}
+
+impl From<tandem_protocol::Role> for Role {
+    fn from(r: tandem_protocol::Role) -> Self {
+        match r {
+            tandem_protocol::Role::Primary => Role::Primary,
+            tandem_protocol::Role::Secondary => Role::Secondary,
+        }
+    }
+}
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct NodeStatus {
@@ -13,10 +97,8 @@ pub struct NodeStatus {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ResourceStatus {
     pub name: String,
-    /// "primary" | "secondary"
-    pub role: String,
-    /// "up_to_date" | "outdated" | "inconsistent"
-    pub disk: String,
+    pub role: Role,
+    pub disk: DiskState,
     /// The block device on the primary, e.g. "/dev/loop3" (a volume group's first volume's);
     /// null on a secondary.
     pub device: Option<String>,
@@ -40,17 +122,14 @@ pub struct VolumeStatus {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct PeerStatus {
     pub node: String,
-    /// "connected" | "connecting" | "standalone"
-    pub connection: String,
-    /// "established" (replicating) | "ahead" (backlog overflowed: data withheld until it
-    /// drains, then resynced) | "sync_source" | "sync_target" | "split_brain" | "off"
-    pub replication: String,
+    pub connection: ConnectionState,
+    pub replication: ReplicationState,
     /// "sync" | "memory" | "async"
     pub mode: String,
     /// Bytes this node, as primary, knows the peer is missing.
     pub out_of_sync_bytes: u64,
-    pub peer_role: Option<String>,
-    pub peer_disk: Option<String>,
+    pub peer_role: Option<Role>,
+    pub peer_disk: Option<DiskState>,
     /// Requests sent to the peer and not yet durably acknowledged.
     pub pending_requests: usize,
     /// Data sent to the peer and not yet on its disk (bytes), and how old the oldest of it
@@ -224,7 +303,7 @@ impl NodeStatus {
                 }
             }
             let s = &r.stats;
-            if r.role == "primary" {
+            if r.role == Role::Primary {
                 out += &format!(
                     "    writes:{} ({})  flushes:{}  discards:{}  local I/O errors:{}\n",
                     s.writes,

@@ -186,7 +186,7 @@ fn replicating(a: &ResourceStatus) -> bool {
         p.connection == "connected"
             && p.replication == "established"
             && p.out_of_sync_bytes == 0
-            && p.peer_disk.as_deref() == Some("up_to_date")
+            && p.peer_disk == Some(tandem_agent::status::DiskState::UpToDate)
     })
 }
 

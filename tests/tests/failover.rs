@@ -617,7 +617,7 @@ fn planned_switchover_moves_zero_resync_bytes() {
         let r = lab.demote(primary).unwrap();
         assert!(r.ok, "{r:?}");
         wait_until(&lab, standby, "peer secondary", secs(30), |r| {
-            r.peers[0].peer_role.as_deref() == Some("secondary")
+            r.peers[0].peer_role == Some(tandem_agent::status::Role::Secondary)
         });
         let r = lab.promote(standby, false).unwrap();
         assert!(r.ok, "planned switchover to {standby}: promotion refused: {r:?}");
@@ -627,7 +627,7 @@ fn planned_switchover_moves_zero_resync_bytes() {
         let p = wait_until(&lab, primary, "following the new primary", secs(30), |r| {
             r.disk == "up_to_date"
                 && r.role == "secondary"
-                && r.peers[0].peer_role.as_deref() == Some("primary")
+                && r.peers[0].peer_role == Some(tandem_agent::status::Role::Primary)
                 && r.peers[0].replication == "established"
                 && r.generation == s.generation
         });
@@ -722,7 +722,7 @@ fn promotion_is_refused_when_it_must_be() {
     let (ok, msg) = cli_promote(&lab, "beta", false);
     println!("promote beta ({} disk, no peer): {}", b.disk, msg.trim());
     assert!(!ok, "a {} disk was promoted without --force", b.disk);
-    assert!(msg.contains(&b.disk) && msg.contains("--force"), "unclear refusal: {msg}");
+    assert!(msg.contains(b.disk.as_str()) && msg.contains("--force"), "unclear refusal: {msg}");
     // Durable: the same after a crash and restart of beta.
     lab.kill9("beta").unwrap();
     lab.start("beta").unwrap();

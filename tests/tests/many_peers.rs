@@ -32,7 +32,7 @@ fn in_sync(p: &PeerStatus) -> bool {
         && p.replication == "established"
         && p.pending_requests == 0
         && p.out_of_sync_bytes == 0
-        && p.peer_disk.as_deref() == Some("up_to_date")
+        && p.peer_disk == Some(tandem_agent::status::DiskState::UpToDate)
 }
 
 fn all_in_sync(r: &ResourceStatus) -> bool {

@@ -49,7 +49,7 @@ fn finish(lab: &mut Lab, run: u64, written: &std::collections::BTreeMap<u64, u64
         r.peers[0].replication == "established"
             && r.peers[0].out_of_sync_bytes == 0
             && r.peers[0].pending_requests == 0
-            && r.peers[0].peer_disk.as_deref() == Some("up_to_date")
+            && r.peers[0].peer_disk == Some(tandem_agent::status::DiskState::UpToDate)
     });
     assert!(lab.demote("alpha").unwrap().ok);
     let clean = lab.stop_all();

@@ -99,7 +99,7 @@ impl Pair {
             r.peers[0].connection == "connected"
                 && r.peers[0].replication == "established"
                 && r.peers[0].out_of_sync_bytes == 0
-                && r.peers[0].peer_disk.as_deref() == Some("up_to_date")
+                && r.peers[0].peer_disk == Some(tandem_agent::status::DiskState::UpToDate)
         })
     }
 }

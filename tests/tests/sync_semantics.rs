@@ -84,7 +84,7 @@ fn frozen_standby_holds_writes_until_timeout_then_is_outdated() {
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "promote of a {disk} disk succeeded");
-    assert!(stderr.contains(&disk) && stderr.contains("--force"), "unclear refusal: {stderr}");
+    assert!(stderr.contains(disk.as_str()) && stderr.contains("--force"), "unclear refusal: {stderr}");
     assert_eq!(lab.resource_status("beta").unwrap().role, "secondary");
     // The state survives a restart of the standby.
     assert!(lab.stop("beta", secs(30)).unwrap());

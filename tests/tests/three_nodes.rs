@@ -77,7 +77,7 @@ fn sync_standby_stays_current_while_async_wan_replica_lags_then_converges() {
             p.replication == "established"
                 && p.pending_requests == 0
                 && p.out_of_sync_bytes == 0
-                && p.peer_disk.as_deref() == Some("up_to_date")
+                && p.peer_disk == Some(tandem_agent::status::DiskState::UpToDate)
         })
     });
     println!("gamma converged {:?} later; {:?}", t.elapsed(), st.peers.iter().find(|p| p.node == "gamma"));
@@ -95,7 +95,7 @@ fn sync_standby_stays_current_while_async_wan_replica_lags_then_converges() {
             p.connection == "connected"
                 && p.replication == "established"
                 && p.out_of_sync_bytes == 0
-                && p.peer_disk.as_deref() == Some("up_to_date")
+                && p.peer_disk == Some(tandem_agent::status::DiskState::UpToDate)
         })
     });
     assert!(lab.demote("alpha").unwrap().ok);

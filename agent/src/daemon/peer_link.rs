@@ -471,13 +471,22 @@ mod tests {
         let port = |_| std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
         let (a, b) = (node(dir.path(), "alpha", port(0)), node(dir.path(), "beta", port(1)));
         let (ta, tb) = (transport(&a, &b), transport(&b, &a));
+        let dial = async {
+            let c = ta.connect(&b).await.unwrap();
+            let (send, _) = c.open_bi().await.unwrap();
+            let mut w = FrameWriter::new(send);
+            // The stream exists for the peer once something is sent on it.
+            w.send(&Frame::Heartbeat { nonce: 0, reply: false }).await.unwrap();
+            (c, w)
+        };
         let accept = async {
             let c = tb.accept().await.unwrap().await.unwrap();
             let (_, recv) = c.accept_bi().await.unwrap();
-            (c, FrameReader::new(recv))
+            let mut r = FrameReader::new(recv);
+            assert!(matches!(r.next().await.unwrap(), Some(Frame::Heartbeat { .. })));
+            (c, r)
         };
-        let (conn, (_server, mut reader)) = tokio::join!(async { ta.connect(&b).await.unwrap() }, accept);
-        let (send, _) = conn.open_bi().await.unwrap();
+        let ((conn, mut w), (_server, mut reader)) = tokio::join!(dial, accept);
         let (queue, mut rx) = ControlQueue::new();
         let pc = PeerConn::new("beta", conn.clone(), queue);
         const N: u64 = 100_000;
@@ -488,7 +497,6 @@ mod tests {
                 last: i == N - 1,
             });
         }
-        let mut w = FrameWriter::new(send);
         let writer = async move {
             while let Some(f) = rx.recv().await {
                 w.send(&f).await.unwrap();
@@ -505,10 +513,14 @@ mod tests {
                 }
             }
         };
-        tokio::select! {
-            _ = writer => panic!("the control writer ended early"),
-            _ = check => {}
-        }
+        let run = async {
+            tokio::select! {
+                _ = writer => panic!("the control writer ended early"),
+                _ = check => {}
+            }
+        };
+        // Generous: a broken queue must fail the test, not hang it.
+        tokio::time::timeout(Duration::from_secs(60), run).await.expect("the flood did not arrive");
         assert!(conn.close_reason().is_none(), "the connection was closed: {:?}", conn.close_reason());
     }
 }

@@ -14,7 +14,9 @@ use tandem_replicator::Volume;
 use crate::volume_set::VolumeLayout;
 use tracing::{info, warn};
 
-/// A running frontend exposing the primary's volume as block devices.
+/// A running frontend exposing the primary's volume as block devices. Used as a trait
+/// object (`Box<dyn Frontend>`), so a resource can be exported by other frontends (an NBD
+/// export, a snapshot's read-only device) without the resource knowing which.
 pub trait Frontend: Send + Sync {
     /// The block device of each volume, by volume name (one unnamed volume unless the
     /// resource is a volume group).
@@ -25,9 +27,10 @@ pub trait Frontend: Send + Sync {
     }
     /// Whether any device is open (e.g. mounted).
     fn in_use(&self) -> bool;
-    /// Removes the devices and stops serving. Refuses while a device is in use. On
-    /// return no request is in flight from this frontend.
-    fn stop(self: Box<Self>) -> Result<(), (Box<Self>, anyhow::Error)>;
+    /// Removes the devices and stops serving. Refuses while a device is in use, leaving
+    /// the frontend as it was (still serving). On `Ok` no request is in flight from this
+    /// frontend and it serves nothing more.
+    fn stop(&mut self) -> Result<()>;
 }
 
 /// Threads reading FUSE requests.
@@ -110,15 +113,14 @@ impl Frontend for FuseLoop {
         self.devices.iter().any(|(_, d)| loopdev::in_use(d))
     }
 
-    fn stop(mut self: Box<Self>) -> Result<(), (Box<Self>, anyhow::Error)> {
+    fn stop(&mut self) -> Result<()> {
         if let Some((_, d)) = self.devices.iter().find(|(_, d)| loopdev::in_use(d)) {
-            let e = anyhow::anyhow!("device {d} is in use (mounted or open); unmount it first");
-            return Err((self, e));
+            bail!("device {d} is in use (mounted or open); unmount it first");
         }
         while let Some((v, d)) = self.devices.pop() {
             if let Err(e) = loopdev::detach(&d) {
                 self.devices.push((v, d));
-                return Err((self, e));
+                return Err(e);
             }
         }
         // The loop driver lets go of the FUSE files asynchronously: wait for that, then
@@ -129,10 +131,11 @@ impl Frontend for FuseLoop {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        let session = self.session.take().expect("session present until stop");
-        if let Err(e) = session.umount_and_join() {
-            warn!("FUSE unmount of {} failed ({e}); detaching lazily", self.mountpoint.display());
-            let _ = nix::mount::umount2(&self.mountpoint, nix::mount::MntFlags::MNT_DETACH);
+        if let Some(session) = self.session.take() {
+            if let Err(e) = session.umount_and_join() {
+                warn!("FUSE unmount of {} failed ({e}); detaching lazily", self.mountpoint.display());
+                let _ = nix::mount::umount2(&self.mountpoint, nix::mount::MntFlags::MNT_DETACH);
+            }
         }
         info!(mountpoint = %self.mountpoint.display(), "frontend down");
         Ok(())

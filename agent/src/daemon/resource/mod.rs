@@ -24,7 +24,7 @@ use std::time::Duration;
 use anyhow::{anyhow, bail, Context, Result};
 use tandem_protocol::{ResourceHello, Role};
 use tandem_replicator::generation::{BLANK, UNKNOWN};
-use tandem_replicator::relation::{ConnectionState, Phase, Refusal, Relation};
+use tandem_replicator::relation::{Phase, Refusal, Relation};
 use tandem_replicator::resync::stats::ResyncStats;
 use tandem_replicator::{
     ActivityLog, ApplierStats, BlockStore, DirtyBitmap, PeerHandle, TargetState, Volume,
@@ -35,9 +35,11 @@ use tracing::{error, warn};
 use crate::config;
 use crate::daemon::hooks::{HookContext, HookEvent, Hooks};
 use crate::daemon::peer_link::PeerConn;
-use crate::frontend::FuseLoop;
+use crate::frontend::Frontend;
 use crate::meta::{DiskState, MetaFile, MetaRecord, AL_MAX_EXTENTS};
-use crate::status::{PeerStatus, ResourceStats, ResourceStatus, ResyncStatus, VolumeStatus};
+use crate::status::{
+    PeerStatus, ReplicationState, ResourceStats, ResourceStatus, ResyncStatus, VolumeStatus,
+};
 use crate::storage::FileStore;
 use crate::transport::framed::WireCounts;
 use crate::volume_set::{VolumeLayout, VolumeSet};
@@ -66,7 +68,7 @@ struct PeerState {
 
 enum RoleState {
     Secondary,
-    Primary { volume: Arc<Volume>, frontend: Box<FuseLoop> },
+    Primary { volume: Arc<Volume>, frontend: Box<dyn Frontend> },
 }
 
 pub struct Resource {
@@ -324,30 +326,22 @@ impl Resource {
                 let replicating = rep.is_some_and(|r| r.connected) || p.applying;
                 let up = p.rel.is_up();
                 let replication = match p.rel.phase {
-                    _ if rep.is_some_and(|r| r.ahead) => "ahead",
-                    Phase::Source(_) if progress.active || up => "sync_source",
-                    Phase::Target(_) if up => "sync_target",
-                    Phase::Refused(Refusal::SplitBrain) => "split_brain",
-                    _ if replicating => "established",
-                    _ => "off",
-                };
-                let connection = match p.rel.connection_state() {
-                    ConnectionState::Connected => "connected",
-                    ConnectionState::Connecting => "connecting",
-                    ConnectionState::StandAlone => "standalone",
+                    _ if rep.is_some_and(|r| r.ahead) => ReplicationState::Ahead,
+                    Phase::Source(_) if progress.active || up => ReplicationState::SyncSource,
+                    Phase::Target(_) if up => ReplicationState::SyncTarget,
+                    Phase::Refused(Refusal::SplitBrain) => ReplicationState::SplitBrain,
+                    _ if replicating => ReplicationState::Established,
+                    _ => ReplicationState::Off,
                 };
                 let remote = p.rel.remote.as_ref().filter(|_| up);
                 PeerStatus {
                     node: name.clone(),
-                    connection: connection.to_string(),
-                    replication: replication.to_string(),
+                    connection: p.rel.connection_state().into(),
+                    replication,
                     mode: self.cfg.link_to(name).mode.to_string(),
                     out_of_sync_bytes: self.bitmaps[name].lock().unwrap().dirty_bytes(),
-                    peer_role: remote.map(|r| match r.role {
-                        Role::Primary => "primary".to_string(),
-                        Role::Secondary => "secondary".to_string(),
-                    }),
-                    peer_disk: remote.map(|r| DiskState::from_wire(r.disk).as_str().to_string()),
+                    peer_role: remote.map(|r| r.role.into()),
+                    peer_disk: remote.map(|r| DiskState::from_wire(r.disk)),
                     pending_requests: rep.map_or(0, |r| r.pending_requests),
                     lag_bytes: rep.map_or(0, |r| r.lag_bytes),
                     sent_data_bytes: self.wire[name].data_bytes.get(),
@@ -384,8 +378,12 @@ impl Resource {
         }
         ResourceStatus {
             name: self.name.clone(),
-            role: if current.is_some() { "primary" } else { "secondary" }.to_string(),
-            disk: rec.disk.as_str().to_string(),
+            role: if current.is_some() {
+                crate::status::Role::Primary
+            } else {
+                crate::status::Role::Secondary
+            },
+            disk: rec.disk,
             device: current.map(|(_, d)| d),
             volumes: {
                 let devices = self.devices.lock().unwrap();

@@ -86,13 +86,14 @@ impl Resource {
         );
         let (v, mp) = (volume.clone(), self.mountpoint.clone());
         let volumes = self.cfg.volumes.clone();
-        let frontend = match tokio::task::spawn_blocking(move || FuseLoop::start(v, &mp, &volumes)).await? {
-            Ok(f) => Box::new(f),
-            Err(e) => {
-                self.update_meta(|m| m.primary = false)?;
-                return Err(e.context(format!("cannot start the device for {}", self.name)));
-            }
-        };
+        let frontend: Box<dyn Frontend> =
+            match tokio::task::spawn_blocking(move || FuseLoop::start(v, &mp, &volumes)).await? {
+                Ok(f) => Box::new(f),
+                Err(e) => {
+                    self.update_meta(|m| m.primary = false)?;
+                    return Err(e.context(format!("cannot start the device for {}", self.name)));
+                }
+            };
         let device = frontend.device().to_string();
         *self.devices.lock().unwrap() = frontend.devices().to_vec();
         *self.current.lock().unwrap() = Some((volume.clone(), device.clone()));
@@ -179,8 +180,13 @@ impl Resource {
             return Ok(format!("{} is already secondary here", self.name));
         };
         let device = frontend.device().to_string();
-        let stopped = tokio::task::spawn_blocking(move || frontend.stop()).await?;
-        if let Err((frontend, e)) = stopped {
+        let (frontend, stopped) = tokio::task::spawn_blocking(move || {
+            let mut frontend = frontend;
+            let r = frontend.stop();
+            (frontend, r)
+        })
+        .await?;
+        if let Err(e) = stopped {
             *role = RoleState::Primary { volume, frontend };
             return Err(e.context(format!("cannot demote {}", self.name)));
         }
