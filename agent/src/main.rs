@@ -83,8 +83,11 @@ fn run(cli: Cli) -> Result<ExitCode> {
             if *json {
                 println!("{}", serde_json::to_string_pretty(&status)?);
             } else {
-                print!("{}", status.render());
-                draw_resync_bars(&status);
+                let bars = std::io::IsTerminal::is_terminal(&std::io::stdout());
+                print!("{}", status.render(bars));
+                if bars {
+                    draw_resync_bars(&status);
+                }
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -165,12 +168,9 @@ fn verb(resp: control::Response) -> Result<ExitCode> {
     }
 }
 
-/// On a terminal, draws each running resync as a progress bar.
+/// On a terminal, draws each running resync as a progress bar (instead of the text line).
 fn draw_resync_bars(status: &tandem_agent::status::NodeStatus) {
     use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-    if !std::io::IsTerminal::is_terminal(&std::io::stdout()) {
-        return;
-    }
     for r in &status.resources {
         for p in &r.peers {
             let Some(rs) = p.resync.as_ref().filter(|x| x.active) else { continue };

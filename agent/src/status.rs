@@ -255,8 +255,9 @@ pub fn human_bytes(b: u64) -> String {
 }
 
 impl NodeStatus {
-    /// The human form of `tandem status`.
-    pub fn render(&self) -> String {
+    /// The human form of `tandem status`. Each running resync is drawn once: as a text
+    /// line here unless `bars` says the caller draws it as a progress bar instead.
+    pub fn render(&self, bars: bool) -> String {
         let mut out = format!("node {} (cluster {})\n", self.node, self.cluster);
         for r in &self.resources {
             out += &format!(
@@ -295,7 +296,7 @@ impl NodeStatus {
                     out += &format!("  lag:{} ({:.1}s)", human_bytes(p.lag_bytes), p.lag_secs);
                 }
                 out += "\n";
-                if let Some(r) = p.resync.as_ref().filter(|r| r.active) {
+                if let Some(r) = p.resync.as_ref().filter(|r| r.active && !bars) {
                     out += &format!("      {}\n", r.line());
                 }
                 if let Some(e) = &p.last_error {

@@ -1,5 +1,6 @@
 //! What a peer can and cannot do: a node with the wrong certificate gets nothing and writes
-//! nothing; a corrupted block is never written; malformed frames, another protocol version
+//! nothing; a corrupted block is never written (the resource's session ends, the connection
+//! stays); malformed frames, another protocol version
 //! and a disagreeing resource size are refused with a reason in the log.
 
 use std::time::Duration;
@@ -162,11 +163,22 @@ fn tandem_replicator_blank() -> u64 {
     1
 }
 
-fn close_reason(e: quinn::ConnectionError) -> String {
-    match e {
-        quinn::ConnectionError::ApplicationClosed(c) => String::from_utf8_lossy(&c.reason).to_string(),
-        other => other.to_string(),
-    }
+/// Reads the control stream until the agent ends the resource's session; returns its
+/// reason (heartbeats are answered by nobody here, so this must come within the timeout).
+async fn resource_down(cr: &mut FrameReader) -> String {
+    let wait = async {
+        loop {
+            match cr.next().await {
+                Ok(Some(Frame::Control(ControlMsg::ResourceDown { resource, reason, .. }))) => {
+                    assert_eq!(resource, "mail");
+                    return reason;
+                }
+                Ok(Some(_)) => continue,
+                other => panic!("control stream ended before the session did: {other:?}"),
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), wait).await.expect("beta ends the resource's session")
 }
 
 fn data(seq: u64, offset: u64, payload: Vec<u8>, checksum_delta: u32) -> Frame {
@@ -175,14 +187,14 @@ fn data(seq: u64, offset: u64, payload: Vec<u8>, checksum_delta: u32) -> Frame {
 }
 
 #[test]
-fn corrupted_block_is_not_written_counted_and_connection_dropped() {
+fn corrupted_block_is_not_written_counted_and_the_session_ends() {
     let mut lab = new_lab(&["alpha", "beta"], &LabOptions { size: SIZE, ..Default::default() });
     lab.start("beta").unwrap();
     let fake = FakePrimary::new(&lab);
     let good = stamped_block(0, 1, 1);
     let bad = stamped_block(4096, 1, 1);
     let (reason, acked) = fake.rt.block_on(async {
-        let (conn, _cw, _cr, answer) = fake.connect(fake.hello()).await;
+        let (conn, _cw, mut cr, answer) = fake.connect(fake.hello()).await;
         assert!(matches!(answer, Some(Frame::Hello { .. })), "no hello from beta: {answer:?}");
         let (s, r) = conn.open_bi().await.unwrap();
         let (mut w, mut r) = (FrameWriter::new(s), FrameReader::new(r));
@@ -196,10 +208,11 @@ fn corrupted_block_is_not_written_counted_and_connection_dropped() {
         let ack = tokio::time::timeout(Duration::from_secs(10), r.next()).await.unwrap().unwrap();
         // Checksum computed, then the payload "changed in memory": it no longer matches.
         w.send(&data(2, 4096, bad.clone(), 0x0100_0000)).await.unwrap();
-        let e = tokio::time::timeout(Duration::from_secs(10), conn.closed())
-            .await
-            .expect("beta drops the connection");
-        (close_reason(e), ack)
+        // The resource's session ends with the reason; the connection (which other
+        // resources would share) stays.
+        let reason = resource_down(&mut cr).await;
+        assert!(conn.close_reason().is_none(), "the connection was closed: {:?}", conn.close_reason());
+        (reason, ack)
     });
     assert_eq!(acked, Some(Frame::Ack { seq: 1, level: AckLevel::Durable }));
     assert!(reason.contains("checksum mismatch on seq 2"), "close reason: {reason}");
@@ -217,12 +230,12 @@ fn corrupted_block_is_not_written_counted_and_connection_dropped() {
 }
 
 #[test]
-fn malformed_frame_drops_the_connection_with_a_reason() {
+fn malformed_frame_ends_the_resource_session_with_a_reason() {
     let mut lab = new_lab(&["alpha", "beta"], &LabOptions { size: SIZE, ..Default::default() });
     lab.start("beta").unwrap();
     let fake = FakePrimary::new(&lab);
     let reason = fake.rt.block_on(async {
-        let (conn, _cw, _cr, _) = fake.connect(fake.hello()).await;
+        let (conn, _cw, mut cr, _) = fake.connect(fake.hello()).await;
         let (mut s, _r) = conn.open_bi().await.unwrap();
         let mut open = Frame::Control(ControlMsg::OpenStream {
             resource: "mail".into(),
@@ -234,10 +247,9 @@ fn malformed_frame_drops_the_connection_with_a_reason() {
             &tandem_protocol::header::Header { kind: FrameKind::Data, flags: 0, body_len: 3 << 30 }.encode(),
         );
         s.write_all(&open).await.unwrap();
-        let e = tokio::time::timeout(Duration::from_secs(10), conn.closed())
-            .await
-            .expect("beta drops the connection");
-        close_reason(e)
+        let reason = resource_down(&mut cr).await;
+        assert!(conn.close_reason().is_none(), "the connection was closed: {:?}", conn.close_reason());
+        reason
     });
     assert!(
         reason.contains("malformed frame") && reason.contains("exceeds the limit"),
