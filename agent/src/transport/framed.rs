@@ -5,7 +5,7 @@ use bytes::Bytes;
 use quinn::{Connection, RecvStream, SendStream, VarInt};
 use std::sync::Arc;
 
-use tandem_protocol::{Compression, DecodeError, Frame, FrameDecoder};
+use tandem_protocol::{CompressedFrame, Compression, DecodeError, Decoded, Frame, FrameDecoder};
 use tandem_replicator::Counter;
 use tandem_replicator::{Link, LINK_CAPACITY};
 use thiserror::Error;
@@ -22,21 +22,46 @@ pub enum RecvError {
     Read(#[from] quinn::ReadError),
 }
 
+/// Encodes a frame for a link with the given compression: [`Frame::encode_chunks_compressed`]
+/// in the agent; tests substitute an instrumented one.
+pub type Encode = Arc<dyn Fn(&Frame, Compression) -> (Bytes, Option<Bytes>) + Send + Sync>;
+
+/// Decompresses a received frame: [`CompressedFrame::decompress`] in the agent; tests
+/// substitute an instrumented one.
+pub type Decompress = Arc<dyn Fn(CompressedFrame) -> Result<Frame, DecodeError> + Send + Sync>;
+
 pub struct FrameReader {
     recv: RecvStream,
     decoder: FrameDecoder,
+    decompress: Decompress,
 }
 
 impl FrameReader {
     pub fn new(recv: RecvStream) -> Self {
-        Self { recv, decoder: FrameDecoder::default() }
+        Self { recv, decoder: FrameDecoder::default(), decompress: Arc::new(CompressedFrame::decompress) }
+    }
+
+    /// Decompresses received block data with `d` instead of [`CompressedFrame::decompress`].
+    pub fn with_decompress(mut self, d: Decompress) -> Self {
+        self.decompress = d;
+        self
     }
 
     /// The next frame; `Ok(None)` at the end of the stream.
     pub async fn next(&mut self) -> Result<Option<Frame>, RecvError> {
+        match self.next_decoded().await? {
+            Some(Decoded::Compressed(c)) => Ok(Some((self.decompress)(c)?)),
+            Some(Decoded::Frame(f)) => Ok(Some(f)),
+            None => Ok(None),
+        }
+    }
+
+    /// The next frame, a compressed one not yet decompressed; `Ok(None)` at the end of the
+    /// stream.
+    async fn next_decoded(&mut self) -> Result<Option<Decoded>, RecvError> {
         loop {
-            if let Some(f) = self.decoder.next_frame()? {
-                return Ok(Some(f));
+            if let Some(d) = self.decoder.next_decoded()? {
+                return Ok(Some(d));
             }
             match self.recv.read_chunk(1 << 20, true).await? {
                 Some(chunk) => self.decoder.push_bytes(chunk.bytes),
@@ -51,6 +76,7 @@ pub struct FrameWriter {
     chunks: Vec<Bytes>,
     compression: Compression,
     counts: Option<Arc<WireCounts>>,
+    encode: Encode,
 }
 
 /// Block data sent to a peer: payload bytes as written, and as they went on the wire.
@@ -62,7 +88,13 @@ pub struct WireCounts {
 
 impl FrameWriter {
     pub fn new(send: SendStream) -> Self {
-        Self { send, chunks: Vec::new(), compression: Compression::None, counts: None }
+        Self {
+            send,
+            chunks: Vec::new(),
+            compression: Compression::None,
+            counts: None,
+            encode: Arc::new(Frame::encode_chunks_compressed),
+        }
     }
 
     /// Compresses block data sent through this writer where that pays (WAN peers), and
@@ -73,10 +105,17 @@ impl FrameWriter {
         self
     }
 
+    /// Encodes frames of a compressed link with `e` instead of
+    /// [`Frame::encode_chunks_compressed`].
+    pub fn with_encode(mut self, e: Encode) -> Self {
+        self.encode = e;
+        self
+    }
+
     fn push(&mut self, f: &Frame) {
         let (head, payload) = match self.compression {
             Compression::None => f.encode_chunks(),
-            c => f.encode_chunks_compressed(c),
+            c => (self.encode)(f, c),
         };
         if let (Some(c), Frame::Data(d) | Frame::ResyncData(d), Some(p)) = (&self.counts, f, &payload) {
             c.data_bytes.add(d.payload.len() as u64);
