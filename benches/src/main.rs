@@ -4,6 +4,7 @@
 //! offset, on the primary and on the standby, and the two images are compared block by
 //! block. A fast wrong answer is worthless. Not a test: nothing here has a time limit.
 
+mod busy_wan;
 mod compression;
 mod fio;
 mod resync;
@@ -31,7 +32,8 @@ pub struct Args {
     /// Short runs (3 s) to check that everything works.
     #[arg(long)]
     quick: bool,
-    /// Configurations, comma-separated: raw, loop, solo, sync, memory, async.
+    /// Configurations, comma-separated: raw, loop, solo, sync, memory, async, busy-wan
+    /// (three nodes: the sync standby's W1 with a zstd async replica idle, then busy).
     #[arg(long, default_value = "raw,loop,solo,sync")]
     configs: String,
     /// Also run ../shared/bench/peer-qsd-mirror.sh (qemu's synchronous mirror) in this run.
@@ -84,6 +86,12 @@ fn main() -> Result<()> {
     let mut checks = Vec::new();
     for cfg in args.configs.split(',').map(str::trim).filter(|s| !s.is_empty()) {
         eprintln!("=== {cfg}");
+        if cfg == "busy-wan" {
+            let (r, c) = busy_wan::run(&args, &tandem)?;
+            rows.extend(r);
+            checks.extend(c);
+            continue;
+        }
         let (r, c) = stacks::run_config(cfg, &args, &tandem)?;
         rows.extend(r);
         checks.push(c);
