@@ -2,9 +2,14 @@
 //! without compression and an `async` replica with `compression = "zstd"`, all on loopback —
 //! and the sync standby's W1 latency with the zstd replica idle, then busy.
 //!
-//! "Busy" is a second fio job writing compressible 1 MiB blocks (direct, QD4) to the second
-//! half of the device for the whole W1 run, so every byte of it is compressed for the zstd
-//! replica; W1 runs on the first half. Each W1 write waits for the sync standby's ack,
+//! "Busy" is a second writer for the whole W1 run: 1 MiB O_DIRECT writes (QD1) of the
+//! mail-like data set of `--compression` (zstd level 1 sends ~69 % of it, at ~110 MB/s per
+//! core) to the second half of the device, so the zstd replica's compression has real work;
+//! W1 runs on the first half. Each of its 4 KiB blocks starts with the stamp of
+//! `tests/src/lib.rs`'s `stamped_block` (magic, offset, run, version), checked afterwards. `--busy-rate` caps it, `--wan-compression none`
+//! runs the same load with no compression at all (the share of the busy writer's cost that
+//! is not compression: its data goes to the sync standby too, and every W1 fsync waits for
+//! its writes in flight, as a flush is a barrier for the whole device). Each W1 write waits for the sync standby's ack,
 //! which comes back through the primary's one network thread: if compression runs there,
 //! W1 waits for it. The zstd replica's share shows in its wire/data ratio.
 //!
@@ -12,9 +17,11 @@
 //! replicas caught up, then the primary's image scanned and compared block by block with
 //! the sync standby's and the zstd replica's.
 
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::Path;
-use std::process::{Command, Stdio};
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use tandem_agent::lab::{Lab, LabOptions};
@@ -23,8 +30,10 @@ use crate::fio::{self, Row, WORKLOADS};
 use crate::scan::{self, Check};
 use crate::Args;
 
-/// The zstd replica's disk keys, added to its `[resource.disk.gamma]` table.
-const GAMMA_KEYS: &str = "mode = \"async\"\ncompression = \"zstd\"\nbacklog = \"1GiB\"\n";
+/// The replica's disk keys, added to its `[resource.disk.gamma]` table.
+fn gamma_keys(compression: &str) -> String {
+    format!("mode = \"async\"\ncompression = \"{compression}\"\nbacklog = \"1GiB\"\n")
+}
 
 /// Seconds the busy writer runs before W1 starts (fio's own ramp comes on top).
 const BUSY_LEAD: u64 = 2;
@@ -43,7 +52,10 @@ pub fn run(args: &Args, tandem: &Path) -> Result<(Vec<Row>, Vec<Check>)> {
     if !text.contains(meta) {
         bail!("no disk table for gamma in the lab config");
     }
-    std::fs::write(&lab.config, text.replacen(meta, &format!("{meta}{GAMMA_KEYS}"), 1))?;
+    std::fs::write(
+        &lab.config,
+        text.replacen(meta, &format!("{meta}{}", gamma_keys(&args.wan_compression)), 1),
+    )?;
     for n in names {
         lab.start(n)?;
     }
@@ -65,21 +77,21 @@ pub fn run(args: &Args, tandem: &Path) -> Result<(Vec<Row>, Vec<Check>)> {
     let half = args.size / 2;
     let w1 = format!("{} --offset=0 --size={half}", WORKLOADS[0].1);
 
+    let run: u64 = rand::random();
     let mut rows = Vec::new();
     for busy in [false, true] {
-        let label = if busy { "3-node, zstd peer busy" } else { "3-node, zstd peer idle" };
+        let c = &args.wan_compression;
+        let label = if busy { format!("3-node, {c} peer busy") } else { format!("3-node, {c} peer idle") };
+        let label = label.as_str();
         let before = lab.resource_status("alpha")?;
-        let mut writer =
-            busy.then(|| busy_writer(&dev, half, args.runtime + 2 + BUSY_LEAD + 2)).transpose()?;
+        let writer = busy.then(|| BusyWriter::start(&dev, half, args.busy_rate, run)).transpose()?;
         if writer.is_some() {
             std::thread::sleep(Duration::from_secs(BUSY_LEAD));
         }
         let row = fio::run(label, "W1", &w1, &dev, args.runtime, &out);
-        if let Some(w) = writer.as_mut() {
-            let status = w.wait()?;
-            if !status.success() {
-                bail!("busy writer failed ({status})");
-            }
+        if let Some(w) = writer {
+            let bytes = w.finish()?;
+            eprintln!("busy writer: {} MiB of stamped mail blocks", bytes >> 20);
         }
         let row = row?;
         let after = lab.resource_status("alpha")?;
@@ -89,7 +101,7 @@ pub fn run(args: &Args, tandem: &Path) -> Result<(Vec<Row>, Vec<Check>)> {
         let (d0, w0) = gamma(&before).unwrap_or_default();
         let (d1, w1b) = gamma(&after).unwrap_or_default();
         eprintln!(
-            "{label} W1: {:.0} IOPS p50 {:.0} µs p99 {:.0} µs; zstd peer: {:.0} MiB data as {:.0} MiB on the wire",
+            "{label} W1: {:.0} IOPS p50 {:.0} µs p99 {:.0} µs; gamma: {:.0} MiB data as {:.0} MiB on the wire",
             row.iops,
             row.p50_us,
             row.p99_us,
@@ -99,7 +111,8 @@ pub fn run(args: &Args, tandem: &Path) -> Result<(Vec<Row>, Vec<Check>)> {
         rows.push(row);
     }
 
-    fio::integrity_pass(&dev, args.size, if args.quick { 2 } else { 4 })?;
+    // The integrity pass over the first half only: the busy writer's blocks stay as written.
+    fio::integrity_pass(&dev, half, if args.quick { 2 } else { 4 })?;
     lab.wait_for("alpha", "peers caught up", Duration::from_secs(600), |r| {
         r.peers.iter().all(|p| p.pending_requests == 0 && p.out_of_sync_bytes == 0)
     })?;
@@ -111,25 +124,113 @@ pub fn run(args: &Args, tandem: &Path) -> Result<(Vec<Row>, Vec<Check>)> {
     if !clean.values().all(|c| *c) {
         bail!("agents did not stop cleanly: {clean:?}");
     }
+    // The busy writer's blocks the integrity pass did not overwrite: where they belong, on
+    // every node (the scans below compare the replicas with the primary block by block).
+    for n in names {
+        let (found, bad) = check_busy_blocks(&lab.image(n), half, run)?;
+        eprintln!("{n}: {found} busy blocks, {bad} misplaced");
+        if found == 0 || bad > 0 {
+            bail!("DATA CHECK FAILED on {n}: {found} busy blocks found, {bad} misplaced or stale");
+        }
+    }
     let checks = vec![
         scan::scan("busy-wan: alpha vs beta (sync)", &lab.image("alpha"), Some(&lab.image("beta")))?,
-        scan::scan("busy-wan: alpha vs gamma (async, zstd)", &lab.image("alpha"), Some(&lab.image("gamma")))?,
+        scan::scan(
+            &format!("busy-wan: alpha vs gamma (async, {})", args.wan_compression),
+            &lab.image("alpha"),
+            Some(&lab.image("gamma")),
+        )?,
     ];
     Ok((rows, checks))
 }
 
-/// Sequential 1 MiB direct writes of compressible data (about 3/4 of each 4 KiB chunk
-/// compresses away, fresh buffers each write) over `[half, 2 half)` for `seconds`.
-fn busy_writer(dev: &str, half: u64, seconds: u64) -> Result<std::process::Child> {
-    Command::new("fio")
-        .arg("--name=busy-zstd")
-        .arg(format!("--filename={dev}"))
-        .args(["--direct=1", "--ioengine=libaio", "--rw=write", "--bs=1M", "--iodepth=4", "--time_based"])
-        .args(["--buffer_compress_percentage=75", "--buffer_compress_chunk=4096", "--refill_buffers"])
-        .arg(format!("--offset={half}"))
-        .arg(format!("--size={half}"))
-        .arg(format!("--runtime={seconds}"))
-        .stdout(Stdio::null())
-        .spawn()
-        .context("starting the busy writer (fio)")
+/// Bytes of the stamp at the start of each busy block, as in `stamped_block`.
+const STAMP: usize = 32;
+const MAGIC: &[u8; 8] = b"TANDEMBK";
+const BS: usize = 4096;
+const WRITE: usize = 1 << 20;
+
+/// The busy writer: a thread writing stamped mail blocks over `[half, 2 half)` until told
+/// to stop, at most `rate` MB/s if not 0.
+struct BusyWriter {
+    stop: Arc<AtomicBool>,
+    thread: std::thread::JoinHandle<Result<u64>>,
+}
+
+impl BusyWriter {
+    fn start(dev: &str, half: u64, rate: u64, run: u64) -> Result<Self> {
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(dev)
+            .with_context(|| format!("cannot open {dev} for the busy writer"))?;
+        let mail = crate::compression::maildir_blocks(400);
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || -> Result<u64> {
+            let mut raw = vec![0u8; WRITE + BS];
+            let pad = raw.as_ptr().align_offset(BS);
+            let buf = &mut raw[pad..pad + WRITE];
+            let started = Instant::now();
+            let (mut written, mut next_block, mut at, mut version) = (0u64, 0usize, 0u64, 1u64);
+            while !flag.load(Ordering::Relaxed) {
+                for (i, b) in buf.chunks_mut(BS).enumerate() {
+                    b.copy_from_slice(&mail[next_block % mail.len()]);
+                    next_block += 1;
+                    stamp(b, half + at + (i * BS) as u64, run, version);
+                }
+                f.write_all_at(buf, half + at).context("busy writer")?;
+                written += WRITE as u64;
+                at += WRITE as u64;
+                if at + WRITE as u64 > half {
+                    at = 0;
+                    version += 1;
+                }
+                if rate > 0 {
+                    let due = Duration::from_secs_f64(written as f64 / (rate as f64 * 1e6));
+                    if let Some(wait) = due.checked_sub(started.elapsed()) {
+                        std::thread::sleep(wait);
+                    }
+                }
+            }
+            Ok(written)
+        });
+        Ok(Self { stop, thread })
+    }
+
+    /// Stops the writer; returns the bytes it wrote.
+    fn finish(self) -> Result<u64> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread.join().map_err(|_| anyhow::anyhow!("busy writer panicked"))?
+    }
+}
+
+fn stamp(b: &mut [u8], offset: u64, run: u64, version: u64) {
+    b[0..8].copy_from_slice(MAGIC);
+    b[8..16].copy_from_slice(&offset.to_le_bytes());
+    b[16..24].copy_from_slice(&run.to_le_bytes());
+    b[24..STAMP].copy_from_slice(&version.to_le_bytes());
+}
+
+/// Busy blocks in `[half, 2 half)` of `image`: (found, misplaced or from another run).
+fn check_busy_blocks(image: &Path, half: u64, run: u64) -> Result<(u64, u64)> {
+    let f = std::fs::File::open(image)?;
+    let mut buf = vec![0u8; WRITE];
+    let (mut found, mut bad) = (0, 0);
+    let mut at = half;
+    while at < 2 * half {
+        f.read_exact_at(&mut buf, at)?;
+        for (i, b) in buf.chunks(BS).enumerate() {
+            if &b[0..8] == MAGIC {
+                found += 1;
+                let off = u64::from_le_bytes(b[8..16].try_into().expect("8 bytes"));
+                let r = u64::from_le_bytes(b[16..24].try_into().expect("8 bytes"));
+                if off != at + (i * BS) as u64 || r != run {
+                    bad += 1;
+                }
+            }
+        }
+        at += WRITE as u64;
+    }
+    Ok((found, bad))
 }

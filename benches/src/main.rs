@@ -45,6 +45,13 @@ pub struct Args {
     /// Only measure compression of mail-like data (no fio, no root needed).
     #[arg(long)]
     compression: bool,
+    /// busy-wan: the replica's `compression` (zstd; `none` shows what the busy writer costs
+    /// without any compression).
+    #[arg(long, default_value = "zstd")]
+    wan_compression: String,
+    /// busy-wan: cap the busy writer at this many MB/s (0: as fast as it goes).
+    #[arg(long, default_value_t = 0)]
+    busy_rate: u64,
     /// Volume size for the fio runs.
     #[arg(long, default_value_t = 1 << 30)]
     size: u64,

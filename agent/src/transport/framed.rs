@@ -60,7 +60,8 @@ impl FrameReader {
         self
     }
 
-    /// The next frame; `Ok(None)` at the end of the stream.
+    /// The next frame, decompressed on the calling task (handshake, control stream, a
+    /// stream's opening frame); `Ok(None)` at the end of the stream.
     pub async fn next(&mut self) -> Result<Option<Frame>, RecvError> {
         match self.next_decoded().await? {
             Some(Decoded::Compressed(c)) => Ok(Some((self.decompress)(c)?)),
@@ -69,8 +70,8 @@ impl FrameReader {
         }
     }
 
-    /// The next frame, a compressed one not yet decompressed (see [`spawn_link`]); `Ok(None)` at the end of the
-    /// stream.
+    /// The next frame, a compressed one not yet decompressed (see [`spawn_link`]);
+    /// `Ok(None)` at the end of the stream.
     async fn next_decoded(&mut self) -> Result<Option<Decoded>, RecvError> {
         loop {
             if let Some(d) = self.decoder.next_decoded()? {
