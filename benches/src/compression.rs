@@ -106,7 +106,7 @@ fn message(rng: &mut impl Rng, i: usize) -> String {
 
 /// `n` messages packed into 4 KiB blocks (each message starts on a block boundary, as on
 /// ext4), about 16 MiB for 400 messages.
-fn maildir_blocks(n: usize) -> Vec<Vec<u8>> {
+pub(crate) fn maildir_blocks(n: usize) -> Vec<Vec<u8>> {
     let mut rng = rand::rngs::StdRng::seed_from_u64(42);
     let mut blocks = Vec::new();
     for i in 0..n {

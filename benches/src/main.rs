@@ -4,6 +4,7 @@
 //! offset, on the primary and on the standby, and the two images are compared block by
 //! block. A fast wrong answer is worthless. Not a test: nothing here has a time limit.
 
+mod busy_wan;
 mod compression;
 mod fio;
 mod resync;
@@ -31,7 +32,8 @@ pub struct Args {
     /// Short runs (3 s) to check that everything works.
     #[arg(long)]
     quick: bool,
-    /// Configurations, comma-separated: raw, loop, solo, sync, memory, async.
+    /// Configurations, comma-separated: raw, loop, solo, sync, memory, async, busy-wan
+    /// (three nodes: the sync standby's W1 with a zstd async replica idle, then busy).
     #[arg(long, default_value = "raw,loop,solo,sync")]
     configs: String,
     /// Also run ../shared/bench/peer-qsd-mirror.sh (qemu's synchronous mirror) in this run.
@@ -43,6 +45,13 @@ pub struct Args {
     /// Only measure compression of mail-like data (no fio, no root needed).
     #[arg(long)]
     compression: bool,
+    /// busy-wan: the replica's `compression` (zstd; `none` shows what the busy writer costs
+    /// without any compression).
+    #[arg(long, default_value = "zstd")]
+    wan_compression: String,
+    /// busy-wan: cap the busy writer at this many MB/s (0: as fast as it goes).
+    #[arg(long, default_value_t = 0)]
+    busy_rate: u64,
     /// Volume size for the fio runs.
     #[arg(long, default_value_t = 1 << 30)]
     size: u64,
@@ -84,6 +93,12 @@ fn main() -> Result<()> {
     let mut checks = Vec::new();
     for cfg in args.configs.split(',').map(str::trim).filter(|s| !s.is_empty()) {
         eprintln!("=== {cfg}");
+        if cfg == "busy-wan" {
+            let (r, c) = busy_wan::run(&args, &tandem)?;
+            rows.extend(r);
+            checks.extend(c);
+            continue;
+        }
         let (r, c) = stacks::run_config(cfg, &args, &tandem)?;
         rows.extend(r);
         checks.push(c);

@@ -75,13 +75,20 @@ pub fn encode_compressed_head(
     b
 }
 
-/// Decompresses a payload sent with `flag` into an aligned buffer of exactly `declared`
-/// bytes.
-pub(crate) fn decompress(flag: u8, declared: u32, wire: &[u8]) -> Result<Bytes, DecodeError> {
+/// The uncompressed length a compressed frame declares must be one a data frame may carry.
+pub(crate) fn check_declared(declared: u32) -> Result<(), DecodeError> {
     let n = declared as usize;
     if n == 0 || n > MAX_DATA_PAYLOAD {
         return Err(DecodeError::Decompress(format!("declared length {n} outside 1..={MAX_DATA_PAYLOAD}")));
     }
+    Ok(())
+}
+
+/// Decompresses a payload sent with `flag` into an aligned buffer of exactly `declared`
+/// bytes.
+pub(crate) fn decompress(flag: u8, declared: u32, wire: &[u8]) -> Result<Bytes, DecodeError> {
+    check_declared(declared)?;
+    let n = declared as usize;
     let mut buf = BytesMut::zeroed(n + ALIGN);
     let pad = buf.as_ptr().align_offset(ALIGN).min(ALIGN);
     let _ = buf.split_to(pad);
@@ -181,6 +188,62 @@ mod tests {
         assert!(decompress(FLAG_LZ4, 1000, &z).is_err());
         assert!(decompress(FLAG_LZ4, 8192, &z).is_err());
         assert!(decompress(FLAG_LZ4, (MAX_DATA_PAYLOAD + 1) as u32, &z).is_err());
+    }
+
+    #[test]
+    fn decompression_can_be_deferred_to_the_caller() {
+        let data = mail_block();
+        let d = DataFrame {
+            seq: 9,
+            offset: 4096,
+            flags: 0,
+            checksum: block_checksum(&data),
+            payload: data.clone().into(),
+        };
+        let (flag, z) = compress(Compression::Zstd(1), &data).unwrap();
+        let mut wire = encode_compressed_head(&d, FrameKind::ResyncData, flag, &z).to_vec();
+        wire.extend_from_slice(&z);
+        // A garbage payload behind a valid head: the head decodes, the payload does not.
+        let mut garbage = encode_compressed_head(&d, FrameKind::Data, flag, &z).to_vec();
+        garbage.extend(std::iter::repeat_n(0xa5u8, z.len()));
+        let mut dec = FrameDecoder::default();
+        dec.push(&wire);
+        dec.push(&garbage);
+        dec.push(&Frame::Flush { seq: 10, flags: 0 }.encode_to_vec());
+        let Some(crate::Decoded::Compressed(c)) = dec.next_decoded().unwrap() else { panic!("not deferred") };
+        assert_eq!(c.wire_len(), z.len());
+        match c.decompress().unwrap() {
+            Frame::ResyncData(got) => {
+                assert_eq!(&got.payload[..], &data[..]);
+                assert_eq!((got.seq, got.offset, got.flags), (9, 4096, 0));
+                assert!(got.checksum_ok());
+                assert_eq!(got.payload.as_ptr() as usize % ALIGN, 0);
+            }
+            other => panic!("{other:?}"),
+        }
+        let Some(crate::Decoded::Compressed(bad)) = dec.next_decoded().unwrap() else {
+            panic!("not deferred")
+        };
+        assert!(matches!(bad.decompress(), Err(DecodeError::Decompress(_))));
+        // The frames after it are still delimited (the caller decides to stop).
+        assert_eq!(
+            dec.next_decoded().unwrap(),
+            Some(crate::Decoded::Frame(Frame::Flush { seq: 10, flags: 0 }))
+        );
+    }
+
+    #[test]
+    fn inline_decompression_failure_is_sticky() {
+        let data = mail_block();
+        let d =
+            DataFrame { seq: 1, offset: 0, flags: 0, checksum: block_checksum(&data), payload: data.into() };
+        let mut wire = encode_compressed_head(&d, FrameKind::Data, FLAG_LZ4, b"junk").to_vec();
+        wire.extend_from_slice(b"junk");
+        wire.extend_from_slice(&Frame::Flush { seq: 2, flags: 0 }.encode_to_vec());
+        let mut dec = FrameDecoder::default();
+        dec.push(&wire);
+        assert!(matches!(dec.next_frame(), Err(DecodeError::Decompress(_))));
+        assert!(matches!(dec.next_frame(), Err(DecodeError::Decompress(_))));
     }
 
     #[test]

@@ -2,13 +2,16 @@
 //!
 //! Chunks are kept as received (no copying into a staging buffer). A data frame's payload is
 //! assembled once, directly into memory aligned to [`PAYLOAD_ALIGN`], so the standby can
-//! hand it to an O_DIRECT write without another copy.
+//! hand it to an O_DIRECT write without another copy. A compressed payload is not copied
+//! into aligned memory (it is decompressed into aligned memory instead), and
+//! [`FrameDecoder::next_decoded`] leaves the decompression to the caller, so a receiver can
+//! run it off its network thread.
 
 use std::collections::VecDeque;
 
 use bytes::{Buf, Bytes};
 
-use crate::frame::{decode_body, decode_data};
+use crate::frame::{decode_body, decode_data_deferred, Decoded, FLAG_LZ4, FLAG_ZSTD};
 use crate::header::{FrameKind, Header, HEADER_LEN};
 use crate::{DataFrame, DecodeError, Frame, MAX_CONTROL_BODY, MAX_DATA_PAYLOAD};
 
@@ -72,8 +75,27 @@ impl FrameDecoder {
     }
 
     /// Returns the next complete frame, `Ok(None)` if more bytes are needed, or the first
-    /// protocol violation (after which the stream cannot be resynchronised).
+    /// protocol violation (after which the stream cannot be resynchronised). A compressed
+    /// payload is decompressed here, on the caller's thread.
     pub fn next_frame(&mut self) -> Result<Option<Frame>, DecodeError> {
+        match self.next_decoded()? {
+            None => Ok(None),
+            Some(Decoded::Frame(f)) => Ok(Some(f)),
+            Some(Decoded::Compressed(c)) => match c.decompress() {
+                Ok(f) => Ok(Some(f)),
+                Err(e) => {
+                    self.failed = Some(e.clone());
+                    Err(e)
+                }
+            },
+        }
+    }
+
+    /// As [`FrameDecoder::next_frame`], but a data frame with a compressed payload comes
+    /// out as [`Decoded::Compressed`], validated except for the decompression itself. The
+    /// caller must decompress it before it uses any frame that follows (stream order), and
+    /// treat a decompression error like any other protocol violation.
+    pub fn next_decoded(&mut self) -> Result<Option<Decoded>, DecodeError> {
         if let Some(e) = &self.failed {
             return Err(e.clone());
         }
@@ -140,7 +162,7 @@ impl FrameDecoder {
         Bytes::from(v).slice(pad..)
     }
 
-    fn try_next(&mut self) -> Result<Option<Frame>, DecodeError> {
+    fn try_next(&mut self) -> Result<Option<Decoded>, DecodeError> {
         let header = match self.pending {
             Some(h) => h,
             None => {
@@ -170,11 +192,17 @@ impl FrameDecoder {
         if matches!(header.kind, FrameKind::Data | FrameKind::ResyncData) && len >= DataFrame::FIXED_LEN {
             let mut fixed = [0u8; DataFrame::FIXED_LEN];
             self.copy_out(&mut fixed);
-            let payload = self.take_aligned(len - DataFrame::FIXED_LEN);
-            return decode_data(header, &fixed, payload).map(Some);
+            let n = len - DataFrame::FIXED_LEN;
+            let payload = if header.flags & (FLAG_LZ4 | FLAG_ZSTD) != 0 {
+                // Decompressed into aligned memory later: no point aligning the wire bytes.
+                self.take(n)
+            } else {
+                self.take_aligned(n)
+            };
+            return decode_data_deferred(header, &fixed, payload).map(Some);
         }
         let body = self.take(len);
-        decode_body(header, body).map(Some)
+        decode_body(header, body).map(|f| Some(Decoded::Frame(f)))
     }
 }
 

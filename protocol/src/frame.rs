@@ -329,6 +329,20 @@ pub(crate) fn decode_data(
     fixed: &[u8; DataFrame::FIXED_LEN],
     payload: Bytes,
 ) -> Result<Frame, DecodeError> {
+    match decode_data_deferred(h, fixed, payload)? {
+        Decoded::Frame(f) => Ok(f),
+        Decoded::Compressed(c) => c.decompress(),
+    }
+}
+
+/// As [`decode_data`], except that a compressed payload is checked but not decompressed:
+/// everything but the codec's own output is validated here, so a [`CompressedFrame`] only
+/// has the decompression left to fail.
+pub(crate) fn decode_data_deferred(
+    h: Header,
+    fixed: &[u8; DataFrame::FIXED_LEN],
+    payload: Bytes,
+) -> Result<Decoded, DecodeError> {
     let codecs = FLAG_LZ4 | FLAG_ZSTD;
     let allowed = if h.kind == FrameKind::Data { FLAG_ACK_RECEIVED | codecs } else { codecs };
     only_flags(h.kind, h.flags, allowed)?;
@@ -337,23 +351,76 @@ pub(crate) fn decode_data(
     let declared = le_u32(&fixed[16..]);
     let checksum = le_u32(&fixed[20..]);
     let codec = h.flags & codecs;
-    let payload = match codec {
-        0 => payload,
-        FLAG_LZ4 | FLAG_ZSTD => crate::compress::decompress(codec, declared, &payload)?,
-        _ => return Err(DecodeError::UnknownFlags { kind: h.kind.name(), flags: h.flags }),
-    };
     let h = Header { flags: h.flags & !codecs, ..h };
-    if payload.len() != declared as usize {
-        return Err(DecodeError::LengthMismatch { declared, actual: payload.len() });
+    match codec {
+        0 => {}
+        FLAG_LZ4 | FLAG_ZSTD => {
+            crate::compress::check_declared(declared)?;
+            if offset.checked_add(declared as u64).is_none() {
+                return Err(DecodeError::RangeOverflow { offset, len: declared as u64 });
+            }
+            return Ok(Decoded::Compressed(CompressedFrame {
+                kind: h.kind,
+                codec,
+                frame: DataFrame { seq, offset, flags: h.flags, checksum, payload },
+                declared,
+            }));
+        }
+        _ => return Err(DecodeError::UnknownFlags { kind: h.kind.name(), flags: h.flags | codec }),
     }
-    if payload.is_empty() {
+    finish_data(h.kind, DataFrame { seq, offset, flags: h.flags, checksum, payload }, declared)
+        .map(Decoded::Frame)
+}
+
+/// The checks on a data frame whose payload is as written (received so, or decompressed).
+fn finish_data(kind: FrameKind, d: DataFrame, declared: u32) -> Result<Frame, DecodeError> {
+    if d.payload.len() != declared as usize {
+        return Err(DecodeError::LengthMismatch { declared, actual: d.payload.len() });
+    }
+    if d.payload.is_empty() {
         return Err(DecodeError::EmptyPayload);
     }
-    if offset.checked_add(declared as u64).is_none() {
-        return Err(DecodeError::RangeOverflow { offset, len: declared as u64 });
+    if d.offset.checked_add(declared as u64).is_none() {
+        return Err(DecodeError::RangeOverflow { offset: d.offset, len: declared as u64 });
     }
-    let d = DataFrame { seq, offset, flags: h.flags, checksum, payload };
-    Ok(if h.kind == FrameKind::Data { Frame::Data(d) } else { Frame::ResyncData(d) })
+    Ok(if kind == FrameKind::Data { Frame::Data(d) } else { Frame::ResyncData(d) })
+}
+
+/// What the decoder found next: a whole frame, or a data frame whose compressed payload is
+/// still to be decompressed (by [`CompressedFrame::decompress`], on whatever thread the
+/// caller chooses: it is the one expensive step of decoding).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decoded {
+    Frame(Frame),
+    Compressed(CompressedFrame),
+}
+
+/// A data or resync-data frame as received with a compressed payload. Its header and fixed
+/// part are already validated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CompressedFrame {
+    kind: FrameKind,
+    /// [`FLAG_LZ4`] or [`FLAG_ZSTD`].
+    codec: u8,
+    /// The frame with the compressed bytes as its payload and the codec flag removed.
+    frame: DataFrame,
+    /// The uncompressed length the sender declared.
+    declared: u32,
+}
+
+impl CompressedFrame {
+    /// Bytes on the wire (the compressed payload).
+    pub fn wire_len(&self) -> usize {
+        self.frame.payload.len()
+    }
+
+    /// The frame as written: decompresses the payload into an aligned buffer of exactly the
+    /// declared length and checks it like an uncompressed frame.
+    pub fn decompress(self) -> Result<Frame, DecodeError> {
+        let CompressedFrame { kind, codec, mut frame, declared } = self;
+        frame.payload = crate::compress::decompress(codec, declared, &frame.payload)?;
+        finish_data(kind, frame, declared)
+    }
 }
 
 /// Decodes a frame body whose header has been validated and whose length is within limits.

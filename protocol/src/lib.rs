@@ -25,7 +25,10 @@ pub use control::{
 };
 pub use decoder::FrameDecoder;
 pub use error::DecodeError;
-pub use frame::{AckLevel, DataFrame, Frame, FLAG_ACK_RECEIVED, FLAG_LZ4, FLAG_ZSTD, VERIFY_BLOCK};
+pub use frame::{
+    AckLevel, CompressedFrame, DataFrame, Decoded, Frame, FLAG_ACK_RECEIVED, FLAG_LZ4, FLAG_ZSTD,
+    VERIFY_BLOCK,
+};
 pub use header::{FrameKind, HEADER_LEN, MAGIC};
 
 /// The replication protocol version this build speaks. Peers exchange it in [`Hello`];
