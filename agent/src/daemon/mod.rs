@@ -49,6 +49,7 @@ impl Agent {
                     &cfg.cluster,
                     node,
                     &me.run_dir,
+                    &me.device_dir,
                     r,
                     cfg.options.hook_timeout,
                     cfg.options.connect_retry,
@@ -81,6 +82,29 @@ impl Agent {
         if c.get(node).is_some_and(|x| x.stable_id() == conn.stable_id()) {
             c.remove(node);
         }
+    }
+
+    /// `tandem peer-lost NODE`: the cluster manager knows `node` is down (fenced, or lost
+    /// from its membership). Its connection is closed now, so every resource ends its
+    /// session with it at once — a promotion that follows does not wait for the peer
+    /// timeout to notice what the cluster already knows. The dial loop reconnects when the
+    /// node comes back.
+    pub fn peer_lost(&self, node: &str) -> Result<String> {
+        if !self.cfg.peers_of(&self.me.name).iter().any(|p| p.name == node) {
+            anyhow::bail!("{node} is not a peer of node {} in {}", self.me.name, self.cfg.path.display());
+        }
+        let conn = self.connections.lock().unwrap().remove(node);
+        Ok(match conn {
+            Some(c) => {
+                c.close(
+                    quinn::VarInt::from_u32(crate::transport::close_code::PEER_LOST),
+                    b"reported down by the cluster manager",
+                );
+                info!(peer = %node, "connection closed: the cluster manager reports the peer down");
+                format!("connection to {node} closed")
+            }
+            None => format!("no connection to {node}"),
+        })
     }
 
     pub fn status(&self) -> NodeStatus {
