@@ -67,6 +67,36 @@ pub fn require_netns() {
     }
 }
 
+/// The OCF resource agent in this repository (`agent/ocf/tandem`).
+pub fn ocf_agent() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../agent/ocf/tandem")
+}
+
+/// The Pacemaker tests need Pacemaker, Corosync, resource-agents (ocf-tester and the
+/// heartbeat agents) and xmllint. Without them the test fails with the reason and the
+/// install command (`.ci/run` installs them).
+pub fn require_pacemaker() {
+    let tools = [
+        ("ocf-tester", "resource-agents"),
+        ("xmllint", "libxml2-utils"),
+        ("crm_attribute", "pacemaker-cli-utils"),
+        ("crm_mon", "pacemaker-cli-utils"),
+        ("pacemakerd", "pacemaker"),
+        ("corosync", "corosync"),
+    ];
+    for (tool, package) in tools {
+        let ok = std::process::Command::new("sh")
+            .args(["-c", &format!("command -v {tool} || test -x /usr/sbin/{tool}")])
+            .output()
+            .is_ok_and(|o| o.status.success());
+        assert!(
+            ok,
+            "this test needs {tool} (package {package}); install with: echo 'exit 101' > /usr/sbin/policy-rc.d; \
+             apt-get install -y --no-install-recommends pacemaker corosync resource-agents pacemaker-cli-utils libxml2-utils"
+        );
+    }
+}
+
 pub fn new_lab(names: &[&str], opts: &LabOptions) -> Lab {
     require_real_devices();
     if opts.netns {
