@@ -75,9 +75,9 @@ pub enum Command {
     /// Put RESOURCE back in service on this node after `down`: it connects to its peers
     /// again, as secondary.
     Up { resource: String },
-    /// Tell the agent that NODE is known to be down (fenced, or lost by the cluster manager):
+    /// Tell the agent that PEER is known to be down (fenced, or lost by the cluster manager):
     /// its connection is closed at once, so a promotion need not wait for the peer timeout.
-    PeerLost { node: String },
+    PeerLost { peer: String },
     /// Compare every block of RESOURCE with each peer while it is in use (run on the primary).
     Verify {
         resource: String,

@@ -102,7 +102,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::Down { resource } => verb(call(&cli, Request::Down { resource: resource.clone() })?),
         Command::Up { resource } => verb(call(&cli, Request::Up { resource: resource.clone() })?),
-        Command::PeerLost { node } => verb(call(&cli, Request::PeerLost { peer: node.clone() })?),
+        Command::PeerLost { peer } => verb(call(&cli, Request::PeerLost { peer: peer.clone() })?),
         Command::Resync { resource } => verb(call(&cli, Request::Resync { resource: resource.clone() })?),
         Command::Resolve { resource, discard_local } => {
             verb(call(&cli, Request::Resolve { resource: resource.clone(), discard_local: *discard_local })?)

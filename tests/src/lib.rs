@@ -5,6 +5,7 @@
 
 pub mod epochs;
 pub mod lab;
+pub mod pacemaker;
 pub mod relay;
 
 use std::fs::OpenOptions;
@@ -83,6 +84,9 @@ pub fn require_pacemaker() {
         ("crm_mon", "pacemaker-cli-utils"),
         ("pacemakerd", "pacemaker"),
         ("corosync", "corosync"),
+        // ocf:heartbeat:Filesystem refuses to run without these.
+        ("modprobe", "kmod"),
+        ("fuser", "psmisc"),
     ];
     for (tool, package) in tools {
         let ok = std::process::Command::new("sh")

@@ -1,0 +1,248 @@
+//! Failover under a real two-node Pacemaker + Corosync cluster (`tandem_tests::pacemaker`):
+//! the promotable `ocf:tandem:tandem` clone, `ocf:heartbeat:Filesystem` on the stable path
+//! `/dev/tandem/mail` and a service (`ocf:heartbeat:Dummy`) in a group colocated with the
+//! Promoted instance and ordered after the promotion.
+//!
+//! - `crash_of_the_promoted_node_fails_over_and_it_rejoins`: under a write load whose
+//!   acknowledged writes (fsync'ed files) are logged here, outside the cluster, the Promoted
+//!   node is crashed (its namespaces killed). The survivor is promoted, the filesystem
+//!   mounted and the service started on it; no acknowledged write is missing and fsck is
+//!   clean. The crashed node boots again, rejoins as Unpromoted with a delta resync, and
+//!   the images end equal. The time to each step is printed (`--nocapture`).
+//!
+//! Settings: corosync token 1000 ms (consensus 1200 ms), `dc-deadtime` 5 s, stonith off;
+//! Tandem's own peer timeout is 20 s, so a promotion that waited for it would show.
+//! Needs root, FUSE, loop devices, network namespaces and the Pacemaker packages; fails
+//! with the reason without them.
+
+use std::io::{BufRead, BufReader};
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tandem_tests::pacemaker::{node_online, service_group_xml, PacemakerLab, CLONE, CONSTRAINTS_XML, NODES};
+use tandem_tests::*;
+
+const TOKEN_MS: u32 = 1000;
+const TANDEM_TIMEOUT: Duration = Duration::from_secs(20);
+/// Acknowledged writes before the crash.
+const WRITES_BEFORE_CRASH: usize = 150;
+
+fn other(node: &str) -> &'static str {
+    if node == NODES[0] {
+        NODES[1]
+    } else {
+        NODES[0]
+    }
+}
+
+fn lab() -> PacemakerLab {
+    require_real_devices();
+    require_netns();
+    require_pacemaker();
+    let mut lab = PacemakerLab::new(&lab_parent(), &tandem_bin(), TOKEN_MS, TANDEM_TIMEOUT)
+        .expect("create the cluster");
+    if std::env::var_os("TANDEM_KEEP_LAB").is_some_and(|v| v != "0") {
+        println!("keeping lab directory {}", lab.dir.display());
+        lab.keep(true);
+    }
+    lab
+}
+
+fn in_sync(r: &tandem_agent::status::ResourceStatus) -> bool {
+    r.disk == "up_to_date"
+        && r.peers.iter().all(|p| {
+            p.connection == "connected"
+                && p.out_of_sync_bytes == 0
+                && p.peer_disk.as_deref() == Some("up_to_date")
+        })
+}
+
+/// `node` holds the Promoted instance, as `viewer` sees it, and its agent is primary (the
+/// cluster shows a promotion in flight as Promoted already).
+fn promoted_on(lab: &PacemakerLab, viewer: &str, node: &str) -> bool {
+    lab.promoted(viewer).as_deref() == Some(node)
+        && lab.tandem.resource_status(node).is_ok_and(|r| r.role == "primary" && r.device.is_some())
+}
+
+fn running_on(lab: &PacemakerLab, viewer: &str, resource: &str) -> Option<String> {
+    lab.locate(viewer, resource).into_iter().next().map(|(n, _)| n)
+}
+
+#[test]
+fn crash_of_the_promoted_node_fails_over_and_it_rejoins() {
+    let mut lab = lab();
+    let t = Instant::now();
+    for n in NODES {
+        lab.start(n).unwrap();
+    }
+    lab.wait("the cluster formed", Duration::from_secs(60), |l| l.formed(NODES[0]).then_some(())).unwrap();
+    lab.note(&format!("cluster formed after {:.1}s", t.elapsed().as_secs_f64()));
+    let primary = lab
+        .wait("one Promoted and one Unpromoted instance", Duration::from_secs(60), |l| {
+            let p = l.promoted(NODES[0])?;
+            (l.locate(NODES[0], CLONE).len() == 2 && promoted_on(l, NODES[0], &p)).then_some(p)
+        })
+        .unwrap();
+    let survivor = other(&primary);
+    lab.note(&format!("{primary} Promoted after {:.1}s", t.elapsed().as_secs_f64()));
+
+    // The filesystem, made on the stable path of the Promoted node, replicated.
+    lab.x_ok(
+        &primary,
+        &[
+            "mkfs.ext4",
+            "-q",
+            "-F",
+            "-E",
+            "lazy_itable_init=0,lazy_journal_init=0,nodiscard",
+            "/dev/tandem/mail",
+        ],
+    )
+    .unwrap();
+    lab.wait("the standby in sync", Duration::from_secs(60), |l| {
+        l.tandem.resource_status(&primary).ok().filter(in_sync)
+    })
+    .unwrap();
+    let mnt = lab.dir.join("mnt");
+    std::fs::create_dir_all(&mnt).unwrap();
+    lab.cib_create(&primary, "resources", &service_group_xml(&mnt)).unwrap();
+    lab.cib_create(&primary, "constraints", CONSTRAINTS_XML).unwrap();
+    lab.wait("the service up on the Promoted node", Duration::from_secs(60), |l| {
+        (running_on(l, &primary, "mail-daemon")? == primary).then_some(())
+    })
+    .unwrap();
+    lab.note(&format!("filesystem and service up on {primary} after {:.1}s", t.elapsed().as_secs_f64()));
+
+    // The load: one fsync'ed file per record; a record is acknowledged when the writer
+    // prints its number, which this process logs.
+    let dir = mnt.join("acked");
+    let script = format!(
+        "mkdir -p {d} && sync -f {d} && i=0; while :; do i=$((i+1)); \
+         printf 'record %s\\n' $i | dd of={d}/r$i conv=fsync status=none || exit 1; echo $i; done",
+        d = dir.display()
+    );
+    let mut writer = lab.command(&primary, "sh").unwrap();
+    let mut writer =
+        writer.args(["-c", &script]).stdout(Stdio::piped()).stderr(Stdio::null()).spawn().unwrap();
+    let acked = Arc::new(Mutex::new(Vec::<u64>::new()));
+    let reader = {
+        let acked = acked.clone();
+        let out = writer.stdout.take().unwrap();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines() {
+                let Ok(line) = line else { break };
+                if let Ok(n) = line.trim().parse() {
+                    acked.lock().unwrap().push(n);
+                }
+            }
+        })
+    };
+    lab.wait("acknowledged writes", Duration::from_secs(120), |_| {
+        (acked.lock().unwrap().len() >= WRITES_BEFORE_CRASH).then_some(())
+    })
+    .unwrap();
+
+    // The crash.
+    let crash = Instant::now();
+    lab.crash(&primary).unwrap();
+    let _ = writer.wait();
+    reader.join().unwrap();
+    let acked = acked.lock().unwrap().clone();
+    lab.note(&format!("crashed {primary} with {} writes acknowledged", acked.len()));
+
+    let step = |what: &str| {
+        let s = crash.elapsed().as_secs_f64();
+        lab.note(&format!("crash + {s:5.2}s  {what}"));
+        s
+    };
+    lab.wait("the crashed node lost", Duration::from_secs(60), |l| {
+        (node_online(&l.crm_mon(survivor).ok()?, &primary) == Some(false)).then_some(())
+    })
+    .unwrap();
+    let lost = step(&format!("{primary} lost (corosync membership)"));
+    lab.wait("the survivor Promoted", Duration::from_secs(60), |l| {
+        (l.promoted(survivor)? == survivor).then_some(())
+    })
+    .unwrap();
+    let promoted = step(&format!("{survivor} Promoted"));
+    lab.wait("the filesystem mounted on the survivor", Duration::from_secs(60), |l| {
+        (running_on(l, survivor, "mail-fs")? == survivor).then_some(())
+    })
+    .unwrap();
+    step(&format!("filesystem mounted on {survivor}"));
+    lab.wait("the service up on the survivor", Duration::from_secs(60), |l| {
+        (running_on(l, survivor, "mail-daemon")? == survivor).then_some(())
+    })
+    .unwrap();
+    step(&format!("service up on {survivor}"));
+    lab.note(&format!(
+        "lost -> Promoted: {:.2}s (token {TOKEN_MS} ms; Tandem peer timeout {TANDEM_TIMEOUT:?})",
+        promoted - lost
+    ));
+    // The promotion did not wait for Tandem's peer timeout: the OCF agent told the agent
+    // the peer was lost (the timeout is far longer than the cluster's detection).
+    assert!(
+        lab.agent_log(survivor).contains("the cluster manager reports the peer down"),
+        "the survivor's session with the dead node was not closed on the cluster's word:\n{}",
+        lab.node_log(survivor)
+    );
+
+    // Every acknowledged record is on the survivor's filesystem.
+    let mut missing = Vec::new();
+    for n in &acked {
+        let path = dir.join(format!("r{n}"));
+        match lab.x(survivor, &["cat", &path.to_string_lossy()]) {
+            Ok(o) if String::from_utf8_lossy(&o.stdout) == format!("record {n}\n") => {}
+            _ => missing.push(*n),
+        }
+    }
+    assert!(missing.is_empty(), "acknowledged writes lost: {missing:?} of {}", acked.len());
+
+    // fsck, with the filesystem unmounted by the cluster (the group stopped).
+    lab.x_ok(
+        survivor,
+        &["crm_resource", "-r", "mail-service", "--meta", "-p", "target-role", "-v", "Stopped"],
+    )
+    .unwrap();
+    lab.wait("the filesystem unmounted", Duration::from_secs(60), |l| {
+        running_on(l, survivor, "mail-fs").is_none().then_some(())
+    })
+    .unwrap();
+    let device = lab.tandem.resource_status(survivor).unwrap().device.expect("the survivor is primary");
+    e2fsck_clean(&device).unwrap_or_else(|e| panic!("{e}"));
+
+    // The crashed node boots again and rejoins as Unpromoted, with a delta resync.
+    let sent_before = resync_bytes_sent_pcmk(&lab, survivor);
+    lab.start(&primary).unwrap();
+    lab.wait("the old primary Unpromoted", Duration::from_secs(90), |l| {
+        let inst = l.locate(survivor, CLONE);
+        (inst.len() == 2 && promoted_on(l, survivor, survivor)).then_some(())
+    })
+    .unwrap();
+    let st = lab
+        .wait("the rejoined node in sync", Duration::from_secs(90), |l| {
+            l.tandem.resource_status(survivor).ok().filter(in_sync)
+        })
+        .unwrap();
+    let moved = resync_bytes_sent_pcmk(&lab, survivor) - sent_before;
+    lab.note(&format!("{primary} rejoined as Unpromoted; resync moved {moved} bytes of {}", st.size));
+    assert!(moved < st.size / 2, "a delta resync, not a full one: {moved} of {} bytes", st.size);
+
+    // Equal images once both nodes are stopped in order (demoted, down).
+    for n in [primary.as_str(), survivor] {
+        lab.stop(n, Duration::from_secs(60)).unwrap();
+    }
+    assert_eq!(
+        sha256_file(&lab.tandem.image(&primary)),
+        sha256_file(&lab.tandem.image(survivor)),
+        "images differ"
+    );
+}
+
+fn resync_bytes_sent_pcmk(lab: &PacemakerLab, node: &str) -> u64 {
+    lab.tandem
+        .resource_status(node)
+        .map(|s| s.peers.iter().filter_map(|p| p.resync.as_ref()).map(|r| r.data_bytes_sent).sum())
+        .unwrap_or(0)
+}
