@@ -16,6 +16,7 @@
 //! with the reason without them.
 
 use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -69,9 +70,10 @@ fn running_on(lab: &PacemakerLab, viewer: &str, resource: &str) -> Option<String
     lab.locate(viewer, resource).into_iter().next().map(|(n, _)| n)
 }
 
-#[test]
-fn crash_of_the_promoted_node_fails_over_and_it_rejoins() {
-    let mut lab = lab();
+/// Boots both nodes, waits for the clone (one Promoted, one Unpromoted), makes ext4 on the
+/// Promoted node's stable path and adds the service group and its constraints. Returns the
+/// Promoted node and the mount point.
+fn cluster_with_service(lab: &mut PacemakerLab) -> (String, PathBuf) {
     let t = Instant::now();
     for n in NODES {
         lab.start(n).unwrap();
@@ -84,10 +86,7 @@ fn crash_of_the_promoted_node_fails_over_and_it_rejoins() {
             (l.locate(NODES[0], CLONE).len() == 2 && promoted_on(l, NODES[0], &p)).then_some(p)
         })
         .unwrap();
-    let survivor = other(&primary);
     lab.note(&format!("{primary} Promoted after {:.1}s", t.elapsed().as_secs_f64()));
-
-    // The filesystem, made on the stable path of the Promoted node, replicated.
     lab.x_ok(
         &primary,
         &[
@@ -108,11 +107,23 @@ fn crash_of_the_promoted_node_fails_over_and_it_rejoins() {
     std::fs::create_dir_all(&mnt).unwrap();
     lab.cib_create(&primary, "resources", &service_group_xml(&mnt)).unwrap();
     lab.cib_create(&primary, "constraints", CONSTRAINTS_XML).unwrap();
-    lab.wait("the service up on the Promoted node", Duration::from_secs(60), |l| {
-        (running_on(l, &primary, "mail-daemon")? == primary).then_some(())
+    service_up_on(lab, &primary);
+    lab.note(&format!("filesystem and service up on {primary} after {:.1}s", t.elapsed().as_secs_f64()));
+    (primary, mnt)
+}
+
+fn service_up_on(lab: &PacemakerLab, node: &str) {
+    lab.wait(&format!("the service up on {node}"), Duration::from_secs(90), |l| {
+        (running_on(l, node, "mail-daemon")? == node && promoted_on(l, node, node)).then_some(())
     })
     .unwrap();
-    lab.note(&format!("filesystem and service up on {primary} after {:.1}s", t.elapsed().as_secs_f64()));
+}
+
+#[test]
+fn crash_of_the_promoted_node_fails_over_and_it_rejoins() {
+    let mut lab = lab();
+    let (primary, mnt) = cluster_with_service(&mut lab);
+    let survivor = other(&primary);
 
     // The load: one fsync'ed file per record; a record is acknowledged when the writer
     // prints its number, which this process logs.
@@ -245,4 +256,84 @@ fn resync_bytes_sent_pcmk(lab: &PacemakerLab, node: &str) -> u64 {
         .resource_status(node)
         .map(|s| s.peers.iter().filter_map(|p| p.resync.as_ref()).map(|r| r.data_bytes_sent).sum())
         .unwrap_or(0)
+}
+
+/// The pid of the Tandem agent the OCF agent started in `node`.
+fn agent_pid(lab: &PacemakerLab, node: &str) -> Option<String> {
+    let out = lab.x(node, &["cat", &format!("/run/resource-agents/tandem-agent-{node}.pid")]).ok()?;
+    let pid = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    (!pid.is_empty()).then_some(pid)
+}
+
+/// The fail count of the clone's instance on `node`, from crm_mon's history.
+fn fail_count(lab: &PacemakerLab, node: &str) -> u32 {
+    let Ok(xml) = lab.crm_mon(node) else { return 0 };
+    let Some(start) = xml.find("<node_history>") else { return 0 };
+    let history = &xml[start..];
+    let Some(mine) = history.find(&format!("<node name=\"{node}\">")) else { return 0 };
+    let section = &history[mine..history[mine..].find("</node>").map_or(history.len(), |e| mine + e)];
+    section
+        .split("<resource_history id=\"mail\"")
+        .nth(1)
+        .and_then(|r| r.split("fail-count=\"").nth(1))
+        .and_then(|c| c.split('"').next())
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0)
+}
+
+#[test]
+fn switchover_moves_zero_bytes_and_a_killed_agent_is_recovered_locally() {
+    let mut lab = lab();
+    let (primary, mnt) = cluster_with_service(&mut lab);
+    let standby = other(&primary);
+    let file = mnt.join("before-switchover");
+    let file = file.to_string_lossy().to_string();
+    lab.x_ok(&primary, &["sh", "-c", &format!("echo kept > {file} && sync -f {file}")]).unwrap();
+    lab.wait("in sync", Duration::from_secs(60), |l| l.tandem.resource_status(&primary).ok().filter(in_sync))
+        .unwrap();
+    let sent = |l: &PacemakerLab| resync_bytes_sent_pcmk(l, &primary) + resync_bytes_sent_pcmk(l, standby);
+    let sent_before = sent(&lab);
+
+    // Planned switchover: move the service; the Promoted role follows it.
+    let t = Instant::now();
+    lab.x_ok(&primary, &["crm_resource", "--move", "-r", "mail-service", "-N", standby]).unwrap();
+    service_up_on(&lab, standby);
+    lab.note(&format!(
+        "switchover {primary} -> {standby}: service up after {:.2}s",
+        t.elapsed().as_secs_f64()
+    ));
+    lab.x_ok(&primary, &["crm_resource", "--clear", "-r", "mail-service"]).unwrap();
+    lab.wait("the old primary Unpromoted and in sync", Duration::from_secs(60), |l| {
+        (l.locate(standby, CLONE).len() == 2).then_some(())?;
+        l.tandem.resource_status(standby).ok().filter(in_sync)
+    })
+    .unwrap();
+    assert_eq!(sent(&lab), sent_before, "a planned switchover resyncs nothing");
+    let out = lab.x_ok(standby, &["cat", &file]).unwrap();
+    assert_eq!(out, "kept\n");
+
+    // kill -9 of the agent under the Promoted instance: monitor reports it, and Pacemaker
+    // recovers the instance on the same node (a new agent there) before anything else.
+    let old_pid = agent_pid(&lab, standby).expect("the OCF agent's pid file");
+    let t = Instant::now();
+    lab.x_ok(standby, &["kill", "-9", &old_pid]).unwrap();
+    let new_pid = lab
+        .wait("the instance recovered on the same node", Duration::from_secs(120), |l| {
+            (fail_count(l, standby) >= 1 && l.locate(standby, CLONE).len() == 2).then_some(())?;
+            agent_pid(l, standby).filter(|p| *p != old_pid && l.tandem.status(standby).is_ok())
+        })
+        .unwrap();
+    let promoted = lab
+        .wait("a Promoted instance with the service", Duration::from_secs(120), |l| {
+            let p = l.promoted(standby)?;
+            (running_on(l, &p, "mail-daemon")? == p && promoted_on(l, &p, &p)).then_some(p)
+        })
+        .unwrap();
+    lab.note(&format!(
+        "agent killed on {standby}: restarted there (pid {old_pid} -> {new_pid}, fail-count {}), service up on {promoted} after {:.2}s",
+        fail_count(&lab, standby),
+        t.elapsed().as_secs_f64()
+    ));
+    let out = lab.x_ok(&promoted, &["cat", &file]).unwrap();
+    assert_eq!(out, "kept\n");
 }
