@@ -4,6 +4,7 @@ pub mod control_server;
 pub mod hooks;
 pub mod peer_link;
 pub mod resource;
+pub mod sd_notify;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -139,7 +140,18 @@ impl Agent {
                 }
             }
         });
+        // The control socket is bound and served: the CLI can talk to us.
+        sd_notify::notify("READY=1");
+        if let Some(every) = sd_notify::watchdog_interval() {
+            tasks.spawn(async move {
+                loop {
+                    sd_notify::notify("WATCHDOG=1");
+                    tokio::time::sleep(every).await;
+                }
+            });
+        }
         wait_for_signal().await;
+        sd_notify::notify("STOPPING=1");
         info!("shutting down");
         self.shutdown.cancel();
         for r in self.resources.values() {
