@@ -173,7 +173,7 @@ fn crash_of_the_promoted_node_fails_over_and_it_rejoins() {
     .unwrap();
     let lost = step(&format!("{primary} lost (corosync membership)"));
     lab.wait("the survivor Promoted", Duration::from_secs(60), |l| {
-        (l.promoted(survivor)? == survivor).then_some(())
+        promoted_on(l, survivor, survivor).then_some(())
     })
     .unwrap();
     let promoted = step(&format!("{survivor} Promoted"));
