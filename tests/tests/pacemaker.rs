@@ -8,7 +8,9 @@
 //!   node is crashed (its namespaces killed). The survivor is promoted, the filesystem
 //!   mounted and the service started on it; no acknowledged write is missing and fsck is
 //!   clean. The crashed node boots again, rejoins as Unpromoted with a delta resync, and
-//!   the images end equal. The time to each step is printed (`--nocapture`).
+//!   the images end equal. The promotion put a constraint against promoting the lost node
+//!   (`tandem-fence-peer`), lifted once it has resynced. The time to each step is printed
+//!   (`--nocapture`).
 //!
 //! Settings: corosync token 1000 ms (consensus 1200 ms), `dc-deadtime` 5 s, stonith off;
 //! Tandem's own peer timeout is 20 s, so a promotion that waited for it would show.
@@ -199,6 +201,13 @@ fn crash_of_the_promoted_node_fails_over_and_it_rejoins() {
         lab.node_log(survivor)
     );
 
+    // The survivor's promotion fenced the lost node from promotion in the CIB.
+    assert!(
+        lab.fenced_from_promotion(survivor, &primary).unwrap(),
+        "no constraint against promoting {primary}:\n{}",
+        lab.agent_log(survivor)
+    );
+
     // Every acknowledged record is on the survivor's filesystem.
     let mut missing = Vec::new();
     for n in &acked {
@@ -236,6 +245,11 @@ fn crash_of_the_promoted_node_fails_over_and_it_rejoins() {
             l.tandem.resource_status(survivor).ok().filter(in_sync)
         })
         .unwrap();
+    // Resynced: the constraint is lifted.
+    lab.wait("the fence constraint removed after the resync", Duration::from_secs(60), |l| {
+        (!l.fenced_from_promotion(survivor, &primary).ok()?).then_some(())
+    })
+    .unwrap();
     let moved = resync_bytes_sent_pcmk(&lab, survivor) - sent_before;
     lab.note(&format!("{primary} rejoined as Unpromoted; resync moved {moved} bytes of {}", st.size));
     assert!(moved < st.size / 2, "a delta resync, not a full one: {moved} of {} bytes", st.size);

@@ -16,7 +16,9 @@
 //! corosync token is short (the caller's, e.g. 1000 ms), so a run takes seconds.
 //!
 //! The Tandem side is a [`LocalCluster`]'s generated config (keys, images, one resource
-//! "mail"), with `device_dir = "/dev/tandem"` on both nodes (private per node). Its control
+//! "mail"), with `device_dir = "/dev/tandem"` on both nodes (private per node) and
+//! `agent/ocf/tandem-fence-peer` as its fence_peer, disconnected, connected and sync_done
+//! handler. Its control
 //! sockets are plain paths, so the test reads each agent's status from the host.
 //!
 //! Cleanup ([`Drop`]), even after a failed assertion: orderly stop of the nodes (SIGKILL
@@ -89,8 +91,22 @@ impl PacemakerLab {
                 out.push('\n');
             }
         }
+        // Tandem's Pacemaker fencing handler: a peer the primary lost (or outran at a
+        // promotion) may not be promoted until it has resynced.
+        let fence = format!("{} {CLONE}", fence_handler().display());
+        out += &format!(
+            "\n[handlers]\nfence_peer = \"{fence}\"\ndisconnected = \"{fence}\"\nconnected = \"{fence}\"\n\
+             sync_done = \"{fence}\"\n"
+        );
         std::fs::write(&self.tandem.config, out)?;
         Ok(())
+    }
+
+    /// Whether the CIB holds the constraint `tandem-fence-peer` puts against promoting
+    /// `node`, as `viewer` sees it.
+    pub fn fenced_from_promotion(&self, viewer: &str, node: &str) -> Result<bool> {
+        let xml = self.x_ok(viewer, &["cibadmin", "--query", "-o", "constraints"])?;
+        Ok(xml.contains(&format!("id=\"tandem-fence-mail-{node}\"")))
     }
 
     fn node_dir(&self, node: &str) -> PathBuf {
@@ -368,6 +384,11 @@ impl PacemakerLab {
             let _ = writeln!(f, "{line}");
         }
     }
+}
+
+/// The handler in this repository (`agent/ocf/tandem-fence-peer`).
+pub fn fence_handler() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../agent/ocf/tandem-fence-peer")
 }
 
 /// `online="true|false"` of `node` in crm_mon's XML.
