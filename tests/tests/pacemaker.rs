@@ -11,6 +11,15 @@
 //!   the images end equal. The promotion put a constraint against promoting the lost node
 //!   (`tandem-fence-peer`), lifted once it has resynced. The time to each step is printed
 //!   (`--nocapture`).
+//! - `partition_fences_one_node_and_never_makes_two_primaries`: STONITH on (the lab's
+//!   fence agent and host-side broker, `priority-fencing-delay`); the standby's link is cut
+//!   under the load: exactly one node is fenced — the one without the Promoted instance —
+//!   the agents are never both primary, the primary goes on acknowledging writes, none is
+//!   lost; the fenced node boots, rejoins Unpromoted, resyncs, and the images end equal.
+//! - `switchover_moves_zero_bytes_and_a_killed_agent_is_recovered_locally`: moving the
+//!   service group moves the Promoted role with it and resyncs nothing; then `kill -9` of
+//!   the agent under the Promoted instance is reported by monitor and Pacemaker restarts
+//!   the instance on that node (a new agent there) and the service comes back.
 //!
 //! Settings: corosync token 1000 ms (consensus 1200 ms), `dc-deadtime` 5 s, stonith off;
 //! Tandem's own peer timeout is 20 s, so a promotion that waited for it would show.
@@ -23,7 +32,9 @@ use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tandem_tests::pacemaker::{node_online, service_group_xml, PacemakerLab, CLONE, CONSTRAINTS_XML, NODES};
+use tandem_tests::pacemaker::{
+    node_online, service_group_xml, PacemakerLab, PacemakerOptions, CLONE, CONSTRAINTS_XML, NODES,
+};
 use tandem_tests::*;
 
 const TOKEN_MS: u32 = 1000;
@@ -40,11 +51,14 @@ fn other(node: &str) -> &'static str {
 }
 
 fn lab() -> PacemakerLab {
+    lab_with(PacemakerOptions { token_ms: TOKEN_MS, tandem_timeout: TANDEM_TIMEOUT, fencing: false })
+}
+
+fn lab_with(opts: PacemakerOptions) -> PacemakerLab {
     require_real_devices();
     require_netns();
     require_pacemaker();
-    let mut lab = PacemakerLab::new(&lab_parent(), &tandem_bin(), TOKEN_MS, TANDEM_TIMEOUT)
-        .expect("create the cluster");
+    let mut lab = PacemakerLab::new(&lab_parent(), &tandem_bin(), &opts).expect("create the cluster");
     if std::env::var_os("TANDEM_KEEP_LAB").is_some_and(|v| v != "0") {
         println!("keeping lab directory {}", lab.dir.display());
         lab.keep(true);
@@ -66,6 +80,87 @@ fn in_sync(r: &tandem_agent::status::ResourceStatus) -> bool {
 fn promoted_on(lab: &PacemakerLab, viewer: &str, node: &str) -> bool {
     lab.promoted(viewer).as_deref() == Some(node)
         && lab.tandem.resource_status(node).is_ok_and(|r| r.role == "primary" && r.device.is_some())
+}
+
+/// The load: one fsync'ed file per record in a directory of the mounted filesystem; a
+/// record is acknowledged when the writer prints its number, which this process logs —
+/// outside the cluster. It stops when its node dies or when asked ([`Writer::finish`]).
+struct Writer {
+    child: std::process::Child,
+    reader: Option<std::thread::JoinHandle<()>>,
+    acked: Arc<Mutex<Vec<u64>>>,
+    stop_file: PathBuf,
+}
+
+impl Writer {
+    fn start(lab: &PacemakerLab, node: &str, dir: &std::path::Path) -> Writer {
+        let stop_file = lab.dir.join("stop-writer");
+        let script = format!(
+            "mkdir -p {d} && sync -f {d} && i=0; while [ ! -e {stop} ]; do i=$((i+1)); \
+             printf 'record %s\\n' $i | dd of={d}/r$i conv=fsync status=none || exit 1; echo $i; done",
+            d = dir.display(),
+            stop = stop_file.display()
+        );
+        let mut cmd = lab.command(node, "sh").unwrap();
+        let mut child =
+            cmd.args(["-c", &script]).stdout(Stdio::piped()).stderr(Stdio::null()).spawn().unwrap();
+        let acked = Arc::new(Mutex::new(Vec::<u64>::new()));
+        let reader = {
+            let acked = acked.clone();
+            let out = child.stdout.take().unwrap();
+            std::thread::spawn(move || {
+                for line in BufReader::new(out).lines() {
+                    let Ok(line) = line else { break };
+                    if let Ok(n) = line.trim().parse() {
+                        acked.lock().unwrap().push(n);
+                    }
+                }
+            })
+        };
+        Writer { child, reader: Some(reader), acked, stop_file }
+    }
+
+    fn count(&self) -> usize {
+        self.acked.lock().unwrap().len()
+    }
+
+    fn wait_for(&self, lab: &PacemakerLab, n: usize) {
+        lab.wait(&format!("{n} acknowledged writes"), Duration::from_secs(120), |_| {
+            (self.count() >= n).then_some(())
+        })
+        .unwrap();
+    }
+
+    /// Stops the writer (if its node still runs) and returns the acknowledged records.
+    fn finish(mut self) -> Vec<u64> {
+        let _ = std::fs::write(&self.stop_file, b"");
+        let _ = self.child.wait();
+        if let Some(r) = self.reader.take() {
+            r.join().unwrap();
+        }
+        self.acked.lock().unwrap().clone()
+    }
+}
+
+impl Drop for Writer {
+    fn drop(&mut self) {
+        let _ = std::fs::write(&self.stop_file, b"");
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The records of `acked` missing (or wrong) on `node`'s mounted filesystem.
+fn missing_records(lab: &PacemakerLab, node: &str, dir: &std::path::Path, acked: &[u64]) -> Vec<u64> {
+    acked
+        .iter()
+        .copied()
+        .filter(|n| {
+            let path = dir.join(format!("r{n}"));
+            !matches!(lab.x(node, &["cat", &path.to_string_lossy()]),
+                Ok(o) if String::from_utf8_lossy(&o.stdout) == format!("record {n}\n"))
+        })
+        .collect()
 }
 
 fn running_on(lab: &PacemakerLab, viewer: &str, resource: &str) -> Option<String> {
@@ -130,38 +225,13 @@ fn crash_of_the_promoted_node_fails_over_and_it_rejoins() {
     // The load: one fsync'ed file per record; a record is acknowledged when the writer
     // prints its number, which this process logs.
     let dir = mnt.join("acked");
-    let script = format!(
-        "mkdir -p {d} && sync -f {d} && i=0; while :; do i=$((i+1)); \
-         printf 'record %s\\n' $i | dd of={d}/r$i conv=fsync status=none || exit 1; echo $i; done",
-        d = dir.display()
-    );
-    let mut writer = lab.command(&primary, "sh").unwrap();
-    let mut writer =
-        writer.args(["-c", &script]).stdout(Stdio::piped()).stderr(Stdio::null()).spawn().unwrap();
-    let acked = Arc::new(Mutex::new(Vec::<u64>::new()));
-    let reader = {
-        let acked = acked.clone();
-        let out = writer.stdout.take().unwrap();
-        std::thread::spawn(move || {
-            for line in BufReader::new(out).lines() {
-                let Ok(line) = line else { break };
-                if let Ok(n) = line.trim().parse() {
-                    acked.lock().unwrap().push(n);
-                }
-            }
-        })
-    };
-    lab.wait("acknowledged writes", Duration::from_secs(120), |_| {
-        (acked.lock().unwrap().len() >= WRITES_BEFORE_CRASH).then_some(())
-    })
-    .unwrap();
+    let writer = Writer::start(&lab, &primary, &dir);
+    writer.wait_for(&lab, WRITES_BEFORE_CRASH);
 
     // The crash.
     let crash = Instant::now();
     lab.crash(&primary).unwrap();
-    let _ = writer.wait();
-    reader.join().unwrap();
-    let acked = acked.lock().unwrap().clone();
+    let acked = writer.finish();
     lab.note(&format!("crashed {primary} with {} writes acknowledged", acked.len()));
 
     let step = |what: &str| {
@@ -209,14 +279,7 @@ fn crash_of_the_promoted_node_fails_over_and_it_rejoins() {
     );
 
     // Every acknowledged record is on the survivor's filesystem.
-    let mut missing = Vec::new();
-    for n in &acked {
-        let path = dir.join(format!("r{n}"));
-        match lab.x(survivor, &["cat", &path.to_string_lossy()]) {
-            Ok(o) if String::from_utf8_lossy(&o.stdout) == format!("record {n}\n") => {}
-            _ => missing.push(*n),
-        }
-    }
+    let missing = missing_records(&lab, survivor, &dir, &acked);
     assert!(missing.is_empty(), "acknowledged writes lost: {missing:?} of {}", acked.len());
 
     // fsck, with the filesystem unmounted by the cluster (the group stopped).
@@ -350,4 +413,85 @@ fn switchover_moves_zero_bytes_and_a_killed_agent_is_recovered_locally() {
     ));
     let out = lab.x_ok(&promoted, &["cat", &file]).unwrap();
     assert_eq!(out, "kept\n");
+}
+
+/// Whether `node`'s agent says it is primary (false when it does not answer).
+fn agent_primary(lab: &PacemakerLab, node: &str) -> bool {
+    lab.running(node) && lab.tandem.resource_status(node).is_ok_and(|r| r.role == "primary")
+}
+
+#[test]
+fn partition_fences_one_node_and_never_makes_two_primaries() {
+    let mut lab = lab_with(PacemakerOptions {
+        token_ms: TOKEN_MS,
+        tandem_timeout: Duration::from_secs(5),
+        fencing: true,
+    });
+    let (primary, mnt) = cluster_with_service(&mut lab);
+    let standby = other(&primary);
+    let dir = mnt.join("acked");
+    let writer = Writer::start(&lab, &primary, &dir);
+    writer.wait_for(&lab, 100);
+
+    // The standby's link is cut: both sides lose each other and race to fence. The node
+    // holding the Promoted instance wins (priority-fencing-delay); at no time are both
+    // agents primary.
+    let t = Instant::now();
+    lab.set_link(standby, false).unwrap();
+    let mut two_primaries = false;
+    let fenced = lab
+        .wait("one node fenced", Duration::from_secs(90), |l| {
+            two_primaries |= agent_primary(l, &primary) && agent_primary(l, standby);
+            NODES.iter().find(|n| !l.running(n)).map(|n| n.to_string())
+        })
+        .unwrap();
+    lab.note(&format!(
+        "partition: {fenced} fenced after {:.2}s; broker: {:?}",
+        t.elapsed().as_secs_f64(),
+        lab.fence_log()
+    ));
+    assert_eq!(fenced, standby, "the node holding the Promoted instance wins the fence race");
+    assert!(lab.running(&primary), "exactly one node is fenced");
+    let fences = lab.fence_log().iter().filter(|l| l.ends_with("rc 0")).count();
+    assert_eq!(fences, 1, "one fencing carried out: {:?}", lab.fence_log());
+    // The primary goes on: the writes go on being acknowledged (after Tandem's timeout).
+    let before = writer.count();
+    writer.wait_for(&lab, before + 50);
+    service_up_on(&lab, &primary);
+
+    // The link back, the fenced node booted: it rejoins Unpromoted and resyncs.
+    lab.set_link(standby, true).unwrap();
+    lab.start(standby).unwrap();
+    lab.wait("the fenced node back as Unpromoted, in sync", Duration::from_secs(120), |l| {
+        two_primaries |= agent_primary(l, &primary) && agent_primary(l, standby);
+        (l.locate(&primary, CLONE).len() == 2 && promoted_on(l, &primary, &primary)).then_some(())?;
+        l.tandem.resource_status(&primary).ok().filter(in_sync)
+    })
+    .unwrap();
+    assert!(!two_primaries, "both agents were primary at once");
+    let acked = writer.finish();
+    let missing = missing_records(&lab, &primary, &dir, &acked);
+    assert!(missing.is_empty(), "acknowledged writes lost: {missing:?} of {}", acked.len());
+    lab.note(&format!("{standby} rejoined as Unpromoted; {} writes acknowledged, none lost", acked.len()));
+
+    // Equal images: the filesystem unmounted by the cluster, the last writes replicated,
+    // then the nodes stopped in order (the secondary first, so nothing is promoted).
+    lab.x_ok(
+        &primary,
+        &["crm_resource", "-r", "mail-service", "--meta", "-p", "target-role", "-v", "Stopped"],
+    )
+    .unwrap();
+    lab.wait("the filesystem unmounted and in sync", Duration::from_secs(60), |l| {
+        running_on(l, &primary, "mail-fs").is_none().then_some(())?;
+        l.tandem.resource_status(&primary).ok().filter(in_sync)
+    })
+    .unwrap();
+    for n in [standby, primary.as_str()] {
+        lab.stop(n, Duration::from_secs(60)).unwrap();
+    }
+    assert_eq!(
+        sha256_file(&lab.tandem.image(&primary)),
+        sha256_file(&lab.tandem.image(standby)),
+        "images differ"
+    );
 }

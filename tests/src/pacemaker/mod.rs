@@ -26,10 +26,14 @@
 //! whose backing file is under the lab's directory (left by a crashed node), the
 //! namespaces, the directory.
 
+use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::Write;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -40,6 +44,17 @@ use tandem_agent::demo::cluster::{run_cmd, ClusterSpec, LocalCluster};
 use crate::lab::net::LabNet;
 
 const NODE_INIT: &str = include_str!("node-init.sh");
+const FENCE_AGENT: &str = include_str!("fence_tandemlab");
+
+/// The one fence device: `fence_tandemlab` for both nodes.
+const FENCE_DEVICE_XML: &str = r#"<primitive id="fence-lab" class="stonith" type="fence_tandemlab">
+  <instance_attributes id="fence-lab-params">
+    <nvpair id="fence-lab-host-list" name="pcmk_host_list" value="alpha beta"/>
+  </instance_attributes>
+  <operations>
+    <op id="fence-lab-monitor" name="monitor" interval="60s"/>
+  </operations>
+</primitive>"#;
 
 /// The Pacemaker node names, which are also the Tandem node names and host names.
 pub const NODES: [&str; 2] = ["alpha", "beta"];
@@ -57,24 +72,122 @@ pub struct PacemakerLab {
     /// Each node's `unshare` process (the parent of its init) and its init's pid, while it
     /// runs.
     nodes: Vec<(String, Option<Child>, Option<i32>)>,
+    /// Every running node's init pid, shared with the fence broker.
+    inits: Inits,
+    broker: Option<FenceBroker>,
     keep: bool,
+}
+
+type Inits = Arc<Mutex<BTreeMap<String, i32>>>;
+
+/// The lab's settings.
+#[derive(Debug, Clone)]
+pub struct PacemakerOptions {
+    /// Corosync's token timeout (consensus is 1.2 times it).
+    pub token_ms: u32,
+    /// Tandem's own peer timeout.
+    pub tandem_timeout: Duration,
+    /// STONITH on, with `fence_tandemlab` and the host-side broker, and
+    /// `priority-fencing-delay=5s` with priority 1 on the Tandem clone, so the node holding
+    /// the Promoted instance wins a fence race.
+    pub fencing: bool,
+}
+
+/// The host side of `fence_tandemlab`: reads requests from the spool directory and kills
+/// the target node's init (off, reboot; the test boots the node again) or reports whether
+/// it runs (status). A request from a node that is dead already is refused: the loser of
+/// a fence race fences nobody. What it did is in [`PacemakerLab::fence_log`].
+struct FenceBroker {
+    stop: Arc<AtomicBool>,
+    log: Arc<Mutex<Vec<String>>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl FenceBroker {
+    fn start(spool: PathBuf, inits: Inits) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let (s, l) = (stop.clone(), log.clone());
+        let thread = std::thread::spawn(move || {
+            let alive = |node: &str| {
+                inits.lock().unwrap().get(node).is_some_and(|p| kill(Pid::from_raw(*p), None).is_ok())
+            };
+            while !s.load(Ordering::SeqCst) {
+                let Ok(entries) = std::fs::read_dir(&spool) else { return };
+                for e in entries.flatten() {
+                    let path = e.path();
+                    if path.extension().is_none_or(|x| x != "req") {
+                        continue;
+                    }
+                    let text = std::fs::read_to_string(&path).unwrap_or_default();
+                    let _ = std::fs::remove_file(&path);
+                    let words: Vec<&str> = text.split_whitespace().collect();
+                    let [action, target, requester] = words[..] else { continue };
+                    let rc = if !NODES.contains(&target) {
+                        1
+                    } else if action == "status" {
+                        if alive(target) {
+                            0
+                        } else {
+                            2
+                        }
+                    } else if !alive(requester) {
+                        1
+                    } else if action == "off" || action == "reboot" {
+                        if let Some(p) = inits.lock().unwrap().remove(target) {
+                            let _ = kill(Pid::from_raw(p), Signal::SIGKILL);
+                        }
+                        0
+                    } else {
+                        1
+                    };
+                    if action != "status" {
+                        l.lock().unwrap().push(format!("{action} {target} (asked by {requester}): rc {rc}"));
+                    }
+                    let _ = std::fs::write(path.with_extension("res"), rc.to_string());
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        });
+        FenceBroker { stop, log, thread: Some(thread) }
+    }
+}
+
+impl Drop for FenceBroker {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
 }
 
 impl PacemakerLab {
     /// Creates the network, the nodes' directories and configs, and the seeded CIB with
     /// the Tandem clone; no node runs yet. `token_ms`: corosync's token timeout.
-    pub fn new(parent: &Path, exe: &Path, token_ms: u32, tandem_timeout: Duration) -> Result<Self> {
+    pub fn new(parent: &Path, exe: &Path, opts: &PacemakerOptions) -> Result<Self> {
         std::fs::create_dir_all(parent)?;
         let dir = tempfile::Builder::new().prefix("tandem-pcmk-").tempdir_in(parent)?.keep();
         let net = LabNet::create(&NODES)?;
         let addrs: Vec<_> = NODES.iter().map(|n| net.addr(n).map(|a| (*n, a))).collect::<Result<_>>()?;
-        let spec = ClusterSpec { size: 64 << 20, timeout: tandem_timeout, ..ClusterSpec::default() };
+        let spec = ClusterSpec { size: 64 << 20, timeout: opts.tandem_timeout, ..ClusterSpec::default() };
         let tandem = LocalCluster::create(&dir, exe, &addrs, &spec)?;
-        let mut lab = PacemakerLab { dir, tandem, net, nodes: Vec::new(), keep: false };
+        let inits = Inits::default();
+        let mut lab = PacemakerLab { dir, tandem, net, nodes: Vec::new(), inits, broker: None, keep: false };
         lab.write_tandem_config()?;
-        lab.write_node_dirs(token_ms)?;
+        lab.write_node_dirs(opts.token_ms)?;
         lab.write_ocf_overlay()?;
-        lab.seed_cib(exe)?;
+        if opts.fencing {
+            let spool = lab.dir.join("fence-spool");
+            std::fs::create_dir_all(&spool)?;
+            let bin = lab.dir.join("fence-bin");
+            std::fs::create_dir_all(&bin)?;
+            let agent = FENCE_AGENT.replace("@SPOOL@", &spool.to_string_lossy());
+            std::fs::write(bin.join("fence_tandemlab"), agent)?;
+            std::fs::set_permissions(bin.join("fence_tandemlab"), std::fs::Permissions::from_mode(0o755))?;
+            lab.broker = Some(FenceBroker::start(spool, lab.inits.clone()));
+        }
+        lab.seed_cib(exe, opts.fencing)?;
         lab.nodes = NODES.iter().map(|n| (n.to_string(), None, None)).collect();
         Ok(lab)
     }
@@ -165,18 +278,25 @@ impl PacemakerLab {
 
     /// The CIB both nodes start with, built offline (`CIB_file`): cluster options and the
     /// promotable clone of `ocf:tandem:tandem`.
-    fn seed_cib(&self, exe: &Path) -> Result<()> {
+    fn seed_cib(&self, exe: &Path, fencing: bool) -> Result<()> {
         let seed = self.dir.join("seed.xml");
         let empty = run_cmd(Command::new("cibadmin").arg("--empty"))?;
         std::fs::write(&seed, empty)?;
         let offline = |args: &[&str]| run_cmd(Command::new(args[0]).args(&args[1..]).env("CIB_file", &seed));
-        for (name, value) in
-            [("stonith-enabled", "false"), ("dc-deadtime", "5s"), ("cluster-recheck-interval", "1min")]
-        {
+        let stonith = if fencing { "true" } else { "false" };
+        let mut options =
+            vec![("stonith-enabled", stonith), ("dc-deadtime", "5s"), ("cluster-recheck-interval", "1min")];
+        if fencing {
+            options.push(("priority-fencing-delay", "5s"));
+        }
+        for (name, value) in options {
             offline(&["crm_attribute", "--type", "crm_config", "--name", name, "--update", value])?;
         }
         let clone = clone_xml(&self.tandem.config, exe);
         offline(&["cibadmin", "--create", "-o", "resources", "--xml-text", &clone])?;
+        if fencing {
+            offline(&["cibadmin", "--create", "-o", "resources", "--xml-text", FENCE_DEVICE_XML])?;
+        }
         for node in NODES {
             let cib = self.node_dir(node).join("var/lib/pacemaker/cib/cib.xml");
             std::fs::copy(&seed, &cib)?;
@@ -188,6 +308,8 @@ impl PacemakerLab {
 
     /// Boots `node`: its init in new namespaces inside its network namespace.
     pub fn start(&mut self, node: &str) -> Result<()> {
+        // A node the broker fenced is reaped first.
+        self.reap(node, Duration::from_secs(10))?;
         let ns = self.net.ns(node).ok_or_else(|| anyhow!("no node {node}"))?.to_string();
         let log = File::options().create(true).append(true).open(self.node_dir(node).join("init.log"))?;
         let child = Command::new("ip")
@@ -197,6 +319,7 @@ impl PacemakerLab {
             .arg(node)
             .arg(self.dir.join("nodes"))
             .arg(self.dir.join("ocf"))
+            .arg(if self.broker.is_some() { self.dir.join("fence-bin") } else { PathBuf::new() })
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
@@ -218,6 +341,7 @@ impl PacemakerLab {
         };
         let slot = self.slot(node)?;
         *slot = (node.to_string(), Some(child), Some(init));
+        self.inits.lock().unwrap().insert(node.to_string(), init);
         Ok(())
     }
 
@@ -259,7 +383,7 @@ impl PacemakerLab {
     /// Crashes `node`: SIGKILL to its init, and waits until nothing of it is left.
     pub fn crash(&mut self, node: &str) -> Result<()> {
         let init = self.init_pid(node)?;
-        kill(Pid::from_raw(init), Signal::SIGKILL)?;
+        let _ = kill(Pid::from_raw(init), Signal::SIGKILL);
         self.reap(node, Duration::from_secs(10))
     }
 
@@ -274,6 +398,7 @@ impl PacemakerLab {
         let ns = self.net.ns(node).map(str::to_string);
         let slot = self.slot(node)?;
         let (Some(mut child), Some(init)) = (slot.1.take(), slot.2.take()) else { return Ok(()) };
+        self.inits.lock().unwrap().remove(node);
         let deadline = Instant::now() + grace;
         while child.try_wait()?.is_none() {
             if Instant::now() > deadline {
@@ -291,6 +416,21 @@ impl PacemakerLab {
             }
         }
         Ok(())
+    }
+
+    /// Whether `node` runs (its init is alive: not crashed, not fenced).
+    pub fn running(&self, node: &str) -> bool {
+        self.init_pid(node).is_ok_and(|p| kill(Pid::from_raw(p), None).is_ok())
+    }
+
+    /// What the fence broker did, in order.
+    pub fn fence_log(&self) -> Vec<String> {
+        self.broker.as_ref().map(|b| b.log.lock().unwrap().clone()).unwrap_or_default()
+    }
+
+    /// Cuts `node`'s link to the other (its bridge port down), or restores it.
+    pub fn set_link(&self, node: &str, up: bool) -> Result<()> {
+        self.net.set_link(node, up)
     }
 
     /// The log of the Tandem agent the OCF agent started in `node` (kept across crashes).
@@ -422,6 +562,9 @@ fn clone_xml(config: &Path, exe: &Path) -> String {
     <nvpair id="mail-clone-notify" name="notify" value="true"/>
   </meta_attributes>
   <primitive id="mail" class="ocf" provider="tandem" type="tandem">
+    <meta_attributes id="mail-meta">
+      <nvpair id="mail-priority" name="priority" value="1"/>
+    </meta_attributes>
     <instance_attributes id="mail-params">
       <nvpair id="mail-resource" name="resource" value="mail"/>
       <nvpair id="mail-config" name="config" value="{}"/>

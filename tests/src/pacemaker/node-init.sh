@@ -1,7 +1,7 @@
 #!/bin/sh
 # PID 1 of one Pacemaker node of the test cluster (tests/src/pacemaker/mod.rs starts it as
 # `ip netns exec NS unshare --mount --uts --pid --fork --mount-proc --propagation private
-# node-init.sh NODE STATE_DIR OCF_DIR`).
+# node-init.sh NODE STATE_DIR OCF_DIR [FENCE_DIR]`).
 #
 # The node gets what a separate machine would have and the host must not share:
 #   /run, /dev/shm   tmpfs (libqb's IPC buffers are named by PIDs, which repeat across PID
@@ -10,6 +10,8 @@
 #   /tmp, /etc/corosync, /var/lib/{pacemaker,corosync}, /var/log/{pacemaker,corosync}
 #                    bind mounts of the node's directories under STATE_DIR/NODE
 #   /usr/lib/ocf/resource.d   overlaid with OCF_DIR (provider/agent: ocf:tandem:tandem)
+#   /usr/sbin        overlaid with FENCE_DIR if given (fence_tandemlab: fenced only looks
+#                    for fence agents there)
 # then runs corosync and pacemakerd in the foreground.
 #
 # SIGTERM: orderly shutdown (pacemakerd stops the resources, then the Tandem agent, then
@@ -19,6 +21,7 @@ set -u
 node=$1
 state=$2
 ocf=$3
+fence=${4:-}
 dir=$state/$node
 
 hostname "$node"
@@ -34,6 +37,9 @@ done
 # Last: STATE_DIR must not be under /tmp, or the binds above would be hidden from here on.
 mount --bind "$dir/tmp" /tmp
 mount -t overlay overlay -o "lowerdir=$ocf:/usr/lib/ocf/resource.d" /usr/lib/ocf/resource.d
+if [ -n "$fence" ]; then
+    mount -t overlay overlay -o "lowerdir=$fence:/usr/sbin" /usr/sbin
+fi
 
 corosync_pid=
 pacemaker_pid=
