@@ -21,8 +21,9 @@
 //!   the agent under the Promoted instance is reported by monitor and Pacemaker restarts
 //!   the instance on that node (a new agent there) and the service comes back.
 //!
-//! Settings: corosync token 1000 ms (consensus 1200 ms), `dc-deadtime` 5 s, stonith off;
-//! Tandem's own peer timeout is 20 s, so a promotion that waited for it would show.
+//! Settings: corosync token 1000 ms (consensus 1200 ms), `dc-deadtime` 5 s, stonith off
+//! except in the partition test; Tandem's own peer timeout is 20 s (5 s in the partition
+//! test), so a promotion that waited for it would show.
 //! Needs root, FUSE, loop devices, network namespaces and the Pacemaker packages; fails
 //! with the reason without them.
 
