@@ -42,6 +42,11 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// One resource's state as `KEY VALUE` lines, for scripts such as the OCF resource agent:
+    /// role, disk, down (0|1), device (- if none), peers, peers_known (peers whose disk state
+    /// is known), peer_primary (0|1), then `peer NODE CONNECTION ROLE DISK` per peer.
+    /// Exits with 3 if the agent does not answer, 2 if it has no such resource.
+    State { resource: String },
     /// Make this node primary for RESOURCE and expose its block device.
     Promote {
         resource: String,
@@ -63,6 +68,16 @@ pub enum Command {
     /// Stop replicating RESOURCE with its peers (planned maintenance); the primary tracks
     /// what they miss.
     Disconnect { resource: String },
+    /// Take RESOURCE out of service on this node (like `drbdadm down`): demote it if primary
+    /// (refused while its device is in use) and stop replicating it with every peer. The
+    /// agent's other resources are untouched.
+    Down { resource: String },
+    /// Put RESOURCE back in service on this node after `down`: it connects to its peers
+    /// again, as secondary.
+    Up { resource: String },
+    /// Tell the agent that PEER is known to be down (fenced, or lost by the cluster manager):
+    /// its connection is closed at once, so a promotion need not wait for the peer timeout.
+    PeerLost { peer: String },
     /// Compare every block of RESOURCE with each peer while it is in use (run on the primary).
     Verify {
         resource: String,

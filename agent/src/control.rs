@@ -15,14 +15,48 @@ use crate::status::{NodeStatus, VerifyReport};
 #[serde(tag = "cmd", rename_all = "snake_case")]
 pub enum Request {
     Status,
-    Promote { resource: String, force: bool },
-    Demote { resource: String },
-    Invalidate { resource: String, checksum: bool },
-    Connect { resource: String },
-    Disconnect { resource: String },
-    Verify { resource: String, repair: bool },
-    Resync { resource: String },
-    Resolve { resource: String, discard_local: bool },
+    Promote {
+        resource: String,
+        force: bool,
+    },
+    Demote {
+        resource: String,
+    },
+    Invalidate {
+        resource: String,
+        checksum: bool,
+    },
+    Connect {
+        resource: String,
+    },
+    Disconnect {
+        resource: String,
+    },
+    Verify {
+        resource: String,
+        repair: bool,
+    },
+    Resync {
+        resource: String,
+    },
+    Resolve {
+        resource: String,
+        discard_local: bool,
+    },
+    /// Take the resource out of service on this node (`tandem down`): demoted, no
+    /// replication with any peer, until `Up`.
+    Down {
+        resource: String,
+    },
+    /// Put the resource back in service after `Down` (or `Disconnect`).
+    Up {
+        resource: String,
+    },
+    /// `peer` is known to be down (fenced, or lost by the cluster manager): close the
+    /// connection to it now instead of waiting for the peer timeout.
+    PeerLost {
+        peer: String,
+    },
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]

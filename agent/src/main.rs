@@ -91,6 +91,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        Command::State { resource } => state(&cli, resource),
         Command::Promote { resource, force } => {
             verb(call(&cli, Request::Promote { resource: resource.clone(), force: *force })?)
         }
@@ -102,6 +103,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Disconnect { resource } => {
             verb(call(&cli, Request::Disconnect { resource: resource.clone() })?)
         }
+        Command::Down { resource } => verb(call(&cli, Request::Down { resource: resource.clone() })?),
+        Command::Up { resource } => verb(call(&cli, Request::Up { resource: resource.clone() })?),
+        Command::PeerLost { peer } => verb(call(&cli, Request::PeerLost { peer: peer.clone() })?),
         Command::Resync { resource } => verb(call(&cli, Request::Resync { resource: resource.clone() })?),
         Command::Resolve { resource, discard_local } => {
             verb(call(&cli, Request::Resolve { resource: resource.clone(), discard_local: *discard_local })?)
@@ -156,6 +160,45 @@ fn run(cli: Cli) -> Result<ExitCode> {
             Ok(if ok { ExitCode::SUCCESS } else { ExitCode::from(1) })
         }
     }
+}
+
+/// `tandem state`: see its help. Exit codes: 0, 2 (no such resource), 3 (no agent).
+fn state(cli: &Cli, resource: &str) -> Result<ExitCode> {
+    let cfg = Config::load(&cli.config)?;
+    let socket = cfg.node(&node_name(cli, &cfg)?)?.control.clone();
+    let resp = match control::call(&socket, &Request::Status, Duration::from_secs(30)) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return Ok(ExitCode::from(3));
+        }
+    };
+    let status = resp.status.ok_or_else(|| anyhow!(resp.error.unwrap_or_else(|| "no status".into())))?;
+    let Some(r) = status.resources.iter().find(|r| r.name == resource) else {
+        eprintln!("error: no resource {resource:?} on node {}", status.node);
+        return Ok(ExitCode::from(2));
+    };
+    let flag = |b: bool| if b { 1 } else { 0 };
+    println!("role {}", r.role);
+    println!("disk {}", r.disk);
+    println!("down {}", flag(r.down));
+    println!("device {}", r.device.as_deref().unwrap_or("-"));
+    println!("peers {}", r.peers.len());
+    println!("peers_known {}", r.peers.iter().filter(|p| p.peer_disk.is_some()).count());
+    println!(
+        "peer_primary {}",
+        flag(r.peers.iter().any(|p| p.peer_role == Some(tandem_agent::status::Role::Primary)))
+    );
+    for p in &r.peers {
+        println!(
+            "peer {} {} {} {}",
+            p.node,
+            p.connection,
+            p.peer_role.map_or("-", |r| r.as_str()),
+            p.peer_disk.map_or("-", |d| d.as_str())
+        );
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn verb(resp: control::Response) -> Result<ExitCode> {

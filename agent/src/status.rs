@@ -108,6 +108,9 @@ pub struct ResourceStatus {
     pub size: u64,
     /// The data generation this node holds (hex).
     pub generation: String,
+    /// Taken out of service on this node by `tandem down` (until `tandem up`).
+    #[serde(default)]
+    pub down: bool,
     pub peers: Vec<PeerStatus>,
     pub stats: ResourceStats,
 }

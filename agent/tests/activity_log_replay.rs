@@ -69,8 +69,16 @@ fn crashed_primary(dir: &Path, hot: &[u32]) -> std::path::PathBuf {
 fn reopen_with_8mib_extents(dir: &Path) -> tandem_replicator::DirtyBitmap {
     let c = config(dir, "8MiB");
     let (hooks, retry) = (Duration::from_secs(5), Duration::from_secs(1));
-    let r = Resource::open(&c.cluster, "alpha", &dir.join("run"), &c.resources[0], hooks, retry)
-        .expect("open the resource");
+    let r = Resource::open(
+        &c.cluster,
+        "alpha",
+        &dir.join("run"),
+        &dir.join("dev"),
+        &c.resources[0],
+        hooks,
+        retry,
+    )
+    .expect("open the resource");
     drop(r);
     let m = MetaFile::open_readonly(&dir.join("alpha.meta")).unwrap();
     assert!(!m.record().primary && m.record().crashed_primary, "recorded as a crashed primary");

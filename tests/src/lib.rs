@@ -5,6 +5,7 @@
 
 pub mod epochs;
 pub mod lab;
+pub mod pacemaker;
 pub mod relay;
 
 use std::fs::OpenOptions;
@@ -64,6 +65,39 @@ pub fn require_netns() {
             .output()
             .is_ok_and(|o| o.status.success());
         assert!(ok, "this test needs {tool} for network namespaces (apt-get install iproute2 util-linux)");
+    }
+}
+
+/// The OCF resource agent in this repository (`agent/ocf/tandem`).
+pub fn ocf_agent() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../agent/ocf/tandem")
+}
+
+/// The Pacemaker tests need Pacemaker, Corosync, resource-agents (ocf-tester and the
+/// heartbeat agents) and xmllint. Without them the test fails with the reason and the
+/// install command (`.ci/run` installs them).
+pub fn require_pacemaker() {
+    let tools = [
+        ("ocf-tester", "resource-agents"),
+        ("xmllint", "libxml2-utils"),
+        ("crm_attribute", "pacemaker-cli-utils"),
+        ("crm_mon", "pacemaker-cli-utils"),
+        ("pacemakerd", "pacemaker"),
+        ("corosync", "corosync"),
+        // ocf:heartbeat:Filesystem refuses to run without these.
+        ("modprobe", "kmod"),
+        ("fuser", "psmisc"),
+    ];
+    for (tool, package) in tools {
+        let ok = std::process::Command::new("sh")
+            .args(["-c", &format!("command -v {tool} || test -x /usr/sbin/{tool}")])
+            .output()
+            .is_ok_and(|o| o.status.success());
+        assert!(
+            ok,
+            "this test needs {tool} (package {package}); install with: echo 'exit 101' > /usr/sbin/policy-rc.d; \
+             apt-get install -y --no-install-recommends pacemaker corosync resource-agents pacemaker-cli-utils libxml2-utils"
+        );
     }
 }
 

@@ -16,6 +16,12 @@ use tandem_replicator::{BacklogPolicy, Mode};
 use super::file::Allocation;
 use super::Congestion;
 
+// [[node]]
+
+pub fn device_dir() -> std::path::PathBuf {
+    "/dev/tandem".into()
+}
+
 // [options]
 
 pub const fn timeout() -> Duration {

@@ -91,6 +91,10 @@ pub struct Node {
     pub address: SocketAddr,
     pub control: PathBuf,
     pub run_dir: PathBuf,
+    /// Where a primary's stable device paths live: `DIR/RESOURCE`, or `DIR/RESOURCE/VOLUME`
+    /// for a volume group, each a symlink to the loop device while this node is primary.
+    #[serde(default = "defaults::device_dir")]
+    pub device_dir: PathBuf,
     pub cert: PathBuf,
     pub key: PathBuf,
 }

@@ -644,6 +644,7 @@ fn the_documented_defaults_are_the_parsers() {
     let mut options = String::new();
     let mut resource = String::new();
     let mut disk = String::new();
+    let mut node = String::new();
     for (key, default) in documented_keys() {
         let DocDefault::Literal(value) = doc_default(&default) else { continue };
         let line = |k: &str| format!("{k} = {value}\n");
@@ -653,6 +654,8 @@ fn the_documented_defaults_are_the_parsers() {
             disk += &line(k);
         } else if let Some(k) = key.strip_prefix("resource.") {
             resource += &line(k);
+        } else if let Some(k) = key.strip_prefix("node.") {
+            node += &line(k);
         } else {
             panic!("a literal default for {key}, which this test does not know where to put");
         }
@@ -660,7 +663,8 @@ fn the_documented_defaults_are_the_parsers() {
     assert!(options.lines().count() == 7 && resource.lines().count() > 8 && !disk.is_empty());
     let text = with_options(&options)
         .replace("size = \"512MiB\"\n", &format!("size = \"512MiB\"\n{resource}"))
-        .replace(".meta\"\n", &format!(".meta\"\n{disk}"));
+        .replace(".meta\"\n", &format!(".meta\"\n{disk}"))
+        .replace(".sock\"\n", &format!(".sock\"\n{node}"));
     let explicit = parse(&text).unwrap_or_else(|e| panic!("{e}\n{text}"));
     let implicit = parse(&minimal()).unwrap();
     assert_eq!(

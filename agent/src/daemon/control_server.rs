@@ -88,6 +88,9 @@ async fn dispatch(agent: &Arc<Agent>, req: Request) -> Response {
         Request::Connect { resource: name } => {
             let agent = agent.clone();
             run(resource(&name), |r| async move {
+                if r.is_down() {
+                    anyhow::bail!("{name} is down on this node: `tandem up {name}` puts it back in service");
+                }
                 let msg = r.admin_connect();
                 // A peer not reached yet is dialled now, not after the back-off.
                 agent.redial.notify_waiters();
@@ -112,6 +115,20 @@ async fn dispatch(agent: &Arc<Agent>, req: Request) -> Response {
             })
             .await
         }
+        Request::Down { resource: name } => run(resource(&name), |r| async move { r.down().await }).await,
+        Request::Up { resource: name } => {
+            let agent = agent.clone();
+            run(resource(&name), |r| async move {
+                let msg = r.up();
+                agent.redial.notify_waiters();
+                Ok(msg)
+            })
+            .await
+        }
+        Request::PeerLost { peer } => match agent.peer_lost(&peer) {
+            Ok(m) => Response::ok(m),
+            Err(e) => Response::err(format!("{e:#}")),
+        },
         Request::Resync { resource: name } => {
             run(resource(&name), |r| async move { r.request_resync() }).await
         }

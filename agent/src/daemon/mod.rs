@@ -4,6 +4,7 @@ pub mod control_server;
 pub mod hooks;
 pub mod peer_link;
 pub mod resource;
+pub mod sd_notify;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -49,6 +50,7 @@ impl Agent {
                     &cfg.cluster,
                     node,
                     &me.run_dir,
+                    &me.device_dir,
                     r,
                     cfg.options.hook_timeout,
                     cfg.options.connect_retry,
@@ -83,6 +85,29 @@ impl Agent {
         }
     }
 
+    /// `tandem peer-lost NODE`: the cluster manager knows `node` is down (fenced, or lost
+    /// from its membership). Its connection is closed now, so every resource ends its
+    /// session with it at once — a promotion that follows does not wait for the peer
+    /// timeout to notice what the cluster already knows. The dial loop reconnects when the
+    /// node comes back.
+    pub fn peer_lost(&self, node: &str) -> Result<String> {
+        if !self.cfg.peers_of(&self.me.name).iter().any(|p| p.name == node) {
+            anyhow::bail!("{node} is not a peer of node {} in {}", self.me.name, self.cfg.path.display());
+        }
+        let conn = self.connections.lock().unwrap().remove(node);
+        Ok(match conn {
+            Some(c) => {
+                c.close(
+                    quinn::VarInt::from_u32(crate::transport::close_code::PEER_LOST),
+                    b"reported down by the cluster manager",
+                );
+                info!(peer = %node, "connection closed: the cluster manager reports the peer down");
+                format!("connection to {node} closed")
+            }
+            None => format!("no connection to {node}"),
+        })
+    }
+
     pub fn status(&self) -> NodeStatus {
         NodeStatus {
             node: self.me.name.clone(),
@@ -115,7 +140,18 @@ impl Agent {
                 }
             }
         });
+        // The control socket is bound and served: the CLI can talk to us.
+        sd_notify::notify("READY=1");
+        if let Some(every) = sd_notify::watchdog_interval() {
+            tasks.spawn(async move {
+                loop {
+                    sd_notify::notify("WATCHDOG=1");
+                    tokio::time::sleep(every).await;
+                }
+            });
+        }
         wait_for_signal().await;
+        sd_notify::notify("STOPPING=1");
         info!("shutting down");
         self.shutdown.cancel();
         for r in self.resources.values() {

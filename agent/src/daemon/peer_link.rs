@@ -442,6 +442,7 @@ mod tests {
             address: format!("127.0.0.1:{port}").parse().unwrap(),
             control: dir.join(format!("{name}.sock")),
             run_dir: dir.join(name),
+            device_dir: dir.join(name).join("dev"),
             cert,
             key,
         }

@@ -113,7 +113,7 @@ pub fn config_text(dir: &Path, nodes: &[(&str, SocketAddr)], resource: &str, spe
     for (name, addr) in nodes {
         s += &format!(
             "[[node]]\nname = \"{name}\"\naddress = \"{addr}\"\ncontrol = \"{d}/{name}/control.sock\"\n\
-             run_dir = \"{d}/{name}/run\"\ncert = \"{d}/keys/{name}.crt\"\nkey = \"{d}/keys/{name}.key\"\n\n"
+             run_dir = \"{d}/{name}/run\"\ndevice_dir = \"{d}/{name}/dev\"\ncert = \"{d}/keys/{name}.crt\"\nkey = \"{d}/keys/{name}.key\"\n\n"
         );
     }
     s += &format!(

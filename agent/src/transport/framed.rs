@@ -488,6 +488,7 @@ mod tests {
             run_dir: PathBuf::new(),
             cert: b_crt,
             key: b_key,
+            device_dir: PathBuf::new(),
         };
         let (ab, ba) = tokio::join!(a.connect(&node_b), async { b.accept().await.unwrap().await });
         Pair { _a: a, _b: b, ab: ab.unwrap(), ba: ba.unwrap(), _dir: dir }

@@ -24,6 +24,8 @@ pub mod close_code {
     pub const CHECKSUM: u32 = 4;
     pub const DUPLICATE: u32 = 5;
     pub const ROLE_CONFLICT: u32 = 6;
+    /// The cluster manager reported the peer down (`tandem peer-lost`).
+    pub const PEER_LOST: u32 = 7;
 }
 
 /// SNI for every connection: identity is established by the pinned certificate, not by name.

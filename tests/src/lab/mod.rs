@@ -14,7 +14,7 @@
 //! sockets are plain paths. Cleanup runs in [`Drop`]: the cluster's first (agents, mounts,
 //! loop devices, files), then the namespaces, once no agent is left in them.
 
-mod net;
+pub(crate) mod net;
 
 use std::collections::BTreeMap;
 use std::ffi::OsString;

@@ -7,8 +7,10 @@
 //! - `roles`: promotion and demotion rules;
 //! - `sync`: the mechanics of replication and resync as source and as target;
 //! - `verify`: online verify;
-//! - `persist`: the activity log's and bitmaps' way to the metadata file.
+//! - `persist`: the activity log's and bitmaps' way to the metadata file;
+//! - `device_links`: the stable device paths of a primary (`/dev/tandem/RESOURCE`).
 
+mod device_links;
 mod persist;
 mod relation;
 mod roles;
@@ -105,6 +107,10 @@ pub struct Resource {
     resyncing_from: Mutex<std::collections::BTreeSet<String>>,
     /// How long a session that ended for a passing reason waits before it is offered again.
     retry_after: Duration,
+    /// The node's `device_dir`: the stable device paths live here while primary.
+    device_dir: PathBuf,
+    /// `tandem down`: out of service here (secondary, no replication) until `tandem up`.
+    down: AtomicBool,
 }
 
 fn new_generation() -> u64 {
@@ -123,6 +129,7 @@ impl Resource {
         cluster: &str,
         me: &str,
         run_dir: &std::path::Path,
+        device_dir: &std::path::Path,
         cfg: &config::Resource,
         hook_timeout: Duration,
         retry_after: Duration,
@@ -219,8 +226,12 @@ impl Resource {
             discard_local: AtomicBool::new(false),
             resyncing_from: Mutex::new(Default::default()),
             retry_after,
+            device_dir: device_dir.to_path_buf(),
+            down: AtomicBool::new(false),
         });
         crate::frontend::prepare_mountpoint(&r.mountpoint)?;
+        // Links a crashed agent left behind point at loop devices that are gone (or reused).
+        device_links::remove(device_dir, &r.name).with_context(|| format!("resource {}", r.name))?;
         Ok(r)
     }
 
@@ -244,6 +255,11 @@ impl Resource {
         if let Err(e) = self.update_meta(|m| m.disk = d) {
             error!(resource = %self.name, "cannot record disk state: {e:#}");
         }
+    }
+
+    /// Whether `tandem down` took the resource out of service here.
+    pub fn is_down(&self) -> bool {
+        self.down.load(Ordering::SeqCst)
     }
 
     pub fn is_primary(&self) -> bool {
@@ -400,6 +416,7 @@ impl Resource {
             },
             size: self.cfg.size,
             generation: format!("{:016x}", rec.current_generation),
+            down: self.is_down(),
             peers,
             stats,
         }

@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use anyhow::{bail, Result};
 use tandem_protocol::{ControlMsg, Generation, ResourceHello, ResyncKind};
-use tandem_replicator::generation::UNKNOWN;
+use tandem_replicator::generation::{SyncDecision, UNKNOWN};
 use tandem_replicator::relation::{step, Action, Event, Facts, Phase, Refusal, Report};
 use tandem_replicator::split_brain::{policy_name, Resolution};
 use tokio_util::sync::CancellationToken;
@@ -124,7 +124,17 @@ impl Resource {
         match r {
             Report::Connected { decision } => {
                 info!(resource = %self.name, peer, ?decision, "session with {peer} established");
-                self.fire(HookEvent::Connected, Some(peer));
+                // What the session starts with: a handler that lifts a fence once the peer
+                // holds the same data (see agent/ocf/tandem-fence-peer) needs to know.
+                let sync = match decision {
+                    SyncDecision::InSync => "in_sync",
+                    SyncDecision::Source { .. } => "source",
+                    SyncDecision::Target { .. } => "target",
+                    _ => "none",
+                };
+                let mut ctx = self.hook_ctx(Some(peer));
+                ctx.extra.push(("TANDEM_SYNC", sync.to_string()));
+                self.hooks.fire(HookEvent::Connected, ctx);
             }
             Report::Disconnected { reason } => {
                 warn!(resource = %self.name, peer, "session with {peer} ended: {reason}");

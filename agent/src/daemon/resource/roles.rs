@@ -8,7 +8,7 @@ use tandem_replicator::{PeerConfig, PeerHandle, Volume};
 use tracing::{error, info, warn};
 
 use super::sync::rotate_generation;
-use super::{Resource, RoleState};
+use super::{device_links, Resource, RoleState};
 use crate::daemon::hooks::HookEvent;
 use tandem_replicator::relation::{Event, Phase};
 
@@ -22,6 +22,14 @@ impl Resource {
         let mut role = self.role.lock().await;
         if matches!(*role, RoleState::Primary { .. }) {
             return Ok(format!("{} is already primary here", self.name));
+        }
+        if self.is_down() {
+            bail!(
+                "refusing to promote {}: it is down on {} (`tandem up {}` first)",
+                self.name,
+                self.me,
+                self.name
+            );
         }
         let primary_peer =
             self.peers.lock().unwrap().iter().find_map(|(n, p)| p.rel.remote_primary().then(|| n.clone()));
@@ -96,6 +104,7 @@ impl Resource {
             };
         let device = frontend.device().to_string();
         *self.devices.lock().unwrap() = frontend.devices().to_vec();
+        self.link_devices(frontend.devices());
         *self.current.lock().unwrap() = Some((volume.clone(), device.clone()));
         *role = RoleState::Primary { volume, frontend };
         drop(role);
@@ -180,6 +189,7 @@ impl Resource {
             return Ok(format!("{} is already secondary here", self.name));
         };
         let device = frontend.device().to_string();
+        self.unlink_devices();
         let (frontend, stopped) = tokio::task::spawn_blocking(move || {
             let mut frontend = frontend;
             let r = frontend.stop();
@@ -187,6 +197,8 @@ impl Resource {
         })
         .await?;
         if let Err(e) = stopped {
+            // Still primary: the stable paths stay what they were.
+            self.link_devices(frontend.devices());
             *role = RoleState::Primary { volume, frontend };
             return Err(e.context(format!("cannot demote {}", self.name)));
         }
@@ -203,6 +215,7 @@ impl Resource {
     /// After the device is gone: a last barrier so every peer holds everything, the
     /// sessions closed, and the metadata saying we are no longer primary.
     async fn release_primary(&self, volume: &Arc<Volume>) {
+        self.unlink_devices();
         *self.current.lock().unwrap() = None;
         self.devices.lock().unwrap().clear();
         if let Err(e) = volume.submit_flush().await {
@@ -225,6 +238,57 @@ impl Resource {
         }) {
             error!(resource = %self.name, "cannot record the demotion: {e:#}");
         }
+    }
+
+    /// The stable device paths (`device_links`) for `devices`. A failure is logged, not
+    /// fatal: the device itself is up, only its stable name is missing.
+    fn link_devices(&self, devices: &[(String, String)]) {
+        if let Err(e) = device_links::create(&self.device_dir, &self.name, devices) {
+            error!(resource = %self.name, "cannot create the stable device path: {e:#}");
+        }
+    }
+
+    fn unlink_devices(&self) {
+        if let Err(e) = device_links::remove(&self.device_dir, &self.name) {
+            error!(resource = %self.name, "cannot remove the stable device path: {e:#}");
+        }
+    }
+
+    /// `tandem down`: takes the resource out of service on this node — demoted if primary
+    /// (refused while its device is in use), no replication with any peer, no promotion —
+    /// until [`Resource::up`]. The connections stay: other resources go on using them.
+    /// What a primary peer writes meanwhile is tracked in its bitmap, so `up` resyncs the
+    /// difference only.
+    ///
+    /// The relations see the same `AdminDisconnect` as `tandem disconnect`: towards a peer
+    /// the two are the same (this node withdraws the resource and offers it no more). What
+    /// `down` adds is local: the demotion first, and the refusal of promotion after.
+    pub async fn down(self: &Arc<Self>) -> Result<String> {
+        // Set first, so no promotion slips in between the demotion and the disconnect.
+        let was_down = self.down.swap(true, Ordering::SeqCst);
+        if self.is_primary() {
+            if let Err(e) = self.demote().await {
+                self.down.store(was_down, Ordering::SeqCst);
+                return Err(e.context(format!("{} stays up on {}", self.name, self.me)));
+            }
+        }
+        for peer in self.peer_names() {
+            self.handle(&peer, Event::AdminDisconnect);
+        }
+        self.persist_bitmaps();
+        info!(resource = %self.name, "down: out of service on this node");
+        Ok(format!("{} is down on {}; `tandem up {}` resumes", self.name, self.me, self.name))
+    }
+
+    /// `tandem up`: back in service after `down` (or `disconnect`): secondary, offering the
+    /// resource to every peer again.
+    pub fn up(self: &Arc<Self>) -> String {
+        self.down.store(false, Ordering::SeqCst);
+        for peer in self.peer_names() {
+            self.handle(&peer, Event::AdminConnect);
+        }
+        info!(resource = %self.name, "up: in service on this node");
+        format!("{} is up on {} (secondary) and connects to its peers", self.name, self.me)
     }
 
     /// Agent shutdown: demote if possible; if the device is in use, tear it down anyway
