@@ -620,6 +620,35 @@ pub const CONSTRAINTS_XML: &str = r#"<constraints>
   <rsc_order id="mail-service-after-promote" first="mail-clone" first-action="promote" then="mail-service" then-action="start"/>
 </constraints>"#;
 
+impl PacemakerLab {
+    /// Loop devices the agents of this lab attached and did not detach, by their logs.
+    fn leaked_loop_devices(&self) -> Vec<String> {
+        let mut attached = std::collections::BTreeSet::new();
+        for node in NODES {
+            let log =
+                std::fs::read_to_string(self.node_dir(node).join("tmp/tandem-agent.log")).unwrap_or_default();
+            for line in log.lines() {
+                let Some(dev) = line.split_whitespace().find_map(|w| w.strip_prefix("device=")) else {
+                    continue;
+                };
+                if line.contains("loop device attached") {
+                    attached.insert(dev.to_string());
+                } else if line.contains("loop device detached") || line.contains("detaching loop device left")
+                {
+                    attached.remove(dev);
+                }
+            }
+        }
+        let listed = Command::new("losetup")
+            .args(["-n", "-O", "NAME", "-l"])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).to_string())
+            .unwrap_or_default();
+        let listed: std::collections::BTreeSet<&str> = listed.lines().map(str::trim).collect();
+        attached.into_iter().filter(|d| listed.contains(d.as_str())).collect()
+    }
+}
+
 impl Drop for PacemakerLab {
     fn drop(&mut self) {
         for node in NODES {
@@ -632,16 +661,12 @@ impl Drop for PacemakerLab {
                 }
             }
         }
-        // Loop devices of a crashed node's agent: their backing files are under our dir.
-        let root = self.dir.to_string_lossy().to_string();
-        if let Ok(out) = Command::new("losetup").args(["-n", "-O", "NAME,BACK-FILE", "-l"]).output() {
-            for line in String::from_utf8_lossy(&out.stdout).lines() {
-                if let Some((dev, back)) = line.trim().split_once(' ') {
-                    if back.trim().starts_with(&root) {
-                        let _ = Command::new("losetup").args(["-d", dev]).status();
-                    }
-                }
-            }
+        // Loop devices of a crashed node's agent. Their backing files were in the node's
+        // mount namespace, which died with it, so the host cannot name them by path: the
+        // agents' logs can. A device this lab's agents attached and never detached is
+        // still attached to a dead FUSE file (nothing else can have taken its number).
+        for dev in self.leaked_loop_devices() {
+            let _ = Command::new("losetup").args(["-d", &dev]).status();
         }
         // The Tandem cluster (its directory is inside ours) is dropped after this; then
         // our directory goes, unless kept.
