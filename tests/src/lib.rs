@@ -353,3 +353,45 @@ pub fn with_disk_keys(config: &str, node: &str, keys: &str) -> String {
     assert!(config.contains(&meta), "no disk table for {node} in the lab config");
     config.replacen(&meta, &format!("{meta}{keys}\n"), 1)
 }
+
+/// Appends a second resource, `name` of `size` in `sync` mode, with a disk on `alpha` and
+/// `beta`, to the lab's config (before the agents start).
+pub fn add_resource(lab: &Lab, name: &str, size: &str) {
+    let text = std::fs::read_to_string(&lab.config).unwrap();
+    let d = lab.dir.display();
+    let mut extra = format!("\n[[resource]]\nname = \"{name}\"\nsize = \"{size}\"\nmode = \"sync\"\n\n");
+    for n in ["alpha", "beta"] {
+        extra += &format!(
+            "[resource.disk.{n}]\nimage = \"{d}/{n}/{name}.img\"\nmeta = \"{d}/{n}/{name}.meta\"\n\n"
+        );
+    }
+    std::fs::write(&lab.config, text + &extra).unwrap();
+}
+
+/// `node`'s status of `resource` (a lab with several resources).
+pub fn status_of(lab: &Lab, node: &str, resource: &str) -> tandem_agent::status::ResourceStatus {
+    let s = lab.status(node).unwrap_or_else(|e| panic!("status of {node}: {e:#}"));
+    s.resources.into_iter().find(|r| r.name == resource).unwrap_or_else(|| panic!("no {resource} on {node}"))
+}
+
+/// Polls `node`'s status of `resource` until `pred` holds (60 s at most).
+pub fn wait_resource(
+    lab: &Lab,
+    node: &str,
+    resource: &str,
+    what: &str,
+    pred: impl Fn(&tandem_agent::status::ResourceStatus) -> bool,
+) -> tandem_agent::status::ResourceStatus {
+    let deadline = std::time::Instant::now() + secs(60);
+    loop {
+        let s = status_of(lab, node, resource);
+        if pred(&s) {
+            return s;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for {node}/{resource}: {what}; last: {s:#?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

@@ -6,50 +6,13 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tandem_agent::control::Request;
-use tandem_agent::status::ResourceStatus;
 use tandem_tests::lab::{Lab, LabOptions};
 use tandem_tests::*;
 
 const SECOND: &str = "queue";
-
-/// The lab's config with a second resource, `queue`, on both nodes.
-fn add_second_resource(lab: &Lab) {
-    let text = std::fs::read_to_string(&lab.config).unwrap();
-    let d = lab.dir.display();
-    let mut extra = format!("\n[[resource]]\nname = \"{SECOND}\"\nsize = \"32MiB\"\nmode = \"sync\"\n\n");
-    for n in ["alpha", "beta"] {
-        extra += &format!(
-            "[resource.disk.{n}]\nimage = \"{d}/{n}/{SECOND}.img\"\nmeta = \"{d}/{n}/{SECOND}.meta\"\n\n"
-        );
-    }
-    std::fs::write(&lab.config, text + &extra).unwrap();
-}
-
-fn status_of(lab: &Lab, node: &str, resource: &str) -> ResourceStatus {
-    let s = lab.status(node).unwrap_or_else(|e| panic!("status of {node}: {e:#}"));
-    s.resources.into_iter().find(|r| r.name == resource).unwrap_or_else(|| panic!("no {resource} on {node}"))
-}
-
-fn wait_resource(
-    lab: &Lab,
-    node: &str,
-    resource: &str,
-    what: &str,
-    pred: impl Fn(&ResourceStatus) -> bool,
-) -> ResourceStatus {
-    let deadline = Instant::now() + secs(60);
-    loop {
-        let s = status_of(lab, node, resource);
-        if pred(&s) {
-            return s;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {node}/{resource}: {what}; last: {s:#?}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
 
 fn ok(lab: &Lab, node: &str, req: Request) -> String {
     let r = lab.request(node, &req).unwrap();
@@ -66,7 +29,7 @@ fn device_of(lab: &Lab, node: &str, resource: &str) -> String {
 #[test]
 fn split_brain_on_one_resource_never_stops_the_other() {
     let mut lab = new_lab(&["alpha", "beta"], &LabOptions { size: 32 << 20, ..LabOptions::default() });
-    add_second_resource(&lab);
+    add_resource(&lab, SECOND, "32MiB");
     lab.start("alpha").unwrap();
     lab.start("beta").unwrap();
     for node in ["alpha", "beta"] {

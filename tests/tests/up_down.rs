@@ -12,7 +12,6 @@
 use std::fs::OpenOptions;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
 
 use tandem_agent::control::Request;
 use tandem_agent::status::ResourceStatus;
@@ -21,41 +20,6 @@ use tandem_tests::*;
 
 const SECOND: &str = "queue";
 const MIB: u64 = 1 << 20;
-
-fn add_second_resource(lab: &Lab) {
-    let text = std::fs::read_to_string(&lab.config).unwrap();
-    let d = lab.dir.display();
-    let mut extra = format!("\n[[resource]]\nname = \"{SECOND}\"\nsize = \"16MiB\"\nmode = \"sync\"\n\n");
-    for n in ["alpha", "beta"] {
-        extra += &format!(
-            "[resource.disk.{n}]\nimage = \"{d}/{n}/{SECOND}.img\"\nmeta = \"{d}/{n}/{SECOND}.meta\"\n\n"
-        );
-    }
-    std::fs::write(&lab.config, text + &extra).unwrap();
-}
-
-fn status_of(lab: &Lab, node: &str, resource: &str) -> ResourceStatus {
-    let s = lab.status(node).unwrap_or_else(|e| panic!("status of {node}: {e:#}"));
-    s.resources.into_iter().find(|r| r.name == resource).unwrap_or_else(|| panic!("no {resource} on {node}"))
-}
-
-fn wait_resource(
-    lab: &Lab,
-    node: &str,
-    resource: &str,
-    what: &str,
-    pred: impl Fn(&ResourceStatus) -> bool,
-) -> ResourceStatus {
-    let deadline = Instant::now() + secs(60);
-    loop {
-        let s = status_of(lab, node, resource);
-        if pred(&s) {
-            return s;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {node}/{resource}: {what}; last: {s:#?}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
 
 fn call(lab: &Lab, node: &str, req: Request) -> Result<String, String> {
     let r = lab.request(node, &req).unwrap();
@@ -92,7 +56,7 @@ fn link(p: &Path) -> Option<PathBuf> {
 #[test]
 fn down_takes_one_resource_out_and_up_resyncs_only_the_difference() {
     let mut lab = new_lab(&["alpha", "beta"], &LabOptions { size: 32 * MIB, ..LabOptions::default() });
-    add_second_resource(&lab);
+    add_resource(&lab, SECOND, "16MiB");
     lab.start("alpha").unwrap();
     lab.start("beta").unwrap();
     for res in ["mail", SECOND] {
