@@ -537,6 +537,11 @@ fn up(rel: &mut Relation, facts: &Facts, ours: &Remote, remote: Remote, a: &mut 
     };
     if let Some((refusal, reason)) = refusal {
         refuse(rel, facts, refusal, reason, a);
+        // `resolve --discard-local` ran after the offer this decision was taken on: offer
+        // again with it, so the split brain is settled instead of left standing.
+        if refusal == Refusal::SplitBrain && facts.hello.discard_local && !ours.discard_local {
+            offer(rel, facts, a);
+        }
         return;
     }
     a.push(Action::Report(Report::Connected { decision: verdict.decision }));
