@@ -41,6 +41,10 @@ pub enum Command {
     Status {
         #[arg(long)]
         json: bool,
+        /// Also per-resource and per-peer statistics: request latency, data sent and
+        /// received, acks (the JSON always has them; the same figures as the metrics).
+        #[arg(long, short = 's')]
+        statistics: bool,
     },
     /// One resource's state as `KEY VALUE` lines, for scripts such as the OCF resource agent:
     /// role, disk, down (0|1), device (- if none), peers, peers_known (peers whose disk state

@@ -5,6 +5,7 @@ pub mod daemon;
 pub mod demo;
 pub mod frontend;
 pub mod meta;
+pub mod metrics;
 pub mod status;
 pub mod storage;
 pub mod sysutil;

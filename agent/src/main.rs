@@ -76,7 +76,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             println!("fingerprint {}", tls::fingerprint(&cert[0]));
             Ok(ExitCode::SUCCESS)
         }
-        Command::Status { json } => {
+        Command::Status { json, statistics } => {
             let resp = call(&cli, Request::Status)?;
             let status =
                 resp.status.ok_or_else(|| anyhow!(resp.error.unwrap_or_else(|| "no status".into())))?;
@@ -84,7 +84,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 println!("{}", serde_json::to_string_pretty(&status)?);
             } else {
                 let bars = std::io::IsTerminal::is_terminal(&std::io::stdout());
-                print!("{}", status.render(bars));
+                print!("{}", status.render(bars, *statistics));
                 if bars {
                     draw_resync_bars(&status);
                 }

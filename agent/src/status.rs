@@ -147,6 +147,12 @@ pub struct PeerStatus {
     pub sent_data_bytes: u64,
     #[serde(default)]
     pub sent_wire_bytes: u64,
+    /// Block data received from the peer, as it came off the wire.
+    #[serde(default)]
+    pub received_wire_bytes: u64,
+    /// Time from a replicated request sent to the peer to its durable ack.
+    #[serde(default)]
+    pub ack_latency: LatencySummary,
     /// Resync progress with this peer (this node as source), once one has run.
     pub resync: Option<ResyncStatus>,
     pub last_error: Option<String>,
@@ -240,6 +246,77 @@ pub struct ResourceStats {
     /// Activity-log transactions (metadata writes) so far, and extents now hot.
     pub al_writes: u64,
     pub al_hot_extents: u64,
+    #[serde(default)]
+    pub read_bytes: u64,
+    /// Application writes and flushes as the frontend sees them (request to reply).
+    #[serde(default)]
+    pub write_latency: LatencySummary,
+    #[serde(default)]
+    pub flush_latency: LatencySummary,
+    /// Split brains detected with any peer since the agent started.
+    #[serde(default)]
+    pub split_brains: u64,
+    /// Event handlers run and failed since the agent started, per handler.
+    #[serde(default)]
+    pub handlers: Vec<HandlerStats>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct HandlerStats {
+    /// The handler's event, e.g. "split-brain".
+    pub handler: String,
+    pub runs: u64,
+    /// Non-zero exit, timeout, or could not start.
+    pub failures: u64,
+}
+
+/// A latency histogram in brief: what `status --statistics` shows of what the metrics
+/// export in full (`tandem_*_latency_seconds`). Quantiles are estimated from the buckets
+/// as Prometheus' `histogram_quantile` does.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct LatencySummary {
+    pub count: u64,
+    pub sum_secs: f64,
+    pub mean_secs: Option<f64>,
+    pub p50_secs: Option<f64>,
+    pub p99_secs: Option<f64>,
+}
+
+impl From<&tandem_replicator::LatencySnapshot> for LatencySummary {
+    fn from(s: &tandem_replicator::LatencySnapshot) -> Self {
+        Self {
+            count: s.count,
+            sum_secs: s.sum_secs,
+            mean_secs: s.mean_secs(),
+            p50_secs: s.quantile(0.5),
+            p99_secs: s.quantile(0.99),
+        }
+    }
+}
+
+impl LatencySummary {
+    /// `N requests, mean … p50 … p99 …` in human units.
+    pub fn line(&self) -> String {
+        let t = |v: Option<f64>| v.map_or("-".to_string(), human_secs);
+        format!(
+            "{} requests  mean {}  p50 {}  p99 {}",
+            self.count,
+            t(self.mean_secs),
+            t(self.p50_secs),
+            t(self.p99_secs)
+        )
+    }
+}
+
+/// A duration in seconds as µs, ms or s.
+pub fn human_secs(s: f64) -> String {
+    if s < 0.001 {
+        format!("{:.0}µs", s * 1e6)
+    } else if s < 1.0 {
+        format!("{:.2}ms", s * 1e3)
+    } else {
+        format!("{s:.2}s")
+    }
 }
 
 pub fn human_bytes(b: u64) -> String {
@@ -260,7 +337,8 @@ pub fn human_bytes(b: u64) -> String {
 impl NodeStatus {
     /// The human form of `tandem status`. Each running resync is drawn once: as a text
     /// line here unless `bars` says the caller draws it as a progress bar instead.
-    pub fn render(&self, bars: bool) -> String {
+    /// `statistics` adds latency, traffic and ack lines (`status --statistics`).
+    pub fn render(&self, bars: bool, statistics: bool) -> String {
         let mut out = format!("node {} (cluster {})\n", self.node, self.cluster);
         for r in &self.resources {
             out += &format!(
@@ -299,6 +377,18 @@ impl NodeStatus {
                     out += &format!("  lag:{} ({:.1}s)", human_bytes(p.lag_bytes), p.lag_secs);
                 }
                 out += "\n";
+                if statistics {
+                    out += &format!(
+                        "      sent:{} (wire {})  received:{}  pending:{}  lag:{} ({:.1}s)\n      acks: {}\n",
+                        human_bytes(p.sent_data_bytes),
+                        human_bytes(p.sent_wire_bytes),
+                        human_bytes(p.received_wire_bytes),
+                        p.pending_requests,
+                        human_bytes(p.lag_bytes),
+                        p.lag_secs,
+                        p.ack_latency.line()
+                    );
+                }
                 if let Some(r) = p.resync.as_ref().filter(|r| r.active && !bars) {
                     out += &format!("      {}\n", r.line());
                 }
@@ -324,6 +414,20 @@ impl NodeStatus {
                     s.replicated_flushes,
                     s.checksum_errors,
                     s.protocol_errors
+                );
+            }
+            if statistics {
+                out += &format!(
+                    "    writes: {}\n    flushes: {}\n    reads:{} ({})  discards:{}  local I/O errors:{}  standby I/O errors:{}\n    activity log: {} writes, {} hot extents\n",
+                    s.write_latency.line(),
+                    s.flush_latency.line(),
+                    s.reads,
+                    human_bytes(s.read_bytes),
+                    s.discards,
+                    s.local_io_errors,
+                    s.standby_io_errors,
+                    s.al_writes,
+                    s.al_hot_extents
                 );
             }
         }

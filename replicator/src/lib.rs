@@ -35,6 +35,6 @@ pub use mode::{Backlog, BacklogPolicy, Mode};
 pub use primary::{LocalWork, PeerConfig, PeerHandle, PeerReplication, Volume};
 pub use request::Done;
 pub use secondary::{Applier, TargetState};
-pub use stats::{ApplierStats, Counter, VolumeStats};
+pub use stats::{ApplierStats, Counter, LatencyHistogram, LatencySnapshot, VolumeStats, LATENCY_BUCKETS};
 pub use store::{BlockStore, MemStore};
 pub use tandem_protocol::ResyncKind;

@@ -21,6 +21,7 @@ use crate::bitmap::DirtyBitmap;
 use crate::link::Link;
 use crate::mode::{Backlog, BacklogPolicy, Mode};
 use crate::request::Request;
+use crate::stats::LatencyHistogram;
 
 struct Pending {
     /// Byte range of a write or discard; `None` for a flush or verify.
@@ -56,6 +57,7 @@ pub(crate) struct PeerSession {
     backlog: Option<Backlog>,
     pending: Mutex<PendingAcks>,
     bitmap: Arc<Mutex<DirtyBitmap>>,
+    ack_latency: Arc<LatencyHistogram>,
     closed: watch::Sender<Option<String>>,
     /// Counts the times an `ahead` episode ended with the backlog drained.
     drained: watch::Sender<u64>,
@@ -68,6 +70,7 @@ impl PeerSession {
         mode: Mode,
         backlog: Option<Backlog>,
         bitmap: Arc<Mutex<DirtyBitmap>>,
+        ack_latency: Arc<LatencyHistogram>,
         link: Link,
         timeout: Duration,
     ) -> Arc<Self> {
@@ -77,7 +80,16 @@ impl PeerSession {
         let pending = PendingAcks { tx: Some(tx), ..Default::default() };
         // A backlog bounds only peers the application does not wait for in full.
         let backlog = backlog.filter(|_| mode != Mode::Sync);
-        let s = Arc::new(Self { name, mode, backlog, pending: Mutex::new(pending), bitmap, closed, drained });
+        let s = Arc::new(Self {
+            name,
+            mode,
+            backlog,
+            pending: Mutex::new(pending),
+            bitmap,
+            ack_latency,
+            closed,
+            drained,
+        });
         tokio::spawn(s.clone().run(rx, timeout));
         s
     }
@@ -259,6 +271,7 @@ impl PeerSession {
         if level == AckLevel::Durable {
             if let Some(e) = p.by_seq.remove(&seq) {
                 p.bytes -= e.bytes;
+                self.ack_latency.observe(e.since.elapsed());
             }
             if p.ahead && p.bytes == 0 {
                 p.ahead = false;

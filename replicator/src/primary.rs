@@ -27,7 +27,7 @@ use crate::link::Link;
 use crate::mode::{Backlog, Mode};
 use crate::peer::PeerSession;
 use crate::request::{Done, Request};
-use crate::stats::VolumeStats;
+use crate::stats::{LatencyHistogram, VolumeStats};
 use crate::store::BlockStore;
 
 /// A configured peer of the resource, connected or not.
@@ -38,12 +38,16 @@ pub struct PeerConfig {
     pub bitmap: Arc<Mutex<DirtyBitmap>>,
     /// For `memory` and `async` peers: the bound on what may be in flight to them.
     pub backlog: Option<Backlog>,
+    /// Time from a request's frame being queued to this peer to its durable ack. Shared
+    /// with the agent, which exports it; outlives the volume (and its sessions).
+    pub ack_latency: Arc<LatencyHistogram>,
 }
 
 struct PeerSlot {
     mode: Mode,
     backlog: Option<Backlog>,
     bitmap: Arc<Mutex<DirtyBitmap>>,
+    ack_latency: Arc<LatencyHistogram>,
     session: Option<Arc<PeerSession>>,
     last_error: Option<String>,
 }
@@ -161,7 +165,8 @@ pub struct Volume {
     /// Runs once before the next write or discard is admitted (see [`Volume::before_next_write`]).
     next_write_hook: Mutex<Option<WriteHook>>,
     next_write_hook_armed: std::sync::atomic::AtomicBool,
-    pub stats: VolumeStats,
+    /// The application's requests; shared so counts outlive one promotion.
+    pub stats: Arc<VolumeStats>,
 }
 
 pub type WriteHook = Box<dyn Fn() -> std::io::Result<()> + Send>;
@@ -175,16 +180,18 @@ impl Volume {
         first_seq: u64,
         timeout: Duration,
     ) -> Arc<Self> {
-        Self::with_activity_log(store, peers, first_seq, timeout, None)
+        Self::with_activity_log(store, peers, first_seq, timeout, None, Arc::default())
     }
 
-    /// As [`Volume::new`], with an activity log recording hot regions before writes to them.
+    /// As [`Volume::new`], with an activity log recording hot regions before writes to them,
+    /// counting the application's requests in `stats`.
     pub fn with_activity_log(
         store: Arc<dyn BlockStore>,
         peers: Vec<PeerConfig>,
         first_seq: u64,
         timeout: Duration,
         al: Option<Arc<ActivityLog>>,
+        stats: Arc<VolumeStats>,
     ) -> Arc<Self> {
         let size = store.size();
         let peers = peers
@@ -194,6 +201,7 @@ impl Volume {
                     mode: p.mode,
                     backlog: p.backlog,
                     bitmap: p.bitmap,
+                    ack_latency: p.ack_latency,
                     session: None,
                     last_error: None,
                 };
@@ -208,7 +216,7 @@ impl Volume {
             al,
             next_write_hook: Mutex::new(None),
             next_write_hook_armed: std::sync::atomic::AtomicBool::new(false),
-            stats: VolumeStats::default(),
+            stats,
         })
     }
 
@@ -503,6 +511,7 @@ impl Volume {
                 slot.mode,
                 slot.backlog,
                 slot.bitmap.clone(),
+                slot.ack_latency.clone(),
                 link,
                 self.timeout,
             );

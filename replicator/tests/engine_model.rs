@@ -69,7 +69,13 @@ fn pair_with_backlog(mode: Mode, latency: Duration, timeout: Duration, backlog: 
     let bitmap = Arc::new(Mutex::new(DirtyBitmap::new(SIZE, BLOCK)));
     let volume = Volume::new(
         primary_disk.clone(),
-        vec![PeerConfig { name: "beta".into(), mode, bitmap: bitmap.clone(), backlog }],
+        vec![PeerConfig {
+            name: "beta".into(),
+            mode,
+            bitmap: bitmap.clone(),
+            backlog,
+            ack_latency: Default::default(),
+        }],
         1,
         timeout,
     );
@@ -242,7 +248,13 @@ fn standby_applies_epochs_in_order() {
         // async mode: the primary does not wait, so several epochs are in flight at once.
         let volume = Volume::new(
             primary_disk,
-            vec![PeerConfig { name: "beta".into(), mode: Mode::Async, bitmap, backlog: None }],
+            vec![PeerConfig {
+                name: "beta".into(),
+                mode: Mode::Async,
+                bitmap,
+                backlog: None,
+                ack_latency: Default::default(),
+            }],
             1,
             Duration::from_secs(30),
         );
@@ -386,10 +398,17 @@ fn activity_log_holds_extents_until_async_peers_have_them() {
         let al = tandem_replicator::ActivityLog::new(SIZE / 4, 4, Arc::new(NoMeta), &[]);
         let volume = Volume::with_activity_log(
             Arc::new(MemStore::new(SIZE)),
-            vec![PeerConfig { name: "beta".into(), mode: Mode::Async, bitmap, backlog: None }],
+            vec![PeerConfig {
+                name: "beta".into(),
+                mode: Mode::Async,
+                bitmap,
+                backlog: None,
+                ack_latency: Default::default(),
+            }],
             1,
             Duration::from_secs(30),
             Some(al.clone()),
+            Default::default(),
         );
         let (a, b, ctl) = sim_pair(SimOptions { latency: Duration::ZERO });
         let applier = Applier::new(TargetState::new(Arc::new(MemStore::new(SIZE)), Arc::default()));
@@ -473,4 +492,43 @@ fn async_backlog_overflow_blocks_when_told_to() {
         assert_eq!(bitmap.lock().unwrap().count(), 0, "nothing was left behind");
         assert!(!volume.peers()[0].ahead);
     });
+}
+
+/// The ack-latency histogram times each request a peer acknowledges durably, once — the
+/// count the metrics export is the number of replicated requests, not of ack frames.
+#[tokio::test]
+async fn every_durable_ack_is_timed_once() {
+    let ack_latency = Arc::new(LatencyHistogram::default());
+    let primary_disk = Arc::new(MemStore::new(SIZE));
+    let standby_disk = Arc::new(MemStore::new(SIZE));
+    let bitmap = Arc::new(Mutex::new(DirtyBitmap::new(SIZE, BLOCK)));
+    let volume = Volume::new(
+        primary_disk,
+        vec![PeerConfig {
+            name: "beta".into(),
+            mode: Mode::Sync,
+            bitmap,
+            backlog: None,
+            ack_latency: ack_latency.clone(),
+        }],
+        1,
+        Duration::from_secs(5),
+    );
+    let (a, b, _ctl) = sim_pair(SimOptions { latency: Duration::from_millis(1) });
+    let applier = Applier::new(TargetState::new(standby_disk, Arc::new(ApplierStats::default())));
+    tokio::spawn(async move { applier.run(b).await });
+    let _peer = volume.attach_peer("beta", a).unwrap();
+    for i in 0..20u64 {
+        volume
+            .submit_write((i % BLOCKS) * BLOCK, Bytes::from(vec![i as u8; BLOCK as usize]))
+            .unwrap()
+            .await
+            .unwrap();
+        if i % 7 == 0 {
+            volume.submit_flush().await.unwrap();
+        }
+    }
+    let s = ack_latency.snapshot();
+    assert_eq!(s.count, 23, "20 writes and 3 flushes, each acknowledged once: {s:?}");
+    assert!(s.sum_secs >= 23.0 * 0.001, "each waited for the simulated link: {s:?}");
 }

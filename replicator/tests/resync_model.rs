@@ -101,10 +101,17 @@ fn setup() -> Setup {
     let al = ActivityLog::new(EXTENT, AL_CAPACITY, meta.clone(), &[]);
     let volume = Volume::with_activity_log(
         primary.clone(),
-        vec![PeerConfig { name: "beta".into(), mode: Mode::Sync, bitmap: bitmap.clone(), backlog: None }],
+        vec![PeerConfig {
+            name: "beta".into(),
+            mode: Mode::Sync,
+            bitmap: bitmap.clone(),
+            backlog: None,
+            ack_latency: Default::default(),
+        }],
         1,
         Duration::from_secs(30),
         Some(al),
+        Default::default(),
     );
     let target = TargetState::new(standby.clone(), Arc::new(ApplierStats::default()));
     Setup { primary, standby, bitmap, meta, volume, target }

@@ -5,6 +5,7 @@
 
 pub mod epochs;
 pub mod lab;
+pub mod metrics;
 pub mod pacemaker;
 pub mod relay;
 

@@ -95,6 +95,9 @@ pub struct Node {
     /// for a volume group, each a symlink to the loop device while this node is primary.
     #[serde(default = "defaults::device_dir")]
     pub device_dir: PathBuf,
+    /// Where the agent serves Prometheus metrics (`GET /metrics`, TCP); off when absent.
+    #[serde(default, deserialize_with = "units::optional_socket_address")]
+    pub metrics: Option<SocketAddr>,
     pub cert: PathBuf,
     pub key: PathBuf,
 }

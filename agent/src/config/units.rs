@@ -213,3 +213,10 @@ pub fn socket_address<'de, D: Deserializer<'de>>(d: D) -> Result<std::net::Socke
     let s = String::deserialize(d)?;
     s.parse().map_err(|_| de::Error::custom(format!("{s:?} is not IP:port (e.g. 192.0.2.1:7789)")))
 }
+
+/// As [`socket_address`], for a key that may be absent.
+pub fn optional_socket_address<'de, D: Deserializer<'de>>(
+    d: D,
+) -> Result<Option<std::net::SocketAddr>, D::Error> {
+    socket_address(d).map(Some)
+}

@@ -108,6 +108,14 @@ impl Agent {
         })
     }
 
+    /// What a metrics scrape reports: the status and every latency histogram.
+    pub fn scrape(&self) -> crate::metrics::exposition::Scrape {
+        crate::metrics::exposition::Scrape {
+            status: self.status(),
+            latency: self.resources.iter().map(|(n, r)| (n.clone(), r.latency())).collect(),
+        }
+    }
+
     pub fn status(&self) -> NodeStatus {
         NodeStatus {
             node: self.me.name.clone(),
@@ -121,8 +129,15 @@ impl Agent {
         let control = control_server::ControlServer::bind(&self.me.control)?;
         info!(node = %self.me.name, address = %self.me.address, control = %self.me.control.display(),
               resources = ?self.resources.keys().collect::<Vec<_>>(), "agent started");
+        let metrics = match self.me.metrics {
+            Some(addr) => Some(crate::metrics::MetricsServer::bind(addr).await?),
+            None => None,
+        };
         let mut tasks = tokio::task::JoinSet::new();
         tasks.spawn(control.serve(self.clone()));
+        if let Some(m) = metrics {
+            tasks.spawn(m.serve(self.clone()));
+        }
         for peer in self.cfg.peers_of(&self.me.name) {
             if peer_link::dials(&self.me.name, &peer.name) {
                 tasks.spawn(peer_link::dial_loop(self.clone(), peer.clone()));

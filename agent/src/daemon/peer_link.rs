@@ -443,6 +443,7 @@ mod tests {
             control: dir.join(format!("{name}.sock")),
             run_dir: dir.join(name),
             device_dir: dir.join(name).join("dev"),
+            metrics: None,
             cert,
             key,
         }

@@ -213,7 +213,7 @@ fn run_in(cluster: &mut LocalCluster, o: &DemoOptions) -> Result<bool> {
 
     step(6, "status on alpha");
     let s = cluster.status("alpha")?;
-    for l in s.render(false).lines() {
+    for l in s.render(false, false).lines() {
         println!("    {l}");
     }
 
@@ -273,7 +273,7 @@ fn run_in(cluster: &mut LocalCluster, o: &DemoOptions) -> Result<bool> {
         moved as f64 * 100.0 / o.size as f64,
         o.size
     );
-    for l in cluster.status("beta")?.render(false).lines() {
+    for l in cluster.status("beta")?.render(false, false).lines() {
         println!("    {l}");
     }
 

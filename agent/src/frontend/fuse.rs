@@ -11,7 +11,7 @@
 
 use std::ffi::OsStr;
 use std::sync::Arc;
-use std::time::{Duration, UNIX_EPOCH};
+use std::time::{Duration, Instant, UNIX_EPOCH};
 
 use fuser::{
     Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, InitFlags,
@@ -21,6 +21,7 @@ use fuser::{
 use tandem_replicator::{Volume, VolumeError};
 use tracing::{debug, warn};
 
+use super::RequestLatency;
 use crate::storage::AlignedBuf;
 use crate::volume_set::VolumeLayout;
 
@@ -40,11 +41,12 @@ pub struct ImageFs {
     volume: Arc<Volume>,
     /// Inode `2 + i` is `files[i]`.
     files: Vec<VolumeLayout>,
+    latency: Arc<RequestLatency>,
 }
 
 impl ImageFs {
-    pub fn new(volume: Arc<Volume>, files: Vec<VolumeLayout>) -> Self {
-        Self { volume, files }
+    pub fn new(volume: Arc<Volume>, files: Vec<VolumeLayout>, latency: Arc<RequestLatency>) -> Self {
+        Self { volume, files, latency }
     }
 
     fn file(&self, ino: INodeNo) -> Option<&VolumeLayout> {
@@ -188,6 +190,7 @@ impl Filesystem for ImageFs {
         _lock: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
+        let started = Instant::now();
         let at = match self.place(ino, offset, data.len() as u64) {
             Ok(at) => at,
             Err(e) => return reply.error(e),
@@ -195,9 +198,13 @@ impl Filesystem for ImageFs {
         // The one copy out of the kernel's request buffer, before anything else sees it.
         let buf = AlignedBuf::copy_from(data).into_bytes();
         let len = data.len() as u32;
-        let done = Box::new(move |r: Result<u64, VolumeError>| match r {
-            Ok(_) => reply.written(len),
-            Err(e) => reply.error(errno(&e)),
+        let latency = self.latency.clone();
+        let done = Box::new(move |r: Result<u64, VolumeError>| {
+            match r {
+                Ok(_) => reply.written(len),
+                Err(e) => reply.error(errno(&e)),
+            }
+            latency.write.observe(started.elapsed());
         });
         // The local write runs on this thread; the reply is sent by whoever completes the
         // request last (this thread, or the task receiving the peer's ack).
@@ -213,9 +220,14 @@ impl Filesystem for ImageFs {
     }
 
     fn fsync(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
-        let done = Box::new(move |r: Result<u64, VolumeError>| match r {
-            Ok(_) => reply.ok(),
-            Err(e) => reply.error(errno(&e)),
+        let started = Instant::now();
+        let latency = self.latency.clone();
+        let done = Box::new(move |r: Result<u64, VolumeError>| {
+            match r {
+                Ok(_) => reply.ok(),
+                Err(e) => reply.error(errno(&e)),
+            }
+            latency.flush.observe(started.elapsed());
         });
         self.volume.flush(done).run();
     }

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use tandem_replicator::Volume;
+use tandem_replicator::{LatencyHistogram, Volume};
 
 use crate::volume_set::VolumeLayout;
 use tracing::{info, warn};
@@ -31,6 +31,15 @@ pub trait Frontend: Send + Sync {
     /// the frontend as it was (still serving). On `Ok` no request is in flight from this
     /// frontend and it serves nothing more.
     fn stop(&mut self) -> Result<()>;
+}
+
+/// How long the application's requests take, as the frontend sees them: from the request
+/// reaching the frontend to its reply (local I/O and every ack the peers' modes need).
+/// Kept by the resource across promotions; the metrics export it.
+#[derive(Debug, Default)]
+pub struct RequestLatency {
+    pub write: LatencyHistogram,
+    pub flush: LatencyHistogram,
 }
 
 /// Threads reading FUSE requests.
@@ -71,7 +80,12 @@ pub fn clean_stale(mountpoint: &Path) -> Result<()> {
 
 impl FuseLoop {
     /// Mounts the FUSE files of `volumes` at `mountpoint` and attaches a loop device to each.
-    pub fn start(volume: Arc<Volume>, mountpoint: &Path, volumes: &[VolumeLayout]) -> Result<Self> {
+    pub fn start(
+        volume: Arc<Volume>,
+        mountpoint: &Path,
+        volumes: &[VolumeLayout],
+        latency: Arc<RequestLatency>,
+    ) -> Result<Self> {
         std::fs::create_dir_all(mountpoint)
             .with_context(|| format!("cannot create {}", mountpoint.display()))?;
         clean_stale(mountpoint)?;
@@ -87,7 +101,7 @@ impl FuseLoop {
         // to keep a deep queue busy; idle ones cost nothing but a stack.
         cfg.n_threads = Some(FUSE_THREADS);
         cfg.clone_fd = true;
-        let fs = fuse::ImageFs::new(volume, volumes.to_vec());
+        let fs = fuse::ImageFs::new(volume, volumes.to_vec(), latency);
         let session = ::fuser::spawn_mount(fs, mountpoint, &cfg).with_context(|| {
             format!("cannot mount FUSE at {} (is /dev/fuse available?)", mountpoint.display())
         })?;

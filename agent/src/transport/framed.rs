@@ -48,11 +48,25 @@ pub struct FrameReader {
     recv: RecvStream,
     decoder: FrameDecoder,
     decompress: Decompress,
+    /// Block data received, counted as it comes off the wire (compressed or not).
+    counts: Option<Arc<WireCounts>>,
 }
 
 impl FrameReader {
     pub fn new(recv: RecvStream) -> Self {
-        Self { recv, decoder: FrameDecoder::default(), decompress: Arc::new(CompressedFrame::decompress) }
+        Self {
+            recv,
+            decoder: FrameDecoder::default(),
+            decompress: Arc::new(CompressedFrame::decompress),
+            counts: None,
+        }
+    }
+
+    /// Counts the block data received through this reader in `counts`: `wire_bytes` as
+    /// received, `data_bytes` for blocks that arrived uncompressed.
+    pub fn with_counts(mut self, counts: Arc<WireCounts>) -> Self {
+        self.counts = Some(counts);
+        self
     }
 
     /// Decompresses received block data with `d` instead of [`CompressedFrame::decompress`].
@@ -76,6 +90,16 @@ impl FrameReader {
     async fn next_decoded(&mut self) -> Result<Option<Decoded>, RecvError> {
         loop {
             if let Some(d) = self.decoder.next_decoded()? {
+                if let Some(c) = &self.counts {
+                    match &d {
+                        Decoded::Frame(Frame::Data(f) | Frame::ResyncData(f)) => {
+                            c.wire_bytes.add(f.payload.len() as u64);
+                            c.data_bytes.add(f.payload.len() as u64);
+                        }
+                        Decoded::Compressed(f) => c.wire_bytes.add(f.wire_len() as u64),
+                        Decoded::Frame(_) => {}
+                    }
+                }
                 return Ok(Some(d));
             }
             match self.recv.read_chunk(1 << 20, true).await? {
@@ -132,7 +156,8 @@ pub struct FrameWriter {
     enc: Encoder,
 }
 
-/// Block data sent to a peer: payload bytes as written, and as they went on the wire.
+/// Block data sent to (or received from) a peer: payload bytes as written, and as they
+/// went on the wire.
 #[derive(Debug, Default)]
 pub struct WireCounts {
     pub data_bytes: Counter,
@@ -489,6 +514,7 @@ mod tests {
             cert: b_crt,
             key: b_key,
             device_dir: PathBuf::new(),
+            metrics: None,
         };
         let (ab, ba) = tokio::join!(a.connect(&node_b), async { b.accept().await.unwrap().await });
         Pair { _a: a, _b: b, ab: ab.unwrap(), ba: ba.unwrap(), _dir: dir }

@@ -29,7 +29,8 @@ use tandem_replicator::generation::{BLANK, UNKNOWN};
 use tandem_replicator::relation::{Phase, Refusal, Relation};
 use tandem_replicator::resync::stats::ResyncStats;
 use tandem_replicator::{
-    ActivityLog, ApplierStats, BlockStore, DirtyBitmap, PeerHandle, TargetState, Volume,
+    ActivityLog, ApplierStats, BlockStore, DirtyBitmap, LatencyHistogram, LatencySnapshot, PeerHandle,
+    TargetState, Volume, VolumeStats,
 };
 use tokio_util::sync::CancellationToken;
 use tracing::{error, warn};
@@ -37,10 +38,10 @@ use tracing::{error, warn};
 use crate::config;
 use crate::daemon::hooks::{HookContext, HookEvent, Hooks};
 use crate::daemon::peer_link::PeerConn;
-use crate::frontend::Frontend;
+use crate::frontend::{Frontend, RequestLatency};
 use crate::meta::{DiskState, MetaFile, MetaRecord, AL_MAX_EXTENTS};
 use crate::status::{
-    PeerStatus, ReplicationState, ResourceStats, ResourceStatus, ResyncStatus, VolumeStatus,
+    LatencySummary, PeerStatus, ReplicationState, ResourceStats, ResourceStatus, ResyncStatus, VolumeStatus,
 };
 use crate::storage::FileStore;
 use crate::transport::framed::WireCounts;
@@ -90,6 +91,13 @@ pub struct Resource {
     resync_stats: BTreeMap<String, Arc<ResyncStats>>,
     /// Block data sent to each peer, before and after compression.
     wire: BTreeMap<String, Arc<WireCounts>>,
+    /// Block data received from each peer, as it came off the wire.
+    received: BTreeMap<String, Arc<WireCounts>>,
+    /// Each peer's time to a durable ack of a replicated request.
+    ack_latency: BTreeMap<String, Arc<LatencyHistogram>>,
+    /// The application's requests as primary, over every promotion since the agent started.
+    volume_stats: Arc<VolumeStats>,
+    request_latency: Arc<RequestLatency>,
     al: Arc<ActivityLog>,
     /// Receiving side shared by replication and resync streams.
     target: Arc<TargetState>,
@@ -111,6 +119,14 @@ pub struct Resource {
     device_dir: PathBuf,
     /// `tandem down`: out of service here (secondary, no replication) until `tandem up`.
     down: AtomicBool,
+}
+
+/// See [`Resource::latency`].
+#[derive(Debug)]
+pub struct ResourceLatency {
+    pub write: LatencySnapshot,
+    pub flush: LatencySnapshot,
+    pub ack: BTreeMap<String, LatencySnapshot>,
 }
 
 fn new_generation() -> u64 {
@@ -216,6 +232,10 @@ impl Resource {
             peers: Mutex::new(peers),
             bitmaps,
             wire: resync_stats.keys().map(|p| (p.clone(), Arc::default())).collect(),
+            received: resync_stats.keys().map(|p| (p.clone(), Arc::default())).collect(),
+            ack_latency: resync_stats.keys().map(|p| (p.clone(), Arc::default())).collect(),
+            volume_stats: Arc::default(),
+            request_latency: Arc::default(),
             resync_stats,
             al,
             applier_stats,
@@ -324,6 +344,16 @@ impl Resource {
 
     // ---------------------------------------------------------------- status
 
+    /// The latency histograms as they stand: application writes and flushes, and each
+    /// peer's acks (the metrics export their buckets).
+    pub fn latency(&self) -> ResourceLatency {
+        ResourceLatency {
+            write: self.request_latency.write.snapshot(),
+            flush: self.request_latency.flush.snapshot(),
+            ack: self.ack_latency.iter().map(|(p, h)| (p.clone(), h.snapshot())).collect(),
+        }
+    }
+
     pub fn status(&self) -> ResourceStatus {
         let current = self.current.lock().unwrap().clone();
         let replication: BTreeMap<String, _> = current
@@ -362,6 +392,8 @@ impl Resource {
                     lag_bytes: rep.map_or(0, |r| r.lag_bytes),
                     sent_data_bytes: self.wire[name].data_bytes.get(),
                     sent_wire_bytes: self.wire[name].wire_bytes.get(),
+                    received_wire_bytes: self.received[name].wire_bytes.get(),
+                    ack_latency: LatencySummary::from(&self.ack_latency[name].snapshot()),
                     lag_secs: rep.map_or(0.0, |r| r.lag.as_secs_f64()),
                     resync: (progress.active || progress.data_bytes_sent > 0 || progress.hash_bytes_sent > 0)
                         .then(|| ResyncStatus::from(progress)),
@@ -383,15 +415,16 @@ impl Resource {
             al_hot_extents: al.hot as u64,
             ..Default::default()
         };
-        if let Some((v, _)) = &current {
-            let s = &v.stats;
-            stats.writes = s.writes.get();
-            stats.write_bytes = s.write_bytes.get();
-            stats.flushes = s.flushes.get();
-            stats.discards = s.discards.get();
-            stats.reads = s.reads.get();
-            stats.local_io_errors = s.local_io_errors.get();
-        }
+        let s = &self.volume_stats;
+        stats.writes = s.writes.get();
+        stats.write_bytes = s.write_bytes.get();
+        stats.flushes = s.flushes.get();
+        stats.discards = s.discards.get();
+        stats.reads = s.reads.get();
+        stats.read_bytes = s.read_bytes.get();
+        stats.local_io_errors = s.local_io_errors.get();
+        stats.write_latency = LatencySummary::from(&self.request_latency.write.snapshot());
+        stats.flush_latency = LatencySummary::from(&self.request_latency.flush.snapshot());
         ResourceStatus {
             name: self.name.clone(),
             role: if current.is_some() {

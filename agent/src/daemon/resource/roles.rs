@@ -82,7 +82,13 @@ impl Resource {
             .iter()
             .map(|(n, bm)| {
                 let link = self.cfg.link_to(n);
-                PeerConfig { name: n.clone(), mode: link.mode, bitmap: bm.clone(), backlog: link.backlog }
+                PeerConfig {
+                    name: n.clone(),
+                    mode: link.mode,
+                    bitmap: bm.clone(),
+                    backlog: link.backlog,
+                    ack_latency: self.ack_latency[n].clone(),
+                }
             })
             .collect();
         let volume = Volume::with_activity_log(
@@ -91,11 +97,13 @@ impl Resource {
             self.seq.load(Ordering::SeqCst),
             self.cfg.timeout,
             (!self.bitmaps.is_empty()).then(|| self.al.clone()),
+            self.volume_stats.clone(),
         );
         let (v, mp) = (volume.clone(), self.mountpoint.clone());
         let volumes = self.cfg.volumes.clone();
+        let latency = self.request_latency.clone();
         let frontend: Box<dyn Frontend> =
-            match tokio::task::spawn_blocking(move || FuseLoop::start(v, &mp, &volumes)).await? {
+            match tokio::task::spawn_blocking(move || FuseLoop::start(v, &mp, &volumes, latency)).await? {
                 Ok(f) => Box::new(f),
                 Err(e) => {
                     self.update_meta(|m| m.primary = false)?;

@@ -250,6 +250,10 @@ impl Resource {
             warn!(resource = %self.name, peer, ?purpose, "stream outside an established session ignored");
             return;
         };
+        let r = match self.received.get(peer) {
+            Some(counts) => r.with_counts(counts.clone()),
+            None => r,
+        };
         let link = spawn_link(w, r, peer.to_string(), streams.clone());
         match purpose {
             StreamPurpose::Replication => self.accept_replication(peer, link, streams),
