@@ -14,6 +14,10 @@
 //!   that it shows every exported metric.
 //! - `dashboard_expressions_parse`: every panel expression is valid PromQL (promtool parses
 //!   it as a recording rule, Grafana's interval variables replaced by durations).
+//! - `dashboard_timelines_show_the_state_the_agent_reports`: the role, disk, connection and
+//!   replication timelines turn one-hot series into numbers; for every state, promtool
+//!   evaluates the panel's query on series in that state, and the panel's value mapping must
+//!   show that state's name for the number.
 //! - `the_docs_table_lists_exactly_the_exported_metrics`, with histograms as histograms.
 //! - `the_docs_queries_and_scrape_config_are_valid`: the ```promql blocks parse and use
 //!   exported names; the scrape config passes `promtool check config` with the rules.
@@ -733,13 +737,120 @@ fn dashboard_is_importable_and_uses_only_exported_metrics() {
 fn dashboard_expressions_parse() {
     let exprs: Vec<(String, String)> = dashboard_exprs(&dashboard())
         .into_iter()
-        .map(|(title, expr)| {
-            let expr =
-                expr.replace("$__rate_interval", "5m").replace("$__interval", "1m").replace("$__range", "6h");
-            (title, expr)
-        })
+        .map(|(title, expr)| (title, for_prometheus(&expr)))
         .collect();
     promtool_parses("dashboard", &exprs);
+}
+
+/// The dashboard's expression with Grafana's variables replaced for Prometheus itself:
+/// intervals by durations, the filter variables by "anything".
+fn for_prometheus(expr: &str) -> String {
+    expr.replace("$__rate_interval", "5m")
+        .replace("$__interval", "1m")
+        .replace("$__range", "6h")
+        .replace("$instance", ".*")
+        .replace("$resource", ".*")
+        .replace("$peer", ".*")
+}
+
+/// Input series for promtool: (series with its labels, value).
+type Series = Vec<(String, f64)>;
+
+/// A one-hot family's series for one resource (and peer): 1 for `current`, 0 for the rest.
+fn one_hot(metric: &str, label: &str, values: &[&str], current: &str, peer: bool) -> Series {
+    values
+        .iter()
+        .map(|v| {
+            let peer = if peer { r#", peer="beta""# } else { "" };
+            (
+                format!(
+                    r#"{metric}{{job="tandem", instance="alpha", resource="mailstore"{peer}, {label}="{v}"}}"#
+                ),
+                if *v == current { 1.0 } else { 0.0 },
+            )
+        })
+        .collect()
+}
+
+fn plain(metric: &str, value: f64, peer: bool) -> (String, f64) {
+    let peer = if peer { r#", peer="beta""# } else { "" };
+    (format!(r#"{metric}{{job="tandem", instance="alpha", resource="mailstore"{peer}}}"#), value)
+}
+
+#[test]
+fn dashboard_timelines_show_the_state_the_agent_reports() {
+    const ROLES: &[&str] = &["primary", "secondary"];
+    const DISKS: &[&str] = &["up_to_date", "outdated", "inconsistent"];
+    const REPLICATION: &[&str] =
+        &["established", "ahead", "sync_source", "sync_target", "split_brain", "off"];
+    // (panel, input series, the text its value mapping must show)
+    let mut cases: Vec<(&str, Series, &str)> = Vec::new();
+    for role in ROLES {
+        let mut series = one_hot("tandem_resource_role", "role", ROLES, role, false);
+        series.push(plain("tandem_resource_down", 0.0, false));
+        cases.push(("Role", series, role));
+    }
+    let mut down = one_hot("tandem_resource_role", "role", ROLES, "secondary", false);
+    down.push(plain("tandem_resource_down", 1.0, false));
+    cases.push(("Role", down, "down"));
+    for disk in DISKS {
+        cases.push(("Disk state", one_hot("tandem_disk_state", "state", DISKS, disk, false), disk));
+    }
+    for (connected, text) in [(1.0, "connected"), (0.0, "disconnected")] {
+        cases.push(("Peer connection", vec![plain("tandem_peer_connected", connected, true)], text));
+    }
+    for state in REPLICATION {
+        let series = one_hot("tandem_peer_replication_state", "state", REPLICATION, state, true);
+        cases.push(("Replication state", series, state));
+    }
+
+    let d = dashboard();
+    let mut tests = String::from("evaluation_interval: 1m\ntests:\n");
+    for (title, series, shows) in &cases {
+        let panel = panels(&d)
+            .into_iter()
+            .find(|p| p["title"] == *title)
+            .unwrap_or_else(|| panic!("no panel {title}"));
+        assert_eq!(panel["type"], "state-timeline", "panel {title}");
+        let targets = panel["targets"].as_array().unwrap();
+        assert_eq!(targets.len(), 1, "panel {title}: one query expected");
+        let expr = for_prometheus(targets[0]["expr"].as_str().unwrap());
+        // The values the panel shows as `shows`; the expression must give the smallest.
+        let mut values: Vec<f64> = panel["fieldConfig"]["defaults"]["mappings"]
+            .as_array()
+            .unwrap_or_else(|| panic!("panel {title}: no value mappings"))
+            .iter()
+            .filter_map(|m| m["options"].as_object())
+            .flat_map(|o| o.iter())
+            .filter(|(_, v)| v["text"] == *shows)
+            .map(|(k, _)| k.parse().unwrap_or_else(|_| panic!("panel {title}: mapping key {k}")))
+            .collect();
+        values.sort_by(f64::total_cmp);
+        let value =
+            *values.first().unwrap_or_else(|| panic!("panel {title}: no value mapping shows {shows}"));
+        let labels = if series[0].0.contains("peer=") {
+            r#"{instance="alpha", resource="mailstore", peer="beta"}"#
+        } else {
+            r#"{instance="alpha", resource="mailstore"}"#
+        };
+        tests.push_str(&format!("  # panel {title} shows {shows}\n  - interval: 1m\n    input_series:\n"));
+        for (name, v) in series {
+            tests.push_str(&format!(
+                "      - series: {}\n        values: '{v}'\n",
+                serde_json::to_string(name).unwrap()
+            ));
+        }
+        tests.push_str(&format!(
+            "    promql_expr_test:\n      - expr: {}\n        eval_time: 0m\n        exp_samples:\n          - labels: {}\n            value: {value}\n",
+            serde_json::to_string(&expr).unwrap(),
+            serde_json::to_string(labels).unwrap()
+        ));
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("timelines.test.yml");
+    std::fs::write(&file, &tests).unwrap();
+    let (ok, out) = promtool_run(&["test", "rules", file.to_str().unwrap()]);
+    assert!(ok, "a timeline shows another state than the one its series report:\n{out}\nthe tests:\n{tests}");
 }
 
 // ---------------------------------------------------------------------------------------
