@@ -33,7 +33,9 @@ pub struct Args {
     #[arg(long)]
     quick: bool,
     /// Configurations, comma-separated: raw, loop, solo, sync, memory, async, busy-wan
-    /// (three nodes: the sync standby's W1 with a zstd async replica idle, then busy).
+    /// (three nodes: the sync standby's W1 with a zstd async replica idle, then busy),
+    /// sync-scraped (sync with both nodes' metrics endpoints scraped every second),
+    /// baseline-sync (sync with the `--baseline` binary).
     #[arg(long, default_value = "raw,loop,solo,sync")]
     configs: String,
     /// Also run ../shared/bench/peer-qsd-mirror.sh (qemu's synchronous mirror) in this run.
@@ -52,6 +54,10 @@ pub struct Args {
     /// busy-wan: cap the busy writer at this many MB/s (0: as fast as it goes).
     #[arg(long, default_value_t = 0)]
     busy_rate: u64,
+    /// Another tandem binary (e.g. an older build) for the `baseline-sync` configuration,
+    /// to compare two builds in one run.
+    #[arg(long)]
+    baseline: Option<PathBuf>,
     /// Volume size for the fio runs.
     #[arg(long, default_value_t = 1 << 30)]
     size: u64,
@@ -99,7 +105,12 @@ fn main() -> Result<()> {
             checks.extend(c);
             continue;
         }
-        let (r, c) = stacks::run_config(cfg, &args, &tandem)?;
+        let (r, c) = if cfg == "baseline-sync" {
+            let b = args.baseline.as_ref().context("baseline-sync needs --baseline PATH")?;
+            stacks::run_config(cfg, &args, b)?
+        } else {
+            stacks::run_config(cfg, &args, &tandem)?
+        };
         rows.extend(r);
         checks.push(c);
     }

@@ -2,10 +2,13 @@
 
 use std::path::Path;
 use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use tandem_tests::lab::{run_cmd, Lab, LabOptions};
+use tandem_tests::metrics::enable_metrics;
 
 use crate::fio::{self, Row, WORKLOADS};
 use crate::scan::{self, Check};
@@ -81,9 +84,12 @@ pub fn run_config(cfg: &str, args: &Args, tandem: &Path) -> Result<(Vec<Row>, Ch
             std::fs::remove_file(&f)?;
             Ok((rows, c))
         }
-        "solo" | "sync" | "memory" | "async" => {
+        "solo" | "sync" | "memory" | "async" | "sync-scraped" | "baseline-sync" => {
             let names: &[&str] = if cfg == "solo" { &["alpha"] } else { &["alpha", "beta"] };
-            let mode = if cfg == "solo" { "sync" } else { cfg };
+            let mode = match cfg {
+                "memory" | "async" => cfg,
+                _ => "sync",
+            };
             let opts = LabOptions {
                 size: args.size,
                 mode: mode.into(),
@@ -91,9 +97,12 @@ pub fn run_config(cfg: &str, args: &Args, tandem: &Path) -> Result<(Vec<Row>, Ch
                 ..Default::default()
             };
             let mut lab = Lab::new(&args.work, tandem, names, &opts)?;
+            let scraped: Vec<_> =
+                if cfg == "sync-scraped" { names.iter().map(|n| enable_metrics(&lab, n)).collect() } else { vec![] };
             for n in names {
                 lab.start(n)?;
             }
+            let scraper = Scraper::start(scraped);
             if names.len() > 1 {
                 lab.wait_connected("alpha", Duration::from_secs(60))?;
             }
@@ -107,6 +116,10 @@ pub fn run_config(cfg: &str, args: &Args, tandem: &Path) -> Result<(Vec<Row>, Ch
             let dev = st.device.context("no device")?;
             let label = format!("tandem-{cfg}");
             let rows = workloads(&label, &dev, args, Some(&lab))?;
+            let scrapes = scraper.stop()?;
+            if cfg == "sync-scraped" {
+                eprintln!("{label}: {scrapes} scrapes during the run");
+            }
             // Let an async standby catch up before tearing down, so its image is final.
             lab.wait_for("alpha", "peers caught up", Duration::from_secs(300), |r| {
                 r.peers.iter().all(|p| p.pending_requests == 0 && p.out_of_sync_bytes == 0)
@@ -123,7 +136,49 @@ pub fn run_config(cfg: &str, args: &Args, tandem: &Path) -> Result<(Vec<Row>, Ch
             let c = scan::scan(&label, &lab.image("alpha"), standby.as_deref())?;
             Ok((rows, c))
         }
-        other => bail!("unknown configuration {other:?} (raw, loop, solo, sync, memory, async)"),
+        other => bail!(
+            "unknown configuration {other:?} (raw, loop, solo, sync, memory, async, sync-scraped, baseline-sync)"
+        ),
+    }
+}
+
+/// Scrapes metrics endpoints once a second, as Prometheus would, until stopped.
+struct Scraper {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<Result<u64>>>,
+}
+
+impl Scraper {
+    fn start(endpoints: Vec<std::net::SocketAddr>) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        if endpoints.is_empty() {
+            return Self { stop, thread: None };
+        }
+        let s = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let mut n = 0u64;
+            while !s.load(Ordering::Relaxed) {
+                for e in &endpoints {
+                    let body = tandem_tests::metrics::scrape(*e);
+                    if !body.contains("tandem_write_latency_seconds_count") {
+                        bail!("scrape of {e} without write latency: {body}");
+                    }
+                    n += 1;
+                }
+                std::thread::sleep(Duration::from_secs(1));
+            }
+            Ok(n)
+        });
+        Self { stop, thread: Some(thread) }
+    }
+
+    /// Stops scraping; returns how many scrapes were made.
+    fn stop(mut self) -> Result<u64> {
+        self.stop.store(true, Ordering::Relaxed);
+        match self.thread.take() {
+            Some(t) => t.join().map_err(|_| anyhow::anyhow!("the scraper panicked"))?,
+            None => Ok(0),
+        }
     }
 }
 

@@ -54,6 +54,13 @@ fn metrics_follow_reality_and_pass_promtool() {
     assert_eq!(must(&ta, &format!("tandem_peer_connected{{{BETA}}}")), 1.0);
     assert_eq!(must(&ta, &format!(r#"tandem_peer_replication_state{{{BETA},state="established"}}"#)), 1.0);
     assert_eq!(must(&ta, &format!(r#"tandem_disk_state{{{MAIL},state="up_to_date"}}"#)), 1.0);
+    // Exactly the series the docs, the dashboard and the alerts are written against.
+    for t in [&ta, &tb] {
+        let served = series_names(t);
+        let documented: std::collections::BTreeSet<String> =
+            EXPORTED_METRICS.iter().map(|s| s.to_string()).collect();
+        assert_eq!(served, documented, "served vs documented (EXPORTED_METRICS):\n{t}");
+    }
 
     // Latency histograms count exactly the requests made: 40 O_DIRECT writes without a
     // flush, then one O_DSYNC write (a write and a flush).

@@ -32,54 +32,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use serde_json::Value;
-
-/// Every series name the agent exports (docs/monitoring.md lists their types and labels).
-/// A histogram is its three series `_bucket`, `_sum` and `_count`.
-const EXPORTED_METRICS: &[&str] = &[
-    "tandem_agent_info",
-    "tandem_resource_role",
-    "tandem_disk_state",
-    "tandem_resource_down",
-    "tandem_volume_size_bytes",
-    "tandem_write_latency_seconds_bucket",
-    "tandem_write_latency_seconds_sum",
-    "tandem_write_latency_seconds_count",
-    "tandem_flush_latency_seconds_bucket",
-    "tandem_flush_latency_seconds_sum",
-    "tandem_flush_latency_seconds_count",
-    "tandem_written_bytes_total",
-    "tandem_discards_total",
-    "tandem_reads_total",
-    "tandem_read_bytes_total",
-    "tandem_replicated_writes_total",
-    "tandem_replicated_bytes_total",
-    "tandem_replicated_flushes_total",
-    "tandem_resync_received_bytes_total",
-    "tandem_checksum_errors_total",
-    "tandem_protocol_errors_total",
-    "tandem_local_io_errors_total",
-    "tandem_standby_io_errors_total",
-    "tandem_activity_log_writes_total",
-    "tandem_activity_log_hot_extents",
-    "tandem_split_brains_total",
-    "tandem_handler_runs_total",
-    "tandem_handler_failures_total",
-    "tandem_peer_connected",
-    "tandem_peer_replication_state",
-    "tandem_peer_out_of_sync_bytes",
-    "tandem_peer_lag_bytes",
-    "tandem_peer_lag_seconds",
-    "tandem_peer_pending_requests",
-    "tandem_peer_sent_bytes_total",
-    "tandem_peer_received_bytes_total",
-    "tandem_peer_ack_latency_seconds_bucket",
-    "tandem_peer_ack_latency_seconds_sum",
-    "tandem_peer_ack_latency_seconds_count",
-    "tandem_resync_active",
-    "tandem_resync_done_bytes",
-    "tandem_resync_total_bytes",
-    "tandem_resync_rate_bytes_per_second",
-];
+use tandem_tests::metrics::EXPORTED_METRICS;
 
 /// Prometheus' own series the rules may use besides the agent's.
 const PROMETHEUS_METRICS: &[&str] = &["up"];
