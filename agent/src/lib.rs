@@ -6,6 +6,7 @@ pub mod demo;
 pub mod frontend;
 pub mod meta;
 pub mod metrics;
+pub mod snapshot;
 pub mod status;
 pub mod storage;
 pub mod sysutil;

@@ -8,6 +8,7 @@
 //!   in [`MemStore`] and [`sim`].
 
 mod activity_log;
+pub mod barrier;
 mod bitmap;
 mod error;
 pub mod generation;

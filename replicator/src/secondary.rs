@@ -15,6 +15,7 @@ use tandem_protocol::{block_hash, AckLevel, ControlMsg, DataFrame, Frame, FLAG_A
 use tokio::sync::mpsc;
 use tracing::{error, warn};
 
+use crate::barrier::BarrierGate;
 use crate::error::ApplyError;
 use crate::inflight::{Admitted, InflightRanges};
 use crate::io_pool::IoPool;
@@ -36,6 +37,8 @@ pub struct TargetState {
     recent: Mutex<Option<HashMap<u64, u64>>>,
     pub(crate) pool: IoPool,
     pub stats: Arc<ApplierStats>,
+    /// Where the stream stands relative to its barriers (snapshots are taken at one).
+    pub barriers: BarrierGate,
 }
 
 impl TargetState {
@@ -46,6 +49,7 @@ impl TargetState {
             recent: Mutex::new(None),
             pool: IoPool::new(IO_THREADS, "tandem-apply"),
             stats,
+            barriers: BarrierGate::default(),
         })
     }
 
@@ -82,6 +86,18 @@ impl TargetState {
 
     pub(crate) fn admit(&self, offset: u64, len: u64) -> Admitted {
         self.inflight.lock().unwrap().admit(offset, offset + len)
+    }
+
+    /// As [`admit`](Self::admit), for a request that changes the copy (it moves the copy
+    /// past its last barrier).
+    pub(crate) fn admit_change(&self, offset: u64, len: u64) -> Admitted {
+        self.barriers.change_admitted();
+        self.admit(offset, len)
+    }
+
+    /// A resync into this copy is under way.
+    pub fn resyncing(&self) -> bool {
+        self.recent.lock().unwrap().is_some()
     }
 
     pub(crate) fn finish(&self, id: u64) {
@@ -154,6 +170,7 @@ impl Applier {
         let st = &self.state;
         let (fail_tx, mut fail_rx) = mpsc::unbounded_channel::<String>();
         let mut last_seq = 0u64;
+        let stream = st.barriers.stream();
         let result = loop {
             let frame = tokio::select! {
                 biased;
@@ -216,6 +233,13 @@ impl Applier {
                         break Err(ApplyError::Io(format!("flush: {e}")));
                     }
                     st.stats.flushes.inc();
+                    // Work waiting for a barrier (a snapshot) runs now, before any later
+                    // request is admitted.
+                    let state = st.clone();
+                    let _ = tokio::task::spawn_blocking(move || {
+                        state.barriers.barrier_reached(seq, state.resyncing())
+                    })
+                    .await;
                     let _ = tx.send(Frame::Ack { seq, level: AckLevel::Durable });
                 }
                 Frame::Verify { seq, offset, len } => {
@@ -248,6 +272,7 @@ impl Applier {
         };
         // Let every started write finish before reporting, so nothing lands afterwards.
         st.drain().await;
+        drop(stream);
         if let Err(e) = &result {
             match e {
                 ApplyError::ChecksumMismatch { .. } => st.stats.checksum_errors.inc(),
@@ -273,7 +298,7 @@ impl Applier {
             Op::Write(b) => b.len() as u64,
             Op::Discard(l) => *l,
         };
-        let admitted = st.admit(offset, len);
+        let admitted = st.admit_change(offset, len);
         st.note_replicated(seq, offset, len);
         let (state, acks, fail) = (st.clone(), acks.clone(), fail.clone());
         st.pool.submit(admitted.wait_for, move || {

@@ -73,7 +73,7 @@ fn apply(
 ) {
     let DataFrame { seq, offset, payload, .. } = d;
     let len = payload.len() as u64;
-    let admitted = state.admit(offset, len);
+    let admitted = state.admit_change(offset, len);
     let (st, acks, fail) = (state.clone(), acks.clone(), fail.clone());
     state.pool.submit(admitted.wait_for, move || {
         let r = write_older(&st, seq, offset, &payload);

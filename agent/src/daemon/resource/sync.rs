@@ -447,7 +447,9 @@ impl ResyncReader for ResourceReader {
             None => self.fallback.read_at_seq(offset, len),
         }
     }
+    /// Over every promotion (the resource's counter, not one volume's): a promotion during
+    /// a resync must not look like a burst of application writes.
     fn app_write_bytes(&self) -> u64 {
-        self.res.upgrade().and_then(|r| r.volume()).map_or(0, |v| v.app_write_bytes())
+        self.res.upgrade().map_or(0, |r| r.volume_stats.write_bytes.get())
     }
 }
