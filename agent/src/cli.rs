@@ -101,6 +101,9 @@ pub enum Command {
         #[arg(long, required = true)]
         discard_local: bool,
     },
+    /// Point-in-time snapshots of this node's copy of a resource (run on a secondary).
+    #[command(subcommand)]
+    Snapshot(SnapshotCommand),
     /// Create RESOURCE's metadata (and its image if missing) on this node without an agent.
     CreateMd { resource: String },
     /// Print RESOURCE's metadata on this node: identity, generations, activity log, bitmaps.
@@ -124,4 +127,31 @@ pub enum Command {
         #[arg(long, default_value = "/var/tmp")]
         workdir: PathBuf,
     },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SnapshotCommand {
+    /// Take a snapshot at the next barrier of the change stream (exactly the primary's state
+    /// after a flush) without pausing replication; prints its name.
+    Create {
+        resource: String,
+        /// Default: manual-TIMESTAMP.
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// List the snapshots: name, creation time, stream position, kind, state, space used.
+    List {
+        resource: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete a snapshot (its blocks the next older one needs are handed to it).
+    Delete { resource: String, name: String },
+    /// Make read-only block devices of a snapshot; prints them (one per volume).
+    Expose { resource: String, name: String },
+    /// Remove the devices `expose` made.
+    Unexpose { resource: String, name: String },
+    /// Roll this (secondary) copy back to the snapshot: it becomes the newest data, and the
+    /// other nodes resync only the blocks that differ.
+    Restore { resource: String, name: String },
 }

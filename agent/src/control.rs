@@ -57,6 +57,23 @@ pub enum Request {
     PeerLost {
         peer: String,
     },
+    /// `tandem snapshot ...`.
+    Snapshot {
+        resource: String,
+        op: SnapshotOp,
+    },
+}
+
+/// What `tandem snapshot` does.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum SnapshotOp {
+    Create { name: Option<String> },
+    List,
+    Delete { name: String },
+    Expose { name: String },
+    Unexpose { name: String },
+    Restore { name: String },
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -70,6 +87,11 @@ pub struct Response {
     pub status: Option<NodeStatus>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub verify: Option<Vec<VerifyReport>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshots: Option<Vec<crate::daemon::resource::SnapshotStatus>>,
+    /// Devices made (`snapshot expose`): (volume, device).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub devices: Option<Vec<(String, String)>>,
 }
 
 impl Response {

@@ -3,9 +3,9 @@ use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
 use clap::Parser;
-use tandem_agent::cli::{Cli, Command};
+use tandem_agent::cli::{Cli, Command, SnapshotCommand};
 use tandem_agent::config::Config;
-use tandem_agent::control::{self, Request};
+use tandem_agent::control::{self, Request, SnapshotOp};
 use tandem_agent::{daemon, demo, sysutil, tls};
 
 fn main() -> ExitCode {
@@ -41,11 +41,15 @@ fn node_name(cli: &Cli, cfg: &Config) -> Result<String> {
 }
 
 fn call(cli: &Cli, req: Request) -> Result<control::Response> {
+    // Promotion mounts and attaches devices; give it time.
+    call_with(cli, req, Duration::from_secs(120))
+}
+
+fn call_with(cli: &Cli, req: Request, timeout: Duration) -> Result<control::Response> {
     let cfg = Config::load(&cli.config)?;
     let node = node_name(cli, &cfg)?;
     let socket = cfg.node(&node)?.control.clone();
-    // Promotion mounts and attaches devices; give it time.
-    control::call(&socket, &req, Duration::from_secs(120))
+    control::call(&socket, &req, timeout)
 }
 
 fn run(cli: Cli) -> Result<ExitCode> {
@@ -127,6 +131,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
             verb(resp)
         }
+        Command::Snapshot(op) => snapshot(&cli, op),
         Command::CreateMd { resource } => {
             let cfg = Config::load(&cli.config)?;
             let node = node_name(&cli, &cfg)?;
@@ -196,6 +201,70 @@ fn state(cli: &Cli, resource: &str) -> Result<ExitCode> {
             p.connection,
             p.peer_role.map_or("-", |r| r.as_str()),
             p.peer_disk.map_or("-", |d| d.as_str())
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `tandem snapshot ...`.
+fn snapshot(cli: &Cli, cmd: &SnapshotCommand) -> Result<ExitCode> {
+    let (resource, op, json) = match cmd {
+        SnapshotCommand::Create { resource, name } => {
+            (resource, SnapshotOp::Create { name: name.clone() }, false)
+        }
+        SnapshotCommand::List { resource, json } => (resource, SnapshotOp::List, *json),
+        SnapshotCommand::Delete { resource, name } => {
+            (resource, SnapshotOp::Delete { name: name.clone() }, false)
+        }
+        SnapshotCommand::Expose { resource, name } => {
+            (resource, SnapshotOp::Expose { name: name.clone() }, false)
+        }
+        SnapshotCommand::Unexpose { resource, name } => {
+            (resource, SnapshotOp::Unexpose { name: name.clone() }, false)
+        }
+        SnapshotCommand::Restore { resource, name } => {
+            (resource, SnapshotOp::Restore { name: name.clone() }, false)
+        }
+    };
+    let listing = matches!(op, SnapshotOp::List);
+    // A restore writes back what changed since the snapshot: allow it time.
+    let resp =
+        call_with(cli, Request::Snapshot { resource: resource.clone(), op }, Duration::from_secs(3600))?;
+    if !(listing && resp.ok) {
+        return verb(resp);
+    }
+    let list = resp.snapshots.unwrap_or_default();
+    if json {
+        println!("{}", serde_json::to_string_pretty(&list)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    if list.is_empty() {
+        println!("no snapshots of {resource}");
+    }
+    for s in &list {
+        let kind = match (&s.tier, &s.peer) {
+            (Some(t), _) => format!("scheduled/{t}"),
+            (_, Some(p)) => format!("before-resync/{p}"),
+            _ => s.kind.clone(),
+        };
+        println!(
+            "{}  {}  seq:{}{}  {}  {}  used:{}{}{}",
+            s.name,
+            s.created,
+            s.seq,
+            if s.at_barrier { "" } else { " (between barriers)" },
+            kind,
+            s.state,
+            tandem_agent::status::human_bytes(s.bytes_used),
+            s.invalid_reason.as_ref().map(|r| format!("  ({r})")).unwrap_or_default(),
+            if s.exposed.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    "  exposed:{}",
+                    s.exposed.iter().map(|(_, d)| d.as_str()).collect::<Vec<_>>().join(",")
+                )
+            }
         );
     }
     Ok(ExitCode::SUCCESS)

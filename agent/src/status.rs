@@ -111,8 +111,30 @@ pub struct ResourceStatus {
     /// Taken out of service on this node by `tandem down` (until `tandem up`).
     #[serde(default)]
     pub down: bool,
+    /// This copy's snapshots: how many, the space they use, and the recovery point.
+    #[serde(default)]
+    pub snapshots: SnapshotSummary,
     pub peers: Vec<PeerStatus>,
     pub stats: ResourceStats,
+}
+
+/// The copy's snapshots in brief (`tandem snapshot list` has them one by one).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct SnapshotSummary {
+    pub count: u64,
+    /// Snapshots that show one instant (the others could not preserve a block).
+    pub valid: u64,
+    pub bytes_used: u64,
+    /// Creation time of the newest valid snapshot (Unix ms): the recovery point.
+    pub newest_valid_ms: Option<u64>,
+}
+
+impl SnapshotSummary {
+    /// Age of the newest valid snapshot, in seconds.
+    pub fn newest_age_secs(&self) -> Option<f64> {
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).ok()?.as_millis() as u64;
+        self.newest_valid_ms.map(|ms| now.saturating_sub(ms) as f64 / 1000.0)
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -359,6 +381,15 @@ impl NodeStatus {
                     v.name,
                     human_bytes(v.size),
                     v.device.as_ref().map(|d| format!("  device:{d}")).unwrap_or_default()
+                );
+            }
+            if r.snapshots.count > 0 {
+                out += &format!(
+                    "    snapshots:{} ({} valid)  used:{}  newest:{}\n",
+                    r.snapshots.count,
+                    r.snapshots.valid,
+                    human_bytes(r.snapshots.bytes_used),
+                    r.snapshots.newest_age_secs().map_or("-".to_string(), |a| format!("{a:.0}s ago"))
                 );
             }
             for p in &r.peers {

@@ -79,6 +79,10 @@ pub const fn resync_checksum() -> bool {
     false
 }
 
+pub const fn snapshot_before_resync() -> bool {
+    true
+}
+
 pub const fn al_extents() -> usize {
     1000
 }

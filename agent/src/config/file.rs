@@ -17,7 +17,7 @@ use tandem_replicator::split_brain::AfterSplitBrain;
 use tandem_replicator::{BacklogPolicy, Mode};
 
 use super::defaults;
-use super::units::{parsed, rate, size, some_parsed, some_rate, some_size};
+use super::units::{parsed, rate, size, snapshot_schedule, some_parsed, some_rate, some_size, SnapshotTier};
 use super::{Handlers, Node, Options};
 
 #[derive(Debug, Deserialize)]
@@ -69,6 +69,8 @@ pub(super) struct ResourceFile {
     pub resync_min_rate: u64,
     #[serde(default = "defaults::resync_checksum")]
     pub resync_checksum: bool,
+    #[serde(default = "defaults::snapshot_before_resync")]
+    pub snapshot_before_resync: bool,
     #[serde(default = "defaults::al_extents")]
     pub al_extents: usize,
     #[serde(default = "defaults::al_extent_size", deserialize_with = "size")]
@@ -109,6 +111,10 @@ pub(super) struct DiskFile {
     pub on_backlog_full: Option<BacklogPolicy>,
     #[serde(default = "defaults::compression", deserialize_with = "parsed")]
     pub compression: Compression,
+    #[serde(default)]
+    pub snapshot_dir: Option<PathBuf>,
+    #[serde(default, deserialize_with = "snapshot_schedule")]
+    pub snapshot_schedule: Vec<SnapshotTier>,
 }
 
 impl ConfigFile {

@@ -29,6 +29,7 @@ use thiserror::Error;
 
 use crate::volume_set::VolumeLayout;
 use file::{Allocation, ConfigFile, ResourceFile};
+pub use units::SnapshotTier;
 pub use units::{format_size, parse_duration, parse_size, ByteRate, ByteSize};
 
 /// Nodes holding a copy of one resource (the primary and up to 31 peers).
@@ -113,6 +114,10 @@ pub struct Disk {
     pub backlog: Option<Backlog>,
     /// Compression of block data sent to this node.
     pub compression: Compression,
+    /// Where this copy's snapshots live (default: beside the metadata, `META.snapshots`).
+    pub snapshot_dir: PathBuf,
+    /// The agent's snapshot schedule for this copy.
+    pub snapshot_schedule: Vec<SnapshotTier>,
 }
 
 impl Disk {
@@ -152,6 +157,8 @@ pub struct Resource {
     pub resync_min_rate: u64,
     /// Compare checksums and send only differing blocks in every resync.
     pub resync_checksum: bool,
+    /// A copy becoming a resync target first takes a snapshot, kept until the resync ends.
+    pub snapshot_before_resync: bool,
     /// Activity log: hot extents kept, and extent size.
     pub al_extents: usize,
     pub al_extent_size: u64,
@@ -437,7 +444,23 @@ fn resolve_resource(
         };
         let when_full = d.on_backlog_full.unwrap_or(r.on_backlog_full);
         let backlog = (mode != Mode::Sync).then_some(Backlog { limit, when_full });
-        disks.insert(node, Disk { image: d.image, meta: d.meta, mode, backlog, compression: d.compression });
+        let snapshot_dir = d.snapshot_dir.unwrap_or_else(|| {
+            let mut p = d.meta.clone().into_os_string();
+            p.push(".snapshots");
+            PathBuf::from(p)
+        });
+        disks.insert(
+            node,
+            Disk {
+                image: d.image,
+                meta: d.meta,
+                mode,
+                backlog,
+                compression: d.compression,
+                snapshot_dir,
+                snapshot_schedule: d.snapshot_schedule,
+            },
+        );
     }
     if disks.is_empty() {
         return Err("no [resource.disk.NODE] entries".into());
@@ -456,6 +479,7 @@ fn resolve_resource(
         resync_max_rate: r.resync_max_rate,
         resync_min_rate: r.resync_min_rate,
         resync_checksum: r.resync_checksum,
+        snapshot_before_resync: r.snapshot_before_resync,
         al_extents: r.al_extents,
         al_extent_size: e,
         after_split_brain: r.after_split_brain,

@@ -220,3 +220,46 @@ pub fn optional_socket_address<'de, D: Deserializer<'de>>(
 ) -> Result<Option<std::net::SocketAddr>, D::Error> {
     socket_address(d).map(Some)
 }
+
+/// One tier of a copy's snapshot schedule: a snapshot every `every`, the newest `keep` kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SnapshotTier {
+    pub every: std::time::Duration,
+    pub keep: u32,
+}
+
+impl SnapshotTier {
+    /// The tier's name in snapshot names and records: its period as written, e.g. "15m".
+    pub fn name(&self) -> String {
+        humantime::format_duration(self.every).to_string().replace(' ', "")
+    }
+}
+
+/// `"EVERY:KEEP"`, e.g. `"15m:96"`.
+pub fn parse_snapshot_tier(s: &str) -> Result<SnapshotTier, String> {
+    let (every, keep) = s
+        .split_once(':')
+        .ok_or_else(|| format!("{s:?} is not EVERY:KEEP (e.g. \"15m:96\": every 15 minutes, keep 96)"))?;
+    let every = parse_duration(every.trim())?;
+    if every < std::time::Duration::from_secs(5) {
+        return Err(format!("{s:?}: EVERY must be at least 5s"));
+    }
+    let keep: u32 = keep.trim().parse().map_err(|_| format!("{s:?}: KEEP must be a whole number"))?;
+    if keep == 0 {
+        return Err(format!("{s:?}: KEEP must be at least 1"));
+    }
+    Ok(SnapshotTier { every, keep })
+}
+
+pub fn snapshot_schedule<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<SnapshotTier>, D::Error> {
+    let v = Vec::<String>::deserialize(d)?;
+    let tiers: Vec<SnapshotTier> =
+        v.iter().map(|s| parse_snapshot_tier(s)).collect::<Result<_, _>>().map_err(de::Error::custom)?;
+    let mut names: Vec<String> = tiers.iter().map(|t| t.name()).collect();
+    names.sort();
+    names.dedup();
+    if names.len() != tiers.len() {
+        return Err(de::Error::custom("two tiers with the same period"));
+    }
+    Ok(tiers)
+}

@@ -10,7 +10,7 @@ use tracing::warn;
 
 use super::resource::Resource;
 use super::Agent;
-use crate::control::{Request, Response};
+use crate::control::{Request, Response, SnapshotOp};
 
 pub struct ControlServer {
     listener: UnixListener,
@@ -129,6 +129,10 @@ async fn dispatch(agent: &Arc<Agent>, req: Request) -> Response {
             Ok(m) => Response::ok(m),
             Err(e) => Response::err(format!("{e:#}")),
         },
+        Request::Snapshot { resource: name, op } => match resource(&name) {
+            Err(e) => Response::err(e),
+            Ok(r) => snapshot(&r, op).await.unwrap_or_else(|e| Response::err(format!("{e:#}"))),
+        },
         Request::Resync { resource: name } => {
             run(resource(&name), |r| async move { r.request_resync() }).await
         }
@@ -155,6 +159,21 @@ async fn dispatch(agent: &Arc<Agent>, req: Request) -> Response {
             },
         },
     }
+}
+
+async fn snapshot(r: &Arc<Resource>, op: SnapshotOp) -> anyhow::Result<Response> {
+    Ok(match op {
+        SnapshotOp::Create { name } => Response::ok(r.snapshot_create(name).await?.name),
+        SnapshotOp::List => Response { ok: true, snapshots: Some(r.snapshot_list()), ..Default::default() },
+        SnapshotOp::Delete { name } => Response::ok(r.snapshot_delete(&name).await?),
+        SnapshotOp::Expose { name } => {
+            let devices = r.snapshot_expose(&name).await?;
+            let msg = devices.iter().map(|(_, d)| d.as_str()).collect::<Vec<_>>().join(" ");
+            Response { ok: true, message: Some(msg), devices: Some(devices), ..Default::default() }
+        }
+        SnapshotOp::Unexpose { name } => Response::ok(r.snapshot_unexpose(&name).await?),
+        SnapshotOp::Restore { name } => Response::ok(r.snapshot_restore(&name).await?),
+    })
 }
 
 async fn run<F, Fut>(res: Result<Arc<Resource>, String>, f: F) -> Response

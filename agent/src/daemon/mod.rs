@@ -143,6 +143,19 @@ impl Agent {
                 tasks.spawn(peer_link::dial_loop(self.clone(), peer.clone()));
             }
         }
+        for r in self.resources.values() {
+            let tiers = r.snapshot_tiers();
+            if tiers.is_empty() {
+                continue;
+            }
+            let r = r.clone();
+            tasks.spawn(async move {
+                loop {
+                    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                    r.snapshot_schedule_tick(&tiers).await;
+                }
+            });
+        }
         let acceptor = self.clone();
         tasks.spawn(async move {
             loop {

@@ -38,6 +38,17 @@ pub fn attach(file: &Path) -> Result<String> {
     Ok(dev)
 }
 
+/// Attaches a read-only loop device to `file` (4 KiB sectors, direct I/O); returns its path.
+pub fn attach_read_only(file: &Path) -> Result<String> {
+    let f = file.to_str().ok_or_else(|| anyhow!("non-UTF-8 path {}", file.display()))?;
+    let dev = losetup(&["-f", "--show", "-r", "--direct-io=on", "--sector-size", "4096", f])?;
+    if !dev.starts_with("/dev/loop") {
+        bail!("losetup returned an unexpected device {dev:?}");
+    }
+    info!(device = %dev, file = %file.display(), "read-only loop device attached");
+    Ok(dev)
+}
+
 /// Whether something holds the device open exclusively (a mounted filesystem does).
 pub fn in_use(dev: &str) -> bool {
     match std::fs::OpenOptions::new().read(true).custom_flags(libc::O_EXCL).open(dev) {

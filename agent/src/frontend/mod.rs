@@ -3,6 +3,7 @@
 
 pub mod fuse;
 pub mod loopdev;
+pub mod snapshot_fs;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

@@ -193,6 +193,27 @@ impl Collector for Scrape {
                 vols.into_iter().map(|(v, size)| (with(res(r), "volume", v), size as f64))
             }),
         )?;
+        f.gauge(
+            "tandem_snapshots",
+            "Snapshots of this copy (valid and invalid).",
+            rs.iter().map(|r| (res(r), r.snapshots.count as f64)),
+        )?;
+        f.gauge(
+            "tandem_snapshots_invalid",
+            "Snapshots that could not preserve a block (e.g. no space) and no longer show one instant.",
+            rs.iter().map(|r| (res(r), (r.snapshots.count - r.snapshots.valid) as f64)),
+        )?;
+        f.gauge(
+            "tandem_snapshot_bytes",
+            "Space the copy's snapshots take on disk.",
+            rs.iter().map(|r| (res(r), r.snapshots.bytes_used as f64)),
+        )?;
+        f.gauge(
+            "tandem_snapshot_newest_timestamp_seconds",
+            "Creation time (Unix) of the newest valid snapshot, 0 if none: the recovery point is \
+             time() minus this.",
+            rs.iter().map(|r| (res(r), r.snapshots.newest_valid_ms.map_or(0.0, |ms| ms as f64 / 1000.0))),
+        )?;
         let lat = |r: &ResourceStatus| self.latency.get(&r.name);
         f.family(
             "tandem_write_latency_seconds",
@@ -390,6 +411,7 @@ mod tests {
                 size: 1 << 20,
                 generation: "0".into(),
                 down: false,
+                snapshots: Default::default(),
                 peers: vec![peer("beta", ReplicationState::SyncSource)],
                 stats: ResourceStats { write_bytes: 12288, split_brains: 1, ..Default::default() },
             }],

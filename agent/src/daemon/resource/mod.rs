@@ -8,12 +8,15 @@
 //! - `sync`: the mechanics of replication and resync as source and as target;
 //! - `verify`: online verify;
 //! - `persist`: the activity log's and bitmaps' way to the metadata file;
-//! - `device_links`: the stable device paths of a primary (`/dev/tandem/RESOURCE`).
+//! - `device_links`: the stable device paths of a primary (`/dev/tandem/RESOURCE`);
+//! - `snapshots`: point-in-time snapshots of this copy (taken, listed, exposed, restored,
+//!   scheduled, and taken before it becomes a resync target).
 
 mod device_links;
 mod persist;
 mod relation;
 mod roles;
+mod snapshots;
 mod sync;
 mod verify;
 
@@ -47,6 +50,7 @@ use crate::storage::FileStore;
 use crate::transport::framed::WireCounts;
 use crate::volume_set::{VolumeLayout, VolumeSet};
 use persist::{persist_all_bitmaps, MetaAl};
+pub use snapshots::SnapshotStatus;
 pub use verify::VerifyReport;
 
 /// The logical block size the volume exposes (the loop device's sector size).
@@ -78,8 +82,12 @@ pub struct Resource {
     pub name: String,
     cfg: config::Resource,
     me: String,
-    /// The image, or a volume group's images as one address space.
+    /// The image, or a volume group's images as one address space, behind its snapshots:
+    /// every write goes through `snapshots`.
     store: Arc<dyn BlockStore>,
+    snapshots: Arc<crate::snapshot::SnapshotStore>,
+    /// Snapshots exposed as read-only devices.
+    exposed: Mutex<BTreeMap<String, crate::frontend::snapshot_fs::SnapshotExport>>,
     meta: Arc<Mutex<MetaFile>>,
     role: tokio::sync::Mutex<RoleState>,
     /// Snapshot of the role for readers that must not wait: (volume, device) when primary.
@@ -153,7 +161,13 @@ impl Resource {
         let disk =
             cfg.disks.get(me).ok_or_else(|| anyhow!("resource {} has no disk on node {me}", cfg.name))?;
         let meta = open_or_create_meta(cluster, me, cfg, disk)?;
-        let store = open_store(cfg, disk)?;
+        let (snapshots, warnings) =
+            crate::snapshot::SnapshotStore::open(open_store(cfg, disk)?, &disk.snapshot_dir)
+                .with_context(|| format!("resource {}", cfg.name))?;
+        for w in warnings {
+            warn!(resource = %cfg.name, "{w}");
+        }
+        let store: Arc<dyn BlockStore> = snapshots.clone();
         let mut meta = meta;
         for p in cfg.peers_of(me) {
             if meta.record().peer(&p).is_none() {
@@ -225,6 +239,8 @@ impl Resource {
             me: me.to_string(),
             target: TargetState::new(store.clone(), applier_stats.clone()),
             store,
+            snapshots,
+            exposed: Mutex::new(BTreeMap::new()),
             meta,
             role: tokio::sync::Mutex::new(RoleState::Secondary),
             current: Mutex::new(None),
@@ -336,6 +352,11 @@ impl Resource {
 
     fn conn_of(&self, peer: &str) -> Option<PeerConn> {
         self.peers.lock().unwrap().get(peer).and_then(|p| p.conn.clone())
+    }
+
+    /// This node's snapshot schedule for the resource.
+    pub fn snapshot_tiers(&self) -> Vec<config::SnapshotTier> {
+        self.cfg.disks.get(&self.me).map(|d| d.snapshot_schedule.clone()).unwrap_or_default()
     }
 
     pub fn peer_names(&self) -> Vec<String> {
@@ -450,6 +471,7 @@ impl Resource {
             size: self.cfg.size,
             generation: format!("{:016x}", rec.current_generation),
             down: self.is_down(),
+            snapshots: self.snapshot_summary(),
             peers,
             stats,
         }

@@ -318,6 +318,8 @@ impl Resource {
                 }
             }
         }
+        let me = self.clone();
+        let _ = tokio::task::spawn_blocking(move || me.snapshot_shutdown()).await;
         self.persist_bitmaps();
     }
 }

@@ -183,6 +183,7 @@ impl Resource {
             self.handle(&other, Event::ResyncedByOther { generation: g.clone() });
         }
         info!(resource = %self.name, peer, "resync complete: disk up to date");
+        self.resync_target_done().await;
         self.broadcast_state();
         let mut ctx = self.hook_ctx(Some(peer));
         ctx.extra.push(("TANDEM_SYNC_ROLE", "target".to_string()));
@@ -270,6 +271,7 @@ impl Resource {
         let me = self.clone();
         let peer = peer.to_string();
         tokio::spawn(async move {
+            me.snapshot_before_resync(&peer).await;
             match tandem_replicator::resync::target::run(&me.target, link).await {
                 Ok(()) => info!(resource = %me.name, peer = %peer, "resync stream ended"),
                 Err(e) if !streams.is_cancelled() => {
@@ -292,6 +294,8 @@ impl Resource {
         let peer = peer.to_string();
         tokio::spawn(async move {
             let _one_at_a_time = me.apply_lock.clone().lock_owned().await;
+            // No write of this session is applied yet, and the last stream is done.
+            me.snapshot_before_resync(&peer).await;
             if let Some(p) = me.peers.lock().unwrap().get_mut(&peer) {
                 p.applying = true;
             }

@@ -1,0 +1,223 @@
+//! A snapshot as read-only block devices: one FUSE file per volume serving the snapshot's
+//! view, and a read-only loop device on each (for fsck, a read-only mount, a backup tool).
+//! Replication goes on while they are read: reads take the snapshot chain's reader path,
+//! which never blocks the live copy for longer than one read.
+
+use std::ffi::OsStr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, UNIX_EPOCH};
+
+use anyhow::{Context, Result};
+use fuser::{
+    Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, LockOwner, OpenFlags,
+    ReplyAttr, ReplyData, ReplyDirectory, ReplyEntry, ReplyOpen, ReplyWrite, Request, WriteFlags,
+};
+use tracing::{info, warn};
+
+use super::fuse::file_name;
+use super::{clean_stale, loopdev};
+use crate::snapshot::SnapshotStore;
+use crate::volume_set::VolumeLayout;
+
+const TTL: Duration = Duration::from_secs(3600);
+
+struct SnapshotFs {
+    store: Arc<SnapshotStore>,
+    name: String,
+    files: Vec<VolumeLayout>,
+}
+
+impl SnapshotFs {
+    fn file(&self, ino: INodeNo) -> Option<&VolumeLayout> {
+        self.files.get((ino.0 as usize).checked_sub(2)?)
+    }
+
+    fn attr(&self, ino: INodeNo) -> FileAttr {
+        let dir = ino == INodeNo::ROOT;
+        let size = if dir { 0 } else { self.file(ino).map_or(0, |f| f.size) };
+        FileAttr {
+            ino,
+            size,
+            blocks: size / 512,
+            atime: UNIX_EPOCH,
+            mtime: UNIX_EPOCH,
+            ctime: UNIX_EPOCH,
+            crtime: UNIX_EPOCH,
+            kind: if dir { FileType::Directory } else { FileType::RegularFile },
+            perm: if dir { 0o500 } else { 0o400 },
+            nlink: if dir { 2 } else { 1 },
+            uid: 0,
+            gid: 0,
+            rdev: 0,
+            flags: 0,
+            blksize: 4096,
+        }
+    }
+}
+
+impl Filesystem for SnapshotFs {
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        match self.files.iter().position(|f| parent == INodeNo::ROOT && name == file_name(f)) {
+            Some(i) => reply.entry(&TTL, &self.attr(INodeNo(2 + i as u64)), Generation(0)),
+            None => reply.error(Errno::ENOENT),
+        }
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        if ino == INodeNo::ROOT || self.file(ino).is_some() {
+            reply.attr(&TTL, &self.attr(ino));
+        } else {
+            reply.error(Errno::ENOENT);
+        }
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        if self.file(ino).is_none() {
+            return reply.error(Errno::EISDIR);
+        }
+        if flags.0 & libc::O_ACCMODE != libc::O_RDONLY {
+            return reply.error(Errno::EROFS);
+        }
+        reply.opened(FileHandle(1), FopenFlags::FOPEN_DIRECT_IO);
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        let Some(f) = self.file(ino) else { return reply.error(Errno::ENOENT) };
+        let len = (size as u64).min(f.size.saturating_sub(offset)) as usize;
+        let mut buf = vec![0u8; len];
+        match self.store.read(&self.name, f.offset + offset, &mut buf) {
+            Ok(()) => reply.data(&buf),
+            Err(e) => {
+                warn!(snapshot = %self.name, "read of exposed snapshot failed: {e}");
+                reply.error(Errno::EIO)
+            }
+        }
+    }
+
+    fn write(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _offset: u64,
+        _data: &[u8],
+        _wf: WriteFlags,
+        _flags: OpenFlags,
+        _lock: Option<LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        reply.error(Errno::EROFS);
+    }
+
+    fn readdir(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
+        if ino != INodeNo::ROOT {
+            return reply.error(Errno::ENOTDIR);
+        }
+        let mut entries =
+            vec![(INodeNo::ROOT, FileType::Directory, "."), (INodeNo::ROOT, FileType::Directory, "..")];
+        for (i, f) in self.files.iter().enumerate() {
+            entries.push((INodeNo(2 + i as u64), FileType::RegularFile, file_name(f)));
+        }
+        for (i, (ino, kind, name)) in entries.iter().enumerate().skip(offset as usize) {
+            if reply.add(*ino, (i + 1) as u64, *kind, name) {
+                break;
+            }
+        }
+        reply.ok();
+    }
+}
+
+/// An exposed snapshot: its FUSE files and read-only loop devices.
+pub struct SnapshotExport {
+    session: Option<fuser::BackgroundSession>,
+    mountpoint: PathBuf,
+    /// (volume name, loop device)
+    pub devices: Vec<(String, String)>,
+}
+
+impl SnapshotExport {
+    pub fn start(
+        store: Arc<SnapshotStore>,
+        name: &str,
+        mountpoint: &Path,
+        volumes: &[VolumeLayout],
+    ) -> Result<Self> {
+        std::fs::create_dir_all(mountpoint)
+            .with_context(|| format!("cannot create {}", mountpoint.display()))?;
+        clean_stale(mountpoint)?;
+        let mut cfg = fuser::Config::default();
+        cfg.mount_options = vec![
+            fuser::MountOption::FSName("tandem-snapshot".into()),
+            fuser::MountOption::RO,
+            fuser::MountOption::NoExec,
+            fuser::MountOption::NoSuid,
+            fuser::MountOption::NoDev,
+        ];
+        cfg.n_threads = Some(2);
+        let fs = SnapshotFs { store, name: name.to_string(), files: volumes.to_vec() };
+        let session = fuser::spawn_mount(fs, mountpoint, &cfg).with_context(|| {
+            format!("cannot mount FUSE at {} (is /dev/fuse available?)", mountpoint.display())
+        })?;
+        let mut me =
+            Self { session: Some(session), mountpoint: mountpoint.to_path_buf(), devices: Vec::new() };
+        for v in volumes {
+            let dev = loopdev::attach_read_only(&mountpoint.join(file_name(v)))?;
+            info!(device = %dev, snapshot = name, volume = %v.name, "snapshot exposed");
+            me.devices.push((v.name.clone(), dev));
+        }
+        Ok(me)
+    }
+
+    pub fn in_use(&self) -> bool {
+        self.devices.iter().any(|(_, d)| loopdev::in_use(d))
+    }
+
+    /// Removes the devices; refuses while one is open (mounted).
+    pub fn stop(&mut self) -> Result<()> {
+        if let Some((_, d)) = self.devices.iter().find(|(_, d)| loopdev::in_use(d)) {
+            anyhow::bail!("device {d} is in use (mounted or open); unmount it first");
+        }
+        while let Some((v, d)) = self.devices.pop() {
+            if let Err(e) = loopdev::detach(&d) {
+                self.devices.push((v, d));
+                return Err(e);
+            }
+        }
+        for _ in 0..100 {
+            if loopdev::attached_under(&self.mountpoint).is_empty() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        if let Some(s) = self.session.take() {
+            if let Err(e) = s.umount_and_join() {
+                warn!("FUSE unmount of {} failed ({e}); detaching lazily", self.mountpoint.display());
+                let _ = nix::mount::umount2(&self.mountpoint, nix::mount::MntFlags::MNT_DETACH);
+            }
+        }
+        let _ = std::fs::remove_dir(&self.mountpoint);
+        Ok(())
+    }
+}
+
+impl Drop for SnapshotExport {
+    fn drop(&mut self) {
+        if let Some(s) = self.session.take() {
+            for (_, d) in &self.devices {
+                let _ = loopdev::detach(d);
+            }
+            let _ = s.umount_and_join();
+        }
+    }
+}
