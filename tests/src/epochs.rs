@@ -10,10 +10,18 @@
 //! and fits no epoch.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::os::unix::fs::FileExt;
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
-use crate::{stamped_block, BLOCK};
+use rand::rngs::StdRng;
+use rand::seq::index::sample;
+use rand::{Rng, SeedableRng};
+
+use crate::{stamped_block, Aligned, BLOCK};
 
 /// The writes of a run, epoch by epoch. Epoch 0 is the initial state (every block version
 /// 0); `epochs[i]` holds the `(block index, version)` writes of epoch `i + 1`, in order.
@@ -76,6 +84,14 @@ impl EpochLog {
             }
         }
         v
+    }
+
+    /// The epochs `k` after which the state is exactly `image` (all writes of epochs
+    /// `<= k`, none later): what a snapshot at a barrier must show.
+    pub fn exact(&self, image: &[Option<u64>]) -> Vec<usize> {
+        let image: Option<Vec<u64>> = image.iter().copied().collect();
+        let Some(image) = image else { return Vec::new() };
+        (0..=self.epochs.len()).filter(|k| self.state_after(*k) == image).collect()
     }
 
     /// Checks `image` (per block: `Some(version)`, `None` for garbage) against every epoch.
@@ -184,4 +200,110 @@ pub fn read_versions(image: &Path, base: u64, nblocks: usize, run: u64) -> Vec<O
             (v > 0 && b == stamped_block(off, run, v).as_slice()).then_some(v)
         })
         .collect()
+}
+
+/// The writer's side: the epoch log, and a pause at epoch boundaries.
+#[derive(Default)]
+pub struct EpochWriter {
+    pub log: Mutex<EpochLog>,
+    /// The epoch being written or flushed (0 before the first).
+    pub current: AtomicUsize,
+    pause: AtomicBool,
+    paused: AtomicBool,
+    pub stop: AtomicBool,
+}
+
+impl EpochWriter {
+    /// A writer over the first `nblocks` blocks of the device.
+    pub fn new(nblocks: usize) -> Self {
+        Self { log: Mutex::new(EpochLog::new(nblocks)), ..Default::default() }
+    }
+
+    /// Asks the writer to stop at the next epoch boundary and waits until it has.
+    pub fn pause(&self) {
+        self.pause.store(true, Ordering::SeqCst);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !self.paused.load(Ordering::SeqCst) {
+            assert!(Instant::now() < deadline, "the writer did not reach an epoch boundary in 60 s");
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    pub fn resume(&self) {
+        self.paused.store(false, Ordering::SeqCst);
+        self.pause.store(false, Ordering::SeqCst);
+    }
+}
+
+/// Writes epochs until stopped: returns the number of epochs and writes, or the error.
+/// Writes epochs of stamped blocks to `dev` until `shared.stop` is set at a pause: each a
+/// batch of 1 to 24 writes to random blocks of the log's region (half the epochs from four
+/// threads at once, to distinct blocks), then an fsync of the device — the barrier. Returns
+/// the number of epochs and writes, or the error.
+pub fn write_epochs(
+    dev: String,
+    run: u64,
+    seed: u64,
+    shared: Arc<EpochWriter>,
+) -> Result<(usize, usize), String> {
+    let nblocks = shared.log.lock().unwrap().nblocks();
+    let f = OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(&dev)
+        .map_err(|e| format!("open {dev}: {e}"))?;
+    let mut rng = StdRng::seed_from_u64(seed ^ 0x5eed);
+    let mut versions = vec![0u64; nblocks];
+    let mut writes = 0;
+    let write = |f: &File, b: usize, v: u64| -> Result<(), String> {
+        let off = (b * BLOCK) as u64;
+        let a = Aligned::new(&stamped_block(off, run, v));
+        f.write_all_at(a.slice(BLOCK), off).map_err(|e| format!("write block {b} v{v}: {e}"))
+    };
+    loop {
+        while shared.pause.load(Ordering::SeqCst) {
+            shared.paused.store(true, Ordering::SeqCst);
+            if shared.stop.load(Ordering::SeqCst) {
+                return Ok((shared.log.lock().unwrap().epochs(), writes));
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        // The epoch's writes are in the log before they are issued: the standby may have
+        // any of them once they are.
+        let n = rng.random_range(1..=24);
+        let concurrent = rng.random_bool(0.5);
+        let batch: Vec<(usize, u64)> = {
+            let mut log = shared.log.lock().unwrap();
+            let e = log.begin_epoch();
+            shared.current.store(e, Ordering::SeqCst);
+            let blocks: Vec<usize> = if concurrent {
+                // Distinct blocks: concurrent writes to one block would have no defined order.
+                sample(&mut rng, nblocks, n).into_vec()
+            } else {
+                (0..n).map(|_| rng.random_range(0..nblocks)).collect()
+            };
+            blocks
+                .into_iter()
+                .map(|b| {
+                    versions[b] += 1;
+                    log.record(b, versions[b]);
+                    (b, versions[b])
+                })
+                .collect()
+        };
+        if concurrent {
+            std::thread::scope(|s| {
+                let handles: Vec<_> = batch
+                    .chunks(batch.len().div_ceil(4))
+                    .map(|part| s.spawn(|| part.iter().try_for_each(|&(b, v)| write(&f, b, v))))
+                    .collect();
+                handles.into_iter().try_for_each(|h| h.join().expect("writer thread panicked"))
+            })?;
+        } else {
+            batch.iter().try_for_each(|&(b, v)| write(&f, b, v))?;
+        }
+        writes += batch.len();
+        // The barrier: the loop device turns it into a FUSE fsync on the primary.
+        f.sync_all().map_err(|e| format!("fsync {dev}: {e}"))?;
+    }
 }

@@ -19,17 +19,14 @@
 //! `TANDEM_SOAK_ITERATIONS` (default 10) sets the number of kills, `TANDEM_ASYNC_SEED`
 //! repeats a run. Figures are printed; see them with `--nocapture`.
 
-use std::fs::{File, OpenOptions};
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rand::rngs::StdRng;
-use rand::seq::index::sample;
 use rand::{Rng, SeedableRng};
 use tandem_agent::status::ResourceStatus;
-use tandem_tests::epochs::{read_versions, EpochLog};
+use tandem_tests::epochs::{read_versions, write_epochs, EpochLog, EpochWriter};
 use tandem_tests::lab::LabOptions;
 use tandem_tests::*;
 
@@ -90,97 +87,6 @@ fn oracle_rejects_what_no_prefix_explains() {
 // ---------------------------------------------------------------------------------------
 // The real thing.
 
-/// The writer's side: the epoch log, and a pause at epoch boundaries.
-#[derive(Default)]
-struct Shared {
-    log: Mutex<EpochLog>,
-    /// The epoch being written or flushed (0 before the first).
-    current: AtomicUsize,
-    pause: AtomicBool,
-    paused: AtomicBool,
-    stop: AtomicBool,
-}
-
-impl Shared {
-    /// Asks the writer to stop at the next epoch boundary and waits until it has.
-    fn pause(&self) {
-        self.pause.store(true, Ordering::SeqCst);
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while !self.paused.load(Ordering::SeqCst) {
-            assert!(Instant::now() < deadline, "the writer did not reach an epoch boundary in 60 s");
-            std::thread::sleep(Duration::from_millis(2));
-        }
-    }
-
-    fn resume(&self) {
-        self.paused.store(false, Ordering::SeqCst);
-        self.pause.store(false, Ordering::SeqCst);
-    }
-}
-
-/// Writes epochs until stopped: returns the number of epochs and writes, or the error.
-fn writer(dev: String, run: u64, seed: u64, shared: Arc<Shared>) -> Result<(usize, usize), String> {
-    let f = OpenOptions::new()
-        .write(true)
-        .custom_flags(libc::O_DIRECT)
-        .open(&dev)
-        .map_err(|e| format!("open {dev}: {e}"))?;
-    let mut rng = StdRng::seed_from_u64(seed ^ 0x5eed);
-    let mut versions = vec![0u64; NBLOCKS];
-    let mut writes = 0;
-    let write = |f: &File, b: usize, v: u64| -> Result<(), String> {
-        let off = (b * BLOCK) as u64;
-        let a = Aligned::new(&stamped_block(off, run, v));
-        f.write_all_at(a.slice(BLOCK), off).map_err(|e| format!("write block {b} v{v}: {e}"))
-    };
-    loop {
-        while shared.pause.load(Ordering::SeqCst) {
-            shared.paused.store(true, Ordering::SeqCst);
-            if shared.stop.load(Ordering::SeqCst) {
-                return Ok((shared.log.lock().unwrap().epochs(), writes));
-            }
-            std::thread::sleep(Duration::from_millis(1));
-        }
-        // The epoch's writes are in the log before they are issued: the standby may have
-        // any of them once they are.
-        let n = rng.random_range(1..=24);
-        let concurrent = rng.random_bool(0.5);
-        let batch: Vec<(usize, u64)> = {
-            let mut log = shared.log.lock().unwrap();
-            let e = log.begin_epoch();
-            shared.current.store(e, Ordering::SeqCst);
-            let blocks: Vec<usize> = if concurrent {
-                // Distinct blocks: concurrent writes to one block would have no defined order.
-                sample(&mut rng, NBLOCKS, n).into_vec()
-            } else {
-                (0..n).map(|_| rng.random_range(0..NBLOCKS)).collect()
-            };
-            blocks
-                .into_iter()
-                .map(|b| {
-                    versions[b] += 1;
-                    log.record(b, versions[b]);
-                    (b, versions[b])
-                })
-                .collect()
-        };
-        if concurrent {
-            std::thread::scope(|s| {
-                let handles: Vec<_> = batch
-                    .chunks(batch.len().div_ceil(4))
-                    .map(|part| s.spawn(|| part.iter().try_for_each(|&(b, v)| write(&f, b, v))))
-                    .collect();
-                handles.into_iter().try_for_each(|h| h.join().expect("writer thread panicked"))
-            })?;
-        } else {
-            batch.iter().try_for_each(|&(b, v)| write(&f, b, v))?;
-        }
-        writes += batch.len();
-        // The barrier: the loop device turns it into a FUSE fsync on the primary.
-        f.sync_all().map_err(|e| format!("fsync {dev}: {e}"))?;
-    }
-}
-
 fn replicating(a: &ResourceStatus) -> bool {
     a.peers.iter().all(|p| {
         p.connection == "connected"
@@ -217,10 +123,10 @@ fn async_standby_killed_at_random_is_always_a_prefix() {
     let dev = wait_until(&lab, "alpha", "beta replicating", secs(30), converged).device.expect("device");
 
     let run = seed;
-    let shared = Arc::new(Shared { log: Mutex::new(EpochLog::new(NBLOCKS)), ..Default::default() });
+    let shared = Arc::new(EpochWriter::new(NBLOCKS));
     let w = {
         let (dev, shared) = (dev.clone(), shared.clone());
-        std::thread::spawn(move || writer(dev, run, seed, shared))
+        std::thread::spawn(move || write_epochs(dev, run, seed, shared))
     };
     let mut rng = StdRng::seed_from_u64(seed);
     let (mut checked, mut skipped) = (0usize, Vec::new());
