@@ -57,6 +57,13 @@ pub enum Request {
     PeerLost {
         peer: String,
     },
+    /// `tandem events`: a stream. The agent answers with one `Response` line (an error if
+    /// `resource` is not one of its resources), then writes one `events::Record` per line
+    /// until the client goes away or the agent stops.
+    Events {
+        #[serde(default)]
+        resource: Option<String>,
+    },
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]

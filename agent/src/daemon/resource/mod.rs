@@ -19,7 +19,7 @@ mod verify;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -36,7 +36,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, warn};
 
 use crate::config;
-use crate::daemon::hooks::{HookContext, HookEvent, Hooks};
+use crate::daemon::events::{EventBus, ResourceEvents};
+use crate::daemon::hooks::{HookContext, HookEvent, HookStats, Hooks};
 use crate::daemon::peer_link::PeerConn;
 use crate::frontend::{Frontend, RequestLatency};
 use crate::meta::{DiskState, MetaFile, MetaRecord, AL_MAX_EXTENTS};
@@ -119,6 +120,10 @@ pub struct Resource {
     device_dir: PathBuf,
     /// `tandem down`: out of service here (secondary, no replication) until `tandem up`.
     down: AtomicBool,
+    /// The resource's records on the agent's event bus (`tandem events`).
+    events: Arc<ResourceEvents>,
+    /// Split brains detected since the agent started.
+    split_brains: AtomicU64,
 }
 
 /// See [`Resource::latency`].
@@ -149,6 +154,7 @@ impl Resource {
         cfg: &config::Resource,
         hook_timeout: Duration,
         retry_after: Duration,
+        bus: Arc<EventBus>,
     ) -> Result<Arc<Self>> {
         let disk =
             cfg.disks.get(me).ok_or_else(|| anyhow!("resource {} has no disk on node {me}", cfg.name))?;
@@ -219,6 +225,7 @@ impl Resource {
         });
         let al = ActivityLog::new(cfg.al_extent_size, cfg.al_extents.min(AL_MAX_EXTENTS), al_store, &[]);
         let applier_stats = Arc::new(ApplierStats::default());
+        let events = ResourceEvents::new(&cfg.name, bus);
         let r = Arc::new(Self {
             name: cfg.name.clone(),
             cfg: cfg.clone(),
@@ -242,12 +249,14 @@ impl Resource {
             apply_lock: Arc::new(tokio::sync::Mutex::new(())),
             mountpoint: run_dir.join("fuse").join(&cfg.name),
             seq,
-            hooks: Hooks::new(&cfg.name, me, cfg.handlers.clone(), hook_timeout),
+            hooks: Hooks::new(&cfg.name, me, cfg.handlers.clone(), hook_timeout, events.clone()),
             discard_local: AtomicBool::new(false),
             resyncing_from: Mutex::new(Default::default()),
             retry_after,
             device_dir: device_dir.to_path_buf(),
             down: AtomicBool::new(false),
+            events,
+            split_brains: AtomicU64::new(0),
         });
         crate::frontend::prepare_mountpoint(&r.mountpoint)?;
         // Links a crashed agent left behind point at loop devices that are gone (or reused).
@@ -275,6 +284,41 @@ impl Resource {
         if let Err(e) = self.update_meta(|m| m.disk = d) {
             error!(resource = %self.name, "cannot record disk state: {e:#}");
         }
+        self.publish();
+    }
+
+    // ---------------------------------------------------------------- events
+
+    /// Publishes on the event bus what changed in the resource's state since it last did
+    /// (see `daemon::events`). Called after every change of what `status()` shows; never
+    /// while holding one of the resource's locks.
+    pub(crate) fn publish(&self) {
+        self.events.publish(|| self.status());
+    }
+
+    /// The once-a-second tick: changes that are not announced (out-of-sync bytes, a
+    /// backlog gone ahead) and the progress of running resyncs.
+    pub(crate) fn publish_tick(&self) {
+        self.events.tick(|| self.status());
+    }
+
+    /// A record that is an event rather than a state, ordered with the state changes.
+    fn emit(&self, record: impl FnOnce(&str) -> crate::events::Record) {
+        self.events.emit(record);
+    }
+
+    pub(crate) fn events(&self) -> &ResourceEvents {
+        &self.events
+    }
+
+    /// Split brains detected with any peer since the agent started.
+    pub fn split_brains(&self) -> u64 {
+        self.split_brains.load(Ordering::Relaxed)
+    }
+
+    /// Runs and failures of each event handler since the agent started.
+    pub fn hook_stats(&self) -> Vec<HookStats> {
+        self.hooks.stats()
     }
 
     /// Whether `tandem down` took the resource out of service here.
