@@ -46,20 +46,16 @@ impl Agent {
             anyhow::bail!("node {node} has no disk in any resource of {}", cfg.path.display());
         }
         let bus = events::EventBus::new();
+        let shared = resource::NodeShared {
+            hook_timeout: cfg.options.hook_timeout,
+            connect_retry: cfg.options.connect_retry,
+            events: bus.clone(),
+        };
         let mut resources = BTreeMap::new();
         for r in cfg.resources_of(node) {
             resources.insert(
                 r.name.clone(),
-                Resource::open(
-                    &cfg.cluster,
-                    node,
-                    &me.run_dir,
-                    &me.device_dir,
-                    r,
-                    cfg.options.hook_timeout,
-                    cfg.options.connect_retry,
-                    bus.clone(),
-                )?,
+                Resource::open(&cfg.cluster, node, &me.run_dir, &me.device_dir, r, &shared)?,
             );
         }
         let transport = Transport::bind(identity, pinned, TransportSettings::from_config(&cfg), me.address)?;

@@ -134,6 +134,15 @@ pub struct ResourceLatency {
     pub ack: BTreeMap<String, LatencySnapshot>,
 }
 
+/// What the node's resources share: settings from `[options]` and the event bus.
+pub struct NodeShared {
+    /// How long a handler may run.
+    pub hook_timeout: Duration,
+    /// How long a session that ended for a passing reason waits before it is offered again.
+    pub connect_retry: Duration,
+    pub events: Arc<EventBus>,
+}
+
 fn new_generation() -> u64 {
     loop {
         let g: u64 = rand::random();
@@ -152,10 +161,9 @@ impl Resource {
         run_dir: &std::path::Path,
         device_dir: &std::path::Path,
         cfg: &config::Resource,
-        hook_timeout: Duration,
-        retry_after: Duration,
-        bus: Arc<EventBus>,
+        node: &NodeShared,
     ) -> Result<Arc<Self>> {
+        let (hook_timeout, retry_after) = (node.hook_timeout, node.connect_retry);
         let disk =
             cfg.disks.get(me).ok_or_else(|| anyhow!("resource {} has no disk on node {me}", cfg.name))?;
         let meta = open_or_create_meta(cluster, me, cfg, disk)?;
@@ -225,7 +233,7 @@ impl Resource {
         });
         let al = ActivityLog::new(cfg.al_extent_size, cfg.al_extents.min(AL_MAX_EXTENTS), al_store, &[]);
         let applier_stats = Arc::new(ApplierStats::default());
-        let events = ResourceEvents::new(&cfg.name, bus);
+        let events = ResourceEvents::new(&cfg.name, node.events.clone());
         let r = Arc::new(Self {
             name: cfg.name.clone(),
             cfg: cfg.clone(),
