@@ -6,6 +6,10 @@
 //!   was written) and demote, the records of those changes in the order they happened.
 //!   A text reader of one resource ends with exit 0 on Ctrl-C; the JSON reader exits
 //!   non-zero with a message when the agent is killed with SIGKILL.
+//! - `events_report_a_split_brain_and_the_handlers_it_runs`: two primaries apart (network
+//!   namespaces, the link cut) meet again: the reader on one of them gets `split-brain`
+//!   (waiting for an administrator) and the `call`/`response` records of the handlers,
+//!   with their exit codes, each after the change or event it is about.
 //! - `events_of_an_unknown_resource_is_an_error`: exit 2, naming the resources there are.
 
 use std::io::{BufRead, BufReader, Read};
@@ -16,7 +20,10 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use tandem_agent::control::Request;
-use tandem_agent::events::{Kind, Object, Record, ResyncResult, SyncRole};
+use tandem_agent::daemon::hooks::HookEvent;
+use tandem_agent::events::{
+    HandlerOutcome, Kind, Object, Record, ResyncResult, SplitBrainResolution, SyncRole,
+};
 use tandem_agent::status::{ConnectionState, ReplicationState, Role};
 use tandem_tests::lab::{Lab, LabOptions};
 use tandem_tests::*;
@@ -236,6 +243,76 @@ fn events_show_each_change_in_order_and_end_when_the_agent_dies() {
     assert_eq!(st.code(), Some(3), "tandem events after the agent died: {st:?} {err}");
     assert!(err.contains("stopped"), "{err}");
     lab.stop("beta", secs(20)).unwrap();
+}
+
+#[test]
+fn events_report_a_split_brain_and_the_handlers_it_runs() {
+    let opts = LabOptions {
+        size: 16 * MIB,
+        netns: true,
+        resource_extra: "[resource.handlers]\nrole_change = \"exit 0\"\nsplit_brain = \"exit 5\"\n".into(),
+        ..LabOptions::default()
+    };
+    let mut lab = new_lab(&["alpha", "beta"], &opts);
+    lab.start("alpha").unwrap();
+    lab.start("beta").unwrap();
+    lab.wait_connected("alpha", secs(60)).unwrap();
+    ok(&lab, "alpha", Request::Promote { resource: "mail".into(), force: false });
+    let dev_a = wait_until(&lab, "alpha", "primary", secs(60), |r| r.device.is_some()).device.unwrap();
+    lab.partition("alpha").unwrap();
+    for n in ["alpha", "beta"] {
+        wait_until(&lab, n, "peer lost", secs(60), |r| r.peers[0].connection != "connected");
+    }
+    let mut events = Reader::start(&lab, "beta", &["--json", "mail"]);
+    events.until("the end of the dump", |r| r.object == Object::None);
+    ok(&lab, "beta", Request::Promote { resource: "mail".into(), force: true });
+    let dev_b = wait_until(&lab, "beta", "primary", secs(60), |r| r.device.is_some()).device.unwrap();
+    for (dev, run) in [(&dev_a, 1), (&dev_b, 2)] {
+        let mut w = BlockWriter::open(dev, run, true);
+        for i in 0..8u64 {
+            w.write(i * BLOCK as u64).unwrap();
+        }
+    }
+    lab.heal("alpha").unwrap();
+
+    let handler = |r: &Record, kind: Kind, h: HookEvent| r.kind == kind && r.handler == Some(h);
+    let got = events
+        .until("the split-brain handler's response", |r| handler(r, Kind::Response, HookEvent::SplitBrain));
+    for r in &got {
+        println!("{}", r.render());
+    }
+    let promoted =
+        find(&got, 0, "role:primary", |r| is_change(r, Object::Resource) && r.role == Some(Role::Primary));
+    let call =
+        find(&got, promoted + 1, "role-change call", |r| handler(r, Kind::Call, HookEvent::RoleChange));
+    let resp =
+        find(&got, call + 1, "role-change response", |r| handler(r, Kind::Response, HookEvent::RoleChange));
+    assert_eq!(
+        (got[resp].outcome, got[resp].exit_code),
+        (Some(HandlerOutcome::Exited), Some(0)),
+        "{:?}",
+        got[resp]
+    );
+    let split = find(&got, resp + 1, "split-brain", |r| r.kind == Kind::SplitBrain);
+    assert_eq!(got[split].peer.as_deref(), Some("alpha"));
+    assert_eq!(got[split].resolution, Some(SplitBrainResolution::WaitsForAdministrator), "{:?}", got[split]);
+    assert!(got[split].reason.is_some(), "a split brain says why: {:?}", got[split]);
+    let call = find(&got, split + 1, "split-brain call", |r| handler(r, Kind::Call, HookEvent::SplitBrain));
+    let resp = got.len() - 1;
+    assert!(call < resp);
+    assert_eq!(
+        (got[resp].outcome, got[resp].exit_code),
+        (Some(HandlerOutcome::Exited), Some(5)),
+        "{:?}",
+        got[resp]
+    );
+    assert_eq!(got[resp].peer.as_deref(), Some("alpha"));
+    // The peer's replication state says so too, after the event.
+    find(&got, split + 1, "replication:split_brain", |r| {
+        is_change(r, Object::Peer) && r.replication == Some(ReplicationState::SplitBrain)
+    });
+    drop(events);
+    lab.stop_all();
 }
 
 #[test]
