@@ -254,3 +254,123 @@ fn progress(name: &str, p: &PeerStatus) -> Option<Record> {
         ..peer_record(Kind::ResyncProgress, name, p)
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::events::HandlerOutcome;
+    use crate::meta::DiskState;
+    use crate::status::{ConnectionState, ReplicationState, ResourceStats, Role};
+    use tokio::sync::broadcast::error::TryRecvError;
+
+    fn state(role: Role, connection: ConnectionState, out_of_sync: u64) -> ResourceStatus {
+        ResourceStatus {
+            name: "r0".into(),
+            role,
+            disk: DiskState::UpToDate,
+            device: (role == Role::Primary).then(|| "/dev/loop7".to_string()),
+            volumes: Vec::new(),
+            size: 1 << 20,
+            generation: "0".into(),
+            down: false,
+            peers: vec![PeerStatus {
+                node: "beta".into(),
+                connection,
+                replication: ReplicationState::Off,
+                mode: "sync".into(),
+                out_of_sync_bytes: out_of_sync,
+                peer_role: (connection == ConnectionState::Connected).then_some(Role::Secondary),
+                peer_disk: (connection == ConnectionState::Connected).then_some(DiskState::UpToDate),
+                pending_requests: 0,
+                lag_bytes: 0,
+                lag_secs: 0.0,
+                sent_data_bytes: 0,
+                sent_wire_bytes: 0,
+                received_wire_bytes: 0,
+                ack_latency: Default::default(),
+                resync: None,
+                last_error: None,
+            }],
+            stats: ResourceStats::default(),
+        }
+    }
+
+    fn drain(rx: &mut broadcast::Receiver<Arc<Record>>) -> Vec<String> {
+        let mut out = Vec::new();
+        while let Ok(r) = rx.try_recv() {
+            out.push(r.render().split_once(' ').unwrap().1.to_string());
+        }
+        out
+    }
+
+    /// A reader gets the state at subscription, then each change relative to what it was
+    /// sent, in order, with events in between; a second reader starts from the latest state.
+    #[test]
+    fn events_bus_dumps_then_sends_changes_in_order() {
+        let bus = EventBus::new();
+        let ev = ResourceEvents::new("r0", bus.clone());
+        ev.publish(|| panic!("nobody listens: the state is not even read"));
+        let s0 = state(Role::Secondary, ConnectionState::Connected, 0);
+        let (mut rx, dump) = bus.subscribe([(&*ev, || s0.clone())], None);
+        let dump: Vec<String> =
+            dump.iter().map(|r| r.render().split_once(' ').unwrap().1.to_string()).collect();
+        assert_eq!(
+            dump,
+            [
+                "exists resource name:r0 role:secondary disk:up_to_date down:no",
+                "exists volume name:r0 volume:0 size:1048576 device:-",
+                "exists peer name:r0 peer:beta connection:connected replication:off peer-role:secondary peer-disk:up_to_date out-of-sync:0",
+                "exists -",
+            ]
+        );
+        ev.publish(|| state(Role::Primary, ConnectionState::Connected, 0));
+        ev.publish(|| state(Role::Primary, ConnectionState::Connected, 0));
+        ev.emit(|name| Record {
+            handler: Some(crate::daemon::hooks::HookEvent::RoleChange),
+            outcome: Some(HandlerOutcome::Exited),
+            exit_code: Some(0),
+            ..Record::new(Kind::Response, Object::Handler, name)
+        });
+        ev.publish(|| state(Role::Primary, ConnectionState::StandAlone, 4096));
+        ev.publish(|| state(Role::Secondary, ConnectionState::StandAlone, 4096));
+        assert_eq!(
+            drain(&mut rx),
+            [
+                "change resource name:r0 role:primary",
+                "change volume name:r0 volume:0 device:/dev/loop7",
+                "response handler name:r0 handler:role-change outcome:exited exit-code:0",
+                "change peer name:r0 peer:beta connection:standalone peer-role:- peer-disk:- out-of-sync:4096",
+                "change resource name:r0 role:secondary",
+                "change volume name:r0 volume:0 device:-",
+            ]
+        );
+        // A second reader: the first gets what changed since (nothing), the second the
+        // state now; filtered to another resource it gets the marker only.
+        let s1 = state(Role::Secondary, ConnectionState::StandAlone, 4096);
+        let (_rx2, dump2) = bus.subscribe([(&*ev, || s1.clone())], None);
+        assert!(dump2[0]
+            .render()
+            .ends_with("exists resource name:r0 role:secondary disk:up_to_date down:no"));
+        assert!(dump2[2].render().contains("connection:standalone"), "{:?}", dump2[2]);
+        let (_rx3, dump3) = bus.subscribe([(&*ev, || s1.clone())], Some("other"));
+        assert_eq!(dump3.len(), 1);
+        assert!(drain(&mut rx).is_empty());
+    }
+
+    /// Sending never waits for a reader: one that reads nothing loses the oldest records
+    /// and learns how many.
+    #[test]
+    fn events_reader_that_falls_behind_is_told_and_never_blocks_the_sender() {
+        let bus = EventBus::new();
+        let ev = ResourceEvents::new("r0", bus.clone());
+        let s0 = state(Role::Secondary, ConnectionState::Connected, 0);
+        let (mut rx, _) = bus.subscribe([(&*ev, || s0.clone())], None);
+        let extra = 10;
+        for i in 0..(CAPACITY + extra) as u64 {
+            ev.publish(|| state(Role::Secondary, ConnectionState::Connected, i + 1));
+        }
+        assert_eq!(rx.try_recv().unwrap_err(), TryRecvError::Lagged(extra as u64));
+        let next = rx.try_recv().unwrap();
+        assert_eq!(next.out_of_sync, Some(extra as u64 + 1), "the oldest are the ones lost");
+    }
+}

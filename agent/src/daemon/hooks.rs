@@ -319,7 +319,7 @@ mod tests {
 
     /// A handler that cannot be started at all is a failure, reported as such.
     #[tokio::test(flavor = "current_thread")]
-    async fn handler_that_cannot_start_is_a_failure_event() {
+    async fn handler_that_cannot_start_is_a_failure_in_events() {
         let bus = EventBus::new();
         let (mut rx, _) = bus.subscribe(std::iter::empty::<(&ResourceEvents, fn() -> _)>(), None);
         let mut h = hooks_on(
