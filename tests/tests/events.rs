@@ -312,6 +312,18 @@ fn events_report_a_split_brain_and_the_handlers_it_runs() {
         is_change(r, Object::Peer) && r.replication == Some(ReplicationState::SplitBrain)
     });
     drop(events);
+    // Counted for the metrics: one split brain; one role-change run (beta's promotion)
+    // that succeeded, one split-brain run that failed (exit 5).
+    let st = status_of(&lab, "beta", "mail");
+    assert_eq!(st.stats.split_brains, 1, "{:?}", st.stats);
+    let runs: Vec<(String, u64, u64)> =
+        st.stats.handlers.iter().map(|h| (h.handler.clone(), h.runs, h.failures)).collect();
+    assert_eq!(
+        runs,
+        [("split-brain".to_string(), 1, 1), ("role-change".to_string(), 1, 0)],
+        "{:?}",
+        st.stats
+    );
     lab.stop_all();
 }
 

@@ -42,7 +42,8 @@ use crate::daemon::peer_link::PeerConn;
 use crate::frontend::{Frontend, RequestLatency};
 use crate::meta::{DiskState, MetaFile, MetaRecord, AL_MAX_EXTENTS};
 use crate::status::{
-    LatencySummary, PeerStatus, ReplicationState, ResourceStats, ResourceStatus, ResyncStatus, VolumeStatus,
+    HandlerStats, LatencySummary, PeerStatus, ReplicationState, ResourceStats, ResourceStatus, ResyncStatus,
+    VolumeStatus,
 };
 use crate::storage::FileStore;
 use crate::transport::framed::WireCounts;
@@ -465,6 +466,16 @@ impl Resource {
             standby_io_errors: a.io_errors.get(),
             al_writes: al.transactions,
             al_hot_extents: al.hot as u64,
+            split_brains: self.split_brains(),
+            handlers: self
+                .hook_stats()
+                .into_iter()
+                .map(|h| HandlerStats {
+                    handler: h.event.as_str().to_string(),
+                    runs: h.runs,
+                    failures: h.failures,
+                })
+                .collect(),
             ..Default::default()
         };
         let s = &self.volume_stats;
