@@ -39,6 +39,16 @@ pub enum HookEvent {
 }
 
 impl HookEvent {
+    pub const ALL: [HookEvent; 7] = [
+        HookEvent::FencePeer,
+        HookEvent::SplitBrain,
+        HookEvent::RoleChange,
+        HookEvent::Connected,
+        HookEvent::Disconnected,
+        HookEvent::SyncStart,
+        HookEvent::SyncDone,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             HookEvent::FencePeer => "fence-peer",
@@ -124,13 +134,16 @@ impl Hooks {
         }
     }
 
-    /// Runs and failures so far of each handler that has run, in `HookEvent` order.
+    /// Runs and failures so far of every kind of handler (zero for those that never ran,
+    /// configured or not: counters exist from the start), in `HookEvent::ALL` order.
     pub fn stats(&self) -> Vec<HookStats> {
-        self.stats
-            .lock()
-            .unwrap()
+        let stats = self.stats.lock().unwrap();
+        HookEvent::ALL
             .iter()
-            .map(|(e, (runs, failures))| HookStats { event: *e, runs: *runs, failures: *failures })
+            .map(|e| {
+                let (runs, failures) = stats.get(e).copied().unwrap_or_default();
+                HookStats { event: *e, runs, failures }
+            })
             .collect()
     }
 
@@ -287,9 +300,12 @@ mod tests {
         assert_eq!(
             stats,
             vec![
+                (HookEvent::FencePeer, 0, 0),
                 (HookEvent::SplitBrain, 1, 1),
                 (HookEvent::RoleChange, 2, 0),
                 (HookEvent::Connected, 1, 1),
+                (HookEvent::Disconnected, 0, 0),
+                (HookEvent::SyncStart, 0, 0),
                 (HookEvent::SyncDone, 1, 1),
             ]
         );
@@ -329,7 +345,8 @@ mod tests {
         );
         h.shell = "/nonexistent/sh".into();
         h.run(HookEvent::Connected, &HookContext::default()).await.unwrap_err();
-        assert_eq!(h.stats()[0].failures, 1);
+        let connected = h.stats().into_iter().find(|s| s.event == HookEvent::Connected).unwrap();
+        assert_eq!((connected.runs, connected.failures), (1, 1));
         let _call = rx.try_recv().unwrap();
         let resp = rx.try_recv().unwrap();
         assert_eq!((resp.kind, resp.outcome), (Kind::Response, Some(HandlerOutcome::Failed)));
