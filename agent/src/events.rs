@@ -229,6 +229,11 @@ impl Record {
         Self { time: now(), kind: Kind::Exists, object: Object::None, ..Default::default() }
     }
 
+    /// `lost`: the reader missed `n` records; its stream ends.
+    pub fn lost(n: u64) -> Self {
+        Self { time: now(), kind: Kind::Lost, object: Object::None, lost: Some(n), ..Default::default() }
+    }
+
     /// The resource the record is about, if any.
     pub fn resource(&self) -> Option<&str> {
         self.name.as_deref()
@@ -379,13 +384,7 @@ mod tests {
             (Some(HookEvent::SplitBrain), Some(HandlerOutcome::Failed), Some("No such file".into()));
         cases
             .push((r, "response handler name:r0 handler:split-brain outcome:failed reason:\"No such file\""));
-        let lost = Record {
-            time: T.into(),
-            kind: Kind::Lost,
-            object: Object::None,
-            lost: Some(17),
-            ..Default::default()
-        };
+        let lost = Record { time: T.into(), ..Record::lost(17) };
         cases.push((lost, "lost - lost:17"));
 
         for (r, text) in &cases {

@@ -14,7 +14,7 @@ use tracing::warn;
 use super::resource::Resource;
 use super::Agent;
 use crate::control::{Request, Response};
-use crate::events::{Kind, Record};
+use crate::events::Record;
 
 pub struct ControlServer {
     listener: UnixListener,
@@ -110,9 +110,7 @@ async fn stream_events(
                 Ok(r) => line_of(&*r),
                 Err(RecvError::Lagged(n)) => {
                     warn!(lost = n, "an events reader fell behind; ending its stream");
-                    let lost =
-                        Record { lost: Some(n), ..Record { kind: Kind::Lost, ..Record::end_of_dump() } };
-                    w.write_all(line_of(&lost).as_bytes()).await?;
+                    w.write_all(line_of(&Record::lost(n)).as_bytes()).await?;
                     return Ok(());
                 }
                 Err(RecvError::Closed) => return Ok(()),

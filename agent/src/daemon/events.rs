@@ -357,6 +357,41 @@ mod tests {
         assert!(drain(&mut rx).is_empty());
     }
 
+    /// The tick reports unannounced changes, and each running resync's progress.
+    #[test]
+    fn events_tick_reports_resync_progress() {
+        let bus = EventBus::new();
+        let ev = ResourceEvents::new("r0", bus.clone());
+        let s0 = state(Role::Primary, ConnectionState::Connected, 3 << 20);
+        let (mut rx, _) = bus.subscribe([(&*ev, || s0.clone())], None);
+        let resyncing = |done: u64| {
+            let mut s = state(Role::Primary, ConnectionState::Connected, (3 << 20) - done);
+            s.peers[0].replication = ReplicationState::SyncSource;
+            s.peers[0].resync = Some(crate::status::ResyncStatus {
+                active: true,
+                total_bytes: 3 << 20,
+                done_bytes: done,
+                ..Default::default()
+            });
+            s
+        };
+        ev.tick(|| resyncing(1 << 20));
+        ev.tick(|| resyncing(1 << 20));
+        let mut done = resyncing(3 << 20);
+        done.peers[0].resync.as_mut().unwrap().active = false;
+        done.peers[0].replication = ReplicationState::Established;
+        ev.tick(|| done);
+        assert_eq!(
+            drain(&mut rx),
+            [
+                "change peer name:r0 peer:beta replication:sync_source out-of-sync:2097152",
+                "resync-progress peer name:r0 peer:beta sync-role:source done:1048576 total:3145728 percent:33.3",
+                "resync-progress peer name:r0 peer:beta sync-role:source done:1048576 total:3145728 percent:33.3",
+                "change peer name:r0 peer:beta replication:established out-of-sync:0",
+            ]
+        );
+    }
+
     /// Sending never waits for a reader: one that reads nothing loses the oldest records
     /// and learns how many.
     #[test]

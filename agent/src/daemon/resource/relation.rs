@@ -417,9 +417,9 @@ impl Resource {
             m.checksum_resync_requested = checksum;
         })?;
         let up: Vec<String> = self.peer_names().into_iter().filter(|n| self.session_up(n)).collect();
+        self.publish();
         // Each session restarts and decides afresh: this copy is now the target of a full
         // resync from an up-to-date peer.
-        self.publish();
         for p in &up {
             self.handle(p, Event::StreamFailed { reason: "local copy invalidated".into() });
         }
