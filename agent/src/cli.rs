@@ -46,6 +46,19 @@ pub enum Command {
         #[arg(long, short = 's')]
         statistics: bool,
     },
+    /// Follow state changes as they happen (like `drbdsetup events2`): the current state of
+    /// every resource, volume and peer (`exists` records), `exists -`, then one record per
+    /// change — roles, disk states, connections, replication, resyncs, split brains,
+    /// handler runs. Runs until interrupted (exit 0); exits with 3 if the agent stops, 2 if
+    /// it has no such resource, 4 if this reader fell too far behind.
+    /// Record format: docs/operations.md, "Events".
+    Events {
+        /// Only this resource's records.
+        resource: Option<String>,
+        /// One JSON object per line instead of text.
+        #[arg(long)]
+        json: bool,
+    },
     /// One resource's state as `KEY VALUE` lines, for scripts such as the OCF resource agent:
     /// role, disk, down (0|1), device (- if none), peers, peers_known (peers whose disk state
     /// is known), peer_primary (0|1), then `peer NODE CONNECTION ROLE DISK` per peer.

@@ -62,6 +62,14 @@ pub enum Request {
         resource: String,
         op: SnapshotOp,
     },
+    /// `tandem events`: a stream. The agent answers with one `Response` line (an error if
+    /// `resource` is not one of its resources), then writes one `events::Record` per line
+    /// until the client goes away or the agent stops. The client sends nothing more and
+    /// keeps its end open: closing it (even only its sending side) ends the stream.
+    Events {
+        #[serde(default)]
+        resource: Option<String>,
+    },
 }
 
 /// What `tandem snapshot` does.

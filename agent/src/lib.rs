@@ -3,6 +3,7 @@ pub mod config;
 pub mod control;
 pub mod daemon;
 pub mod demo;
+pub mod events;
 pub mod frontend;
 pub mod meta;
 pub mod metrics;

@@ -96,6 +96,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::State { resource } => state(&cli, resource),
+        Command::Events { resource, json } => events(&cli, resource.clone(), *json),
         Command::Promote { resource, force } => {
             verb(call(&cli, Request::Promote { resource: resource.clone(), force: *force })?)
         }
@@ -268,6 +269,72 @@ fn snapshot(cli: &Cli, cmd: &SnapshotCommand) -> Result<ExitCode> {
         );
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `tandem events`: see its help. Exit codes: 0 (interrupted, or stdout closed), 2 (no
+/// such resource), 3 (the agent stopped or died), 4 (this reader fell behind).
+fn events(cli: &Cli, resource: Option<String>, json: bool) -> Result<ExitCode> {
+    use std::io::Write;
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+    use tokio::signal::unix::{signal, SignalKind};
+
+    let cfg = Config::load(&cli.config)?;
+    let socket = cfg.node(&node_name(cli, &cfg)?)?.control.clone();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the runtime")?;
+    rt.block_on(async move {
+        let mut interrupt = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
+        let mut terminate = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
+        let s = tokio::net::UnixStream::connect(&socket).await.with_context(|| {
+            format!("cannot reach the agent at {} (is `tandem agent` running for this node?)", socket.display())
+        })?;
+        let (r, mut w) = s.into_split();
+        let mut req = serde_json::to_string(&Request::Events { resource })?;
+        req.push('\n');
+        w.write_all(req.as_bytes()).await?;
+        let mut lines = tokio::io::BufReader::new(r).lines();
+        let stopped = || {
+            eprintln!("error: the agent at {} stopped: no more events", socket.display());
+            Ok(ExitCode::from(3))
+        };
+        let answer = match lines.next_line().await {
+            Ok(Some(l)) => l,
+            _ => return stopped(),
+        };
+        let answer: control::Response = serde_json::from_str(&answer)
+            .with_context(|| format!("unreadable answer from the agent: {answer:?}"))?;
+        if !answer.ok {
+            eprintln!("error: {}", answer.error.unwrap_or_else(|| "refused".into()));
+            return Ok(ExitCode::from(2));
+        }
+        let mut out = std::io::stdout().lock();
+        loop {
+            let line = tokio::select! {
+                l = lines.next_line() => match l {
+                    Ok(Some(l)) => l,
+                    _ => return stopped(),
+                },
+                _ = interrupt.recv() => return Ok(ExitCode::SUCCESS),
+                _ = terminate.recv() => return Ok(ExitCode::SUCCESS),
+            };
+            let record: tandem_agent::events::Record = serde_json::from_str(&line)
+                .with_context(|| format!("unreadable event from the agent: {line:?}"))?;
+            let written = if json { writeln!(out, "{line}") } else { writeln!(out, "{}", record.render()) };
+            if written.and_then(|()| out.flush()).is_err() {
+                // Whoever read our output is gone (`| head`): nothing more to do.
+                return Ok(ExitCode::SUCCESS);
+            }
+            if record.kind == tandem_agent::events::Kind::Lost {
+                eprintln!(
+                    "error: this reader fell behind the agent's events and lost {} records; run `tandem events` again",
+                    record.lost.unwrap_or(0)
+                );
+                return Ok(ExitCode::from(4));
+            }
+        }
+    })
 }
 
 fn verb(resp: control::Response) -> Result<ExitCode> {

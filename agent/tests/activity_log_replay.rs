@@ -8,7 +8,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use tandem_agent::config::Config;
-use tandem_agent::daemon::resource::{create_md, Resource};
+use tandem_agent::daemon::events::EventBus;
+use tandem_agent::daemon::resource::{create_md, NodeShared, Resource};
 use tandem_agent::meta::MetaFile;
 
 const MIB: u64 = 1 << 20;
@@ -68,17 +69,13 @@ fn crashed_primary(dir: &Path, hot: &[u32]) -> std::path::PathBuf {
 /// returns beta's bitmap as persisted by the replay.
 fn reopen_with_8mib_extents(dir: &Path) -> tandem_replicator::DirtyBitmap {
     let c = config(dir, "8MiB");
-    let (hooks, retry) = (Duration::from_secs(5), Duration::from_secs(1));
-    let r = Resource::open(
-        &c.cluster,
-        "alpha",
-        &dir.join("run"),
-        &dir.join("dev"),
-        &c.resources[0],
-        hooks,
-        retry,
-    )
-    .expect("open the resource");
+    let shared = NodeShared {
+        hook_timeout: Duration::from_secs(5),
+        connect_retry: Duration::from_secs(1),
+        events: EventBus::new(),
+    };
+    let r = Resource::open(&c.cluster, "alpha", &dir.join("run"), &dir.join("dev"), &c.resources[0], &shared)
+        .expect("open the resource");
     drop(r);
     let m = MetaFile::open_readonly(&dir.join("alpha.meta")).unwrap();
     assert!(!m.record().primary && m.record().crashed_primary, "recorded as a crashed primary");

@@ -1,4 +1,6 @@
-//! Serves the control socket: status and role changes for the CLI.
+//! Serves the control socket: status and role changes for the CLI, and the event stream
+//! (`tandem events`): after an `events` request the connection carries record lines only,
+//! written by its own task, so a slow or stuck reader holds up nothing but itself.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -6,11 +8,13 @@ use std::sync::Arc;
 use anyhow::{Context, Result};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::broadcast::error::RecvError;
 use tracing::warn;
 
 use super::resource::Resource;
 use super::Agent;
 use crate::control::{Request, Response, SnapshotOp};
+use crate::events::Record;
 
 pub struct ControlServer {
     listener: UnixListener,
@@ -53,31 +57,81 @@ async fn handle(agent: Arc<Agent>, s: UnixStream) {
     let (r, mut w) = s.into_split();
     let mut lines = BufReader::new(r).lines();
     while let Ok(Some(line)) = lines.next_line().await {
+        if let Ok(Request::Events { resource }) = serde_json::from_str::<Request>(&line) {
+            return stream_events(&agent, resource, lines, w).await;
+        }
         let resp = match serde_json::from_str::<Request>(&line) {
             Ok(req) => dispatch(&agent, req).await,
             Err(e) => Response::err(format!("malformed request: {e}")),
         };
-        let mut out =
-            serde_json::to_string(&resp).unwrap_or_else(|e| format!("{{\"ok\":false,\"error\":\"{e}\"}}"));
-        out.push('\n');
-        if w.write_all(out.as_bytes()).await.is_err() {
+        if w.write_all(line_of(&resp).as_bytes()).await.is_err() {
             return;
         }
     }
 }
 
-async fn dispatch(agent: &Arc<Agent>, req: Request) -> Response {
-    let resource = |name: &str| {
-        agent.resources.get(name).cloned().ok_or_else(|| {
-            format!(
-                "no resource {name:?} on node {} (resources: {})",
-                agent.me.name,
-                agent.resources.keys().cloned().collect::<Vec<_>>().join(", ")
-            )
-        })
+fn line_of<T: serde::Serialize>(v: &T) -> String {
+    let mut out = serde_json::to_string(v).unwrap_or_else(|e| format!("{{\"ok\":false,\"error\":\"{e}\"}}"));
+    out.push('\n');
+    out
+}
+
+fn no_such_resource(agent: &Agent, name: &str) -> String {
+    format!(
+        "no resource {name:?} on node {} (resources: {})",
+        agent.me.name,
+        agent.resources.keys().cloned().collect::<Vec<_>>().join(", ")
+    )
+}
+
+/// Serves one `tandem events` reader: the answer, the current state, then every record
+/// as it is published, until the reader goes away, falls behind (one `lost` record, then
+/// the end: it never holds the bus back) or the agent stops.
+async fn stream_events(
+    agent: &Arc<Agent>,
+    only: Option<String>,
+    mut from_client: tokio::io::Lines<BufReader<tokio::net::unix::OwnedReadHalf>>,
+    mut w: tokio::net::unix::OwnedWriteHalf,
+) {
+    if let Some(name) = only.as_deref().filter(|n| !agent.resources.contains_key(*n)) {
+        let _ = w.write_all(line_of(&Response::err(no_such_resource(agent, name))).as_bytes()).await;
+        return;
+    }
+    let (mut rx, dump) = agent.subscribe_events(only.as_deref());
+    let mut out = line_of(&Response::ok("events follow"));
+    for r in &dump {
+        out += &line_of(r);
+    }
+    let write = async {
+        w.write_all(out.as_bytes()).await?;
+        loop {
+            let line = match rx.recv().await {
+                Ok(r) if only.as_deref().is_some_and(|o| r.resource().is_some_and(|n| n != o)) => continue,
+                Ok(r) => line_of(&*r),
+                Err(RecvError::Lagged(n)) => {
+                    warn!(lost = n, "an events reader fell behind; ending its stream");
+                    w.write_all(line_of(&Record::lost(n)).as_bytes()).await?;
+                    return Ok(());
+                }
+                Err(RecvError::Closed) => return Ok(()),
+            };
+            w.write_all(line.as_bytes()).await?;
+        }
     };
+    tokio::select! {
+        r = write => { let _: std::io::Result<()> = r; }
+        // The reader closed its end (or sent something: it has no business to).
+        _ = from_client.next_line() => {}
+        _ = agent.shutdown.cancelled() => {}
+    }
+}
+
+async fn dispatch(agent: &Arc<Agent>, req: Request) -> Response {
+    let resource =
+        |name: &str| agent.resources.get(name).cloned().ok_or_else(|| no_such_resource(agent, name));
     match req {
         Request::Status => Response { ok: true, status: Some(agent.status()), ..Default::default() },
+        Request::Events { .. } => Response::err("events is a stream; it is served by itself"),
         Request::Promote { resource: name, force } => {
             run(resource(&name), |r| async move { r.promote(force).await }).await
         }

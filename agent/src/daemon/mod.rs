@@ -1,6 +1,7 @@
 //! `tandem agent`: the daemon of one node.
 
 pub mod control_server;
+pub mod events;
 pub mod hooks;
 pub mod peer_link;
 pub mod resource;
@@ -29,6 +30,8 @@ pub struct Agent {
     pub shutdown: CancellationToken,
     /// Wakes the dial loops now instead of after their back-off (after `connect`).
     pub redial: tokio::sync::Notify,
+    /// What `tandem events` reads.
+    pub events: Arc<events::EventBus>,
 }
 
 impl Agent {
@@ -42,19 +45,17 @@ impl Agent {
         if cfg.resources_of(node).is_empty() {
             anyhow::bail!("node {node} has no disk in any resource of {}", cfg.path.display());
         }
+        let bus = events::EventBus::new();
+        let shared = resource::NodeShared {
+            hook_timeout: cfg.options.hook_timeout,
+            connect_retry: cfg.options.connect_retry,
+            events: bus.clone(),
+        };
         let mut resources = BTreeMap::new();
         for r in cfg.resources_of(node) {
             resources.insert(
                 r.name.clone(),
-                Resource::open(
-                    &cfg.cluster,
-                    node,
-                    &me.run_dir,
-                    &me.device_dir,
-                    r,
-                    cfg.options.hook_timeout,
-                    cfg.options.connect_retry,
-                )?,
+                Resource::open(&cfg.cluster, node, &me.run_dir, &me.device_dir, r, &shared)?,
             );
         }
         let transport = Transport::bind(identity, pinned, TransportSettings::from_config(&cfg), me.address)?;
@@ -66,7 +67,17 @@ impl Agent {
             connections: Mutex::new(HashMap::new()),
             shutdown: CancellationToken::new(),
             redial: tokio::sync::Notify::new(),
+            events: bus,
         }))
+    }
+
+    /// A new reader of the event bus for `only` (every resource if `None`): the receiver
+    /// and the records to send first (the current state, then the end-of-dump marker).
+    pub fn subscribe_events(
+        &self,
+        only: Option<&str>,
+    ) -> (tokio::sync::broadcast::Receiver<Arc<crate::events::Record>>, Vec<crate::events::Record>) {
+        self.events.subscribe(self.resources.values().map(|r| (r.events(), || r.status())), only)
     }
 
     pub fn stopping(&self) -> bool {
@@ -165,6 +176,19 @@ impl Agent {
                         None => return,
                     },
                     _ = acceptor.shutdown.cancelled() => return,
+                }
+            }
+        });
+        // Once a second: what changes without an announcement (out-of-sync bytes), and
+        // the progress of running resyncs. Does nothing while nobody reads events.
+        let ticker = self.clone();
+        tasks.spawn(async move {
+            let mut every = tokio::time::interval(std::time::Duration::from_secs(1));
+            every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                every.tick().await;
+                for r in ticker.resources.values() {
+                    r.publish_tick();
                 }
             }
         });

@@ -22,7 +22,7 @@ mod verify;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -39,12 +39,14 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, warn};
 
 use crate::config;
-use crate::daemon::hooks::{HookContext, HookEvent, Hooks};
+use crate::daemon::events::{EventBus, ResourceEvents};
+use crate::daemon::hooks::{HookContext, HookEvent, HookStats, Hooks};
 use crate::daemon::peer_link::PeerConn;
 use crate::frontend::{Frontend, RequestLatency};
 use crate::meta::{DiskState, MetaFile, MetaRecord, AL_MAX_EXTENTS};
 use crate::status::{
-    LatencySummary, PeerStatus, ReplicationState, ResourceStats, ResourceStatus, ResyncStatus, VolumeStatus,
+    HandlerStats, LatencySummary, PeerStatus, ReplicationState, ResourceStats, ResourceStatus, ResyncStatus,
+    VolumeStatus,
 };
 use crate::storage::FileStore;
 use crate::transport::framed::WireCounts;
@@ -86,6 +88,8 @@ pub struct Resource {
     /// every write goes through `snapshots`.
     store: Arc<dyn BlockStore>,
     snapshots: Arc<crate::snapshot::SnapshotStore>,
+    /// Snapshots known to be invalid (each gets one `snapshot-invalid` record).
+    invalid_seen: Mutex<std::collections::BTreeSet<String>>,
     /// Snapshots exposed as read-only devices.
     exposed: Mutex<BTreeMap<String, crate::frontend::snapshot_fs::SnapshotExport>>,
     meta: Arc<Mutex<MetaFile>>,
@@ -127,6 +131,10 @@ pub struct Resource {
     device_dir: PathBuf,
     /// `tandem down`: out of service here (secondary, no replication) until `tandem up`.
     down: AtomicBool,
+    /// The resource's records on the agent's event bus (`tandem events`).
+    events: Arc<ResourceEvents>,
+    /// Split brains detected since the agent started.
+    split_brains: AtomicU64,
 }
 
 /// See [`Resource::latency`].
@@ -135,6 +143,15 @@ pub struct ResourceLatency {
     pub write: LatencySnapshot,
     pub flush: LatencySnapshot,
     pub ack: BTreeMap<String, LatencySnapshot>,
+}
+
+/// What the node's resources share: settings from `[options]` and the event bus.
+pub struct NodeShared {
+    /// How long a handler may run.
+    pub hook_timeout: Duration,
+    /// How long a session that ended for a passing reason waits before it is offered again.
+    pub connect_retry: Duration,
+    pub events: Arc<EventBus>,
 }
 
 fn new_generation() -> u64 {
@@ -155,9 +172,9 @@ impl Resource {
         run_dir: &std::path::Path,
         device_dir: &std::path::Path,
         cfg: &config::Resource,
-        hook_timeout: Duration,
-        retry_after: Duration,
+        node: &NodeShared,
     ) -> Result<Arc<Self>> {
+        let (hook_timeout, retry_after) = (node.hook_timeout, node.connect_retry);
         let disk =
             cfg.disks.get(me).ok_or_else(|| anyhow!("resource {} has no disk on node {me}", cfg.name))?;
         let meta = open_or_create_meta(cluster, me, cfg, disk)?;
@@ -233,6 +250,7 @@ impl Resource {
         });
         let al = ActivityLog::new(cfg.al_extent_size, cfg.al_extents.min(AL_MAX_EXTENTS), al_store, &[]);
         let applier_stats = Arc::new(ApplierStats::default());
+        let events = ResourceEvents::new(&cfg.name, node.events.clone());
         let r = Arc::new(Self {
             name: cfg.name.clone(),
             cfg: cfg.clone(),
@@ -241,6 +259,7 @@ impl Resource {
             store,
             snapshots,
             exposed: Mutex::new(BTreeMap::new()),
+            invalid_seen: Mutex::new(Default::default()),
             meta,
             role: tokio::sync::Mutex::new(RoleState::Secondary),
             current: Mutex::new(None),
@@ -258,12 +277,14 @@ impl Resource {
             apply_lock: Arc::new(tokio::sync::Mutex::new(())),
             mountpoint: run_dir.join("fuse").join(&cfg.name),
             seq,
-            hooks: Hooks::new(&cfg.name, me, cfg.handlers.clone(), hook_timeout),
+            hooks: Hooks::new(&cfg.name, me, cfg.handlers.clone(), hook_timeout, events.clone()),
             discard_local: AtomicBool::new(false),
             resyncing_from: Mutex::new(Default::default()),
             retry_after,
             device_dir: device_dir.to_path_buf(),
             down: AtomicBool::new(false),
+            events,
+            split_brains: AtomicU64::new(0),
         });
         crate::frontend::prepare_mountpoint(&r.mountpoint)?;
         // Links a crashed agent left behind point at loop devices that are gone (or reused).
@@ -291,6 +312,42 @@ impl Resource {
         if let Err(e) = self.update_meta(|m| m.disk = d) {
             error!(resource = %self.name, "cannot record disk state: {e:#}");
         }
+        self.publish();
+    }
+
+    // ---------------------------------------------------------------- events
+
+    /// Publishes on the event bus what changed in the resource's state since it last did
+    /// (see `daemon::events`). Called after every change of what `status()` shows; never
+    /// while holding one of the resource's locks.
+    pub(crate) fn publish(&self) {
+        self.events.publish(|| self.status());
+    }
+
+    /// The once-a-second tick: changes that are not announced (out-of-sync bytes, a
+    /// backlog gone ahead) and the progress of running resyncs.
+    pub(crate) fn publish_tick(&self) {
+        self.snapshot_tick();
+        self.events.tick(|| self.status());
+    }
+
+    /// A record that is an event rather than a state, ordered with the state changes.
+    fn emit(&self, record: impl FnOnce(&str) -> crate::events::Record) {
+        self.events.emit(record);
+    }
+
+    pub(crate) fn events(&self) -> &ResourceEvents {
+        &self.events
+    }
+
+    /// Split brains detected with any peer since the agent started.
+    pub fn split_brains(&self) -> u64 {
+        self.split_brains.load(Ordering::Relaxed)
+    }
+
+    /// Runs and failures of each event handler since the agent started.
+    pub fn hook_stats(&self) -> Vec<HookStats> {
+        self.hooks.stats()
     }
 
     /// Whether `tandem down` took the resource out of service here.
@@ -434,6 +491,16 @@ impl Resource {
             standby_io_errors: a.io_errors.get(),
             al_writes: al.transactions,
             al_hot_extents: al.hot as u64,
+            split_brains: self.split_brains(),
+            handlers: self
+                .hook_stats()
+                .into_iter()
+                .map(|h| HandlerStats {
+                    handler: h.event.as_str().to_string(),
+                    runs: h.runs,
+                    failures: h.failures,
+                })
+                .collect(),
             ..Default::default()
         };
         let s = &self.volume_stats;

@@ -18,6 +18,7 @@ use tracing::{debug, error, info, warn};
 use super::Resource;
 use crate::daemon::hooks::HookEvent;
 use crate::daemon::peer_link::PeerConn;
+use crate::events::{Kind, Object, Record, ResyncResult, SplitBrainResolution, SyncRole};
 use crate::meta::DiskState;
 
 impl Resource {
@@ -46,6 +47,8 @@ impl Resource {
         for a in actions {
             self.execute(peer, a);
         }
+        // What the step and its actions changed, as one set of records after them.
+        self.publish();
     }
 
     fn execute(self: &Arc<Self>, peer: &str, action: Action) {
@@ -157,12 +160,22 @@ impl Resource {
         }
     }
 
-    /// Logs a split brain and runs its handler, once per split brain.
+    /// Logs a split brain and runs its handler, once per split brain; counts it and
+    /// reports it on the event bus.
     fn report_split_brain(&self, peer: &str, resolution: &Resolution, first: bool) {
+        if first {
+            self.split_brains.fetch_add(1, Ordering::Relaxed);
+        }
         match resolution {
             Resolution::Disconnect(_) if !first => {}
             Resolution::Disconnect(why) => {
                 error!(resource = %self.name, peer, "split brain: {why}");
+                self.emit(|name| Record {
+                    peer: Some(peer.to_string()),
+                    resolution: Some(SplitBrainResolution::WaitsForAdministrator),
+                    reason: Some(why.to_string()),
+                    ..Record::new(Kind::SplitBrain, Object::Peer, name)
+                });
                 let mut ctx = self.hook_ctx(Some(peer));
                 ctx.extra.push(("TANDEM_SPLIT_BRAIN", "unresolved".into()));
                 self.hooks.fire(HookEvent::SplitBrain, ctx);
@@ -183,6 +196,13 @@ impl Resource {
                 };
                 warn!(resource = %self.name, peer, "split brain resolved {how}: the changes {loser} made since the split are discarded");
                 if first {
+                    self.emit(|name| Record {
+                        peer: Some(peer.to_string()),
+                        resolution: Some(SplitBrainResolution::Resolved),
+                        loser: Some(loser.to_string()),
+                        reason: Some(format!("resolved {how}")),
+                        ..Record::new(Kind::SplitBrain, Object::Peer, name)
+                    });
                     let mut ctx = self.hook_ctx(Some(peer));
                     ctx.extra.push(("TANDEM_SPLIT_BRAIN", format!("resolved: {loser} discards its changes")));
                     self.hooks.fire(HookEvent::SplitBrain, ctx);
@@ -231,7 +251,15 @@ impl Resource {
             p.conn = None;
         }
         // Its resync into us, if any, has ended with the connection.
-        self.resyncing_from.lock().unwrap().remove(peer);
+        if self.resyncing_from.lock().unwrap().remove(peer) {
+            self.emit(|name| Record {
+                peer: Some(peer.to_string()),
+                sync_role: Some(SyncRole::Target),
+                result: Some(ResyncResult::Interrupted),
+                reason: Some(reason.to_string()),
+                ..Record::new(Kind::ResyncFinished, Object::Peer, name)
+            });
+        }
         self.handle(peer, Event::LinkDown { reason: reason.to_string() });
     }
 
@@ -389,6 +417,7 @@ impl Resource {
             m.checksum_resync_requested = checksum;
         })?;
         let up: Vec<String> = self.peer_names().into_iter().filter(|n| self.session_up(n)).collect();
+        self.publish();
         // Each session restarts and decides afresh: this copy is now the target of a full
         // resync from an up-to-date peer.
         for p in &up {

@@ -116,6 +116,7 @@ impl Resource {
         *self.current.lock().unwrap() = Some((volume.clone(), device.clone()));
         *role = RoleState::Primary { volume, frontend };
         drop(role);
+        self.publish();
         info!(resource = %self.name, device = %device, "promoted to primary");
         let mut ctx = self.hook_ctx(None);
         ctx.extra.push(("TANDEM_DEVICE", device.clone()));
@@ -212,6 +213,7 @@ impl Resource {
         }
         self.release_primary(&volume).await;
         drop(role);
+        self.publish();
         info!(resource = %self.name, device = %device, "demoted to secondary");
         for p in self.peer_names() {
             self.handle(&p, Event::Demoted);
@@ -274,9 +276,11 @@ impl Resource {
     pub async fn down(self: &Arc<Self>) -> Result<String> {
         // Set first, so no promotion slips in between the demotion and the disconnect.
         let was_down = self.down.swap(true, Ordering::SeqCst);
+        self.publish();
         if self.is_primary() {
             if let Err(e) = self.demote().await {
                 self.down.store(was_down, Ordering::SeqCst);
+                self.publish();
                 return Err(e.context(format!("{} stays up on {}", self.name, self.me)));
             }
         }
@@ -292,6 +296,7 @@ impl Resource {
     /// resource to every peer again.
     pub fn up(self: &Arc<Self>) -> String {
         self.down.store(false, Ordering::SeqCst);
+        self.publish();
         for peer in self.peer_names() {
             self.handle(&peer, Event::AdminConnect);
         }
@@ -315,6 +320,8 @@ impl Resource {
                         drop(frontend);
                         self.release_primary(&volume).await;
                     }
+                    drop(role);
+                    self.publish();
                 }
             }
         }

@@ -19,6 +19,7 @@ use tracing::{error, info, warn};
 
 use super::Resource;
 use crate::config::SnapshotTier;
+use crate::events::{Kind, Object, Record};
 use crate::frontend::snapshot_fs::SnapshotExport;
 use crate::meta::DiskState;
 use crate::snapshot::{SnapshotKind, SnapshotRecord, SnapshotState};
@@ -144,6 +145,11 @@ impl Resource {
             }
         };
         info!(resource = %self.name, snapshot = %record.name, seq = record.seq, kind = ?record.kind, "snapshot taken");
+        self.emit(|r| Record {
+            snapshot: Some(record.name.clone()),
+            seq: Some(record.seq),
+            ..Record::new(Kind::SnapshotTaken, Object::Snapshot, r)
+        });
         self.snapshot_changed();
         Ok(record)
     }
@@ -210,6 +216,10 @@ impl Resource {
         let n = name.to_string();
         tokio::task::spawn_blocking(move || store.delete(&n)).await??;
         info!(resource = %self.name, snapshot = name, "snapshot deleted");
+        self.emit(|r| Record {
+            snapshot: Some(name.to_string()),
+            ..Record::new(Kind::SnapshotDeleted, Object::Snapshot, r)
+        });
         self.snapshot_changed();
         Ok(format!("deleted snapshot {name} of {}", self.name))
     }
@@ -435,6 +445,38 @@ impl Resource {
         }
     }
 
-    /// Something about the snapshots changed (for the events stream and metrics).
-    fn snapshot_changed(&self) {}
+    /// Something about the snapshots changed: snapshots that became invalid since the last
+    /// look get a record, and the recovery point its `change`.
+    fn snapshot_changed(&self) {
+        let invalid: Vec<(String, String)> = self
+            .snapshots
+            .list()
+            .into_iter()
+            .filter_map(|i| match i.record.state {
+                SnapshotState::Invalid { reason } => Some((i.record.name, reason)),
+                SnapshotState::Valid => None,
+            })
+            .collect();
+        let fresh: Vec<(String, String)> = {
+            let mut seen = self.invalid_seen.lock().unwrap();
+            let fresh = invalid.iter().filter(|(n, _)| !seen.contains(n)).cloned().collect();
+            *seen = invalid.into_iter().map(|(n, _)| n).collect();
+            fresh
+        };
+        for (name, reason) in fresh {
+            self.emit(|r| Record {
+                snapshot: Some(name.clone()),
+                reason: Some(reason.clone()),
+                ..Record::new(Kind::SnapshotInvalid, Object::Snapshot, r)
+            });
+        }
+        self.publish();
+    }
+
+    /// The once-a-second look at the snapshots (a write may have invalidated one).
+    pub(crate) fn snapshot_tick(&self) {
+        if self.snapshots.list().iter().any(|i| i.record.state != SnapshotState::Valid) {
+            self.snapshot_changed();
+        }
+    }
 }

@@ -18,6 +18,7 @@ use tracing::{error, info, warn};
 use super::{new_generation, Resource};
 use crate::daemon::hooks::HookEvent;
 use crate::daemon::peer_link::PeerConn;
+use crate::events::{Kind, Object, Record, ResyncResult, SyncRole};
 use crate::meta::DiskState;
 use crate::transport::framed::{spawn_link, FrameReader, FrameWriter};
 
@@ -53,16 +54,32 @@ impl Resource {
         let me = self.clone();
         let peer = peer.to_string();
         tokio::spawn(async move {
-            let r = me.run_resync_source(&peer, checksum).await;
+            let mut started = false;
+            let r = me.run_resync_source(&peer, checksum, &mut started).await;
             me.persist_bitmaps();
             if let Err(e) = &r {
                 warn!(resource = %me.name, peer = %peer, "resync interrupted: {e:#}; it resumes from the bitmap");
+                if started {
+                    me.emit(|name| Record {
+                        peer: Some(peer.clone()),
+                        sync_role: Some(SyncRole::Source),
+                        result: Some(ResyncResult::Interrupted),
+                        reason: Some(format!("{e:#}")),
+                        ..Record::new(Kind::ResyncFinished, Object::Peer, name)
+                    });
+                }
             }
             me.handle(&peer, Event::SourceEnded { result: r.map_err(|e| format!("{e:#}")) });
         });
     }
 
-    async fn run_resync_source(self: &Arc<Self>, peer: &str, checksum: bool) -> Result<()> {
+    /// Sets `started` once the resync has begun (and `resync-started` was reported).
+    async fn run_resync_source(
+        self: &Arc<Self>,
+        peer: &str,
+        checksum: bool,
+        started: &mut bool,
+    ) -> Result<()> {
         let (conn, streams) = self.session_streams(peer).ok_or_else(|| anyhow!("not connected"))?;
         let link = conn
             .open_stream(
@@ -76,6 +93,13 @@ impl Resource {
         let bitmap = self.bitmaps[peer].clone();
         let total = bitmap.lock().unwrap().dirty_bytes();
         info!(resource = %self.name, peer, total_bytes = total, checksum, "resync started as source");
+        *started = true;
+        self.emit(|name| Record {
+            peer: Some(peer.to_string()),
+            sync_role: Some(SyncRole::Source),
+            total: Some(total),
+            ..Record::new(Kind::ResyncStarted, Object::Peer, name)
+        });
         let mut ctx = self.hook_ctx(Some(peer));
         ctx.extra
             .extend([("TANDEM_SYNC_ROLE", "source".to_string()), ("TANDEM_SYNC_BYTES", total.to_string())]);
@@ -125,6 +149,14 @@ impl Resource {
         let p = self.resync_stats[peer].progress();
         info!(resource = %self.name, peer, data_bytes = p.data_bytes_sent, hash_bytes = p.hash_bytes_sent,
               equal_bytes = p.equal_bytes, "resync done");
+        self.emit(|name| Record {
+            peer: Some(peer.to_string()),
+            sync_role: Some(SyncRole::Source),
+            done: Some(p.done_bytes),
+            total: Some(p.total_bytes),
+            result: Some(ResyncResult::Done),
+            ..Record::new(Kind::ResyncFinished, Object::Peer, name)
+        });
         let mut ctx = self.hook_ctx(Some(peer));
         ctx.extra.extend([
             ("TANDEM_SYNC_ROLE", "source".to_string()),
@@ -159,6 +191,12 @@ impl Resource {
         }) {
             error!(resource = %self.name, "cannot record the resync start: {e:#}");
         }
+        self.emit(|name| Record {
+            peer: Some(peer.to_string()),
+            sync_role: Some(SyncRole::Target),
+            total: Some(total),
+            ..Record::new(Kind::ResyncStarted, Object::Peer, name)
+        });
         let mut ctx = self.hook_ctx(Some(peer));
         ctx.extra
             .extend([("TANDEM_SYNC_ROLE", "target".to_string()), ("TANDEM_SYNC_BYTES", total.to_string())]);
@@ -168,13 +206,24 @@ impl Resource {
     /// Target side: every block is here; adopt the source's generation, unless another
     /// source is still resyncing this copy.
     pub(super) async fn complete_resync_target(self: &Arc<Self>, peer: &str, g: Generation) {
-        let up_to_date = match self.finish_resync_target(peer, &g).await {
-            Ok(done) => done,
+        let (up_to_date, failed) = match self.finish_resync_target(peer, &g).await {
+            Ok(done) => (done, None),
             Err(e) => {
                 error!(resource = %self.name, peer, "cannot complete the resync: {e:#}");
-                false
+                (false, Some(format!("cannot complete the resync: {e:#}")))
             }
         };
+        self.emit(|name| Record {
+            peer: Some(peer.to_string()),
+            sync_role: Some(SyncRole::Target),
+            result: Some(match (&failed, up_to_date) {
+                (Some(_), _) => ResyncResult::Interrupted,
+                (None, true) => ResyncResult::Done,
+                (None, false) => ResyncResult::DoneWaitingForOthers,
+            }),
+            reason: failed.clone(),
+            ..Record::new(Kind::ResyncFinished, Object::Peer, name)
+        });
         self.handle(peer, Event::TargetCompleted { up_to_date });
         if !up_to_date {
             return;
@@ -299,12 +348,14 @@ impl Resource {
             if let Some(p) = me.peers.lock().unwrap().get_mut(&peer) {
                 p.applying = true;
             }
+            me.publish();
             info!(resource = %me.name, peer = %peer, "applying replication stream");
             let applier = tandem_replicator::Applier::new(me.target.clone());
             let r = applier.run(link).await;
             if let Some(p) = me.peers.lock().unwrap().get_mut(&peer) {
                 p.applying = false;
             }
+            me.publish();
             match r {
                 Ok(()) => info!(resource = %me.name, peer = %peer, "replication stream ended"),
                 Err(e) => {
