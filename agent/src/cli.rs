@@ -160,8 +160,17 @@ pub enum SnapshotCommand {
     },
     /// Delete a snapshot (its blocks the next older one needs are handed to it).
     Delete { resource: String, name: String },
-    /// Make read-only block devices of a snapshot; prints them (one per volume).
-    Expose { resource: String, name: String },
+    /// Make block devices of a snapshot; prints them (one per volume). Read-only, unless
+    /// `--overlay`.
+    Expose {
+        resource: String,
+        name: String,
+        /// Devices that take writes into a throwaway overlay (the snapshot never changes), so
+        /// that `mount -o ro` can replay the filesystem's journal: a snapshot is
+        /// crash-consistent, and its acknowledged files may still be in the journal.
+        #[arg(long)]
+        overlay: bool,
+    },
     /// Remove the devices `expose` made.
     Unexpose { resource: String, name: String },
     /// Roll this (secondary) copy back to the snapshot: it becomes the newest data, and the

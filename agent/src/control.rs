@@ -79,7 +79,11 @@ pub enum SnapshotOp {
     Create { name: Option<String> },
     List,
     Delete { name: String },
-    Expose { name: String },
+    Expose {
+        name: String,
+        #[serde(default)]
+        overlay: bool,
+    },
     Unexpose { name: String },
     Restore { name: String },
 }

@@ -217,8 +217,8 @@ fn snapshot(cli: &Cli, cmd: &SnapshotCommand) -> Result<ExitCode> {
         SnapshotCommand::Delete { resource, name } => {
             (resource, SnapshotOp::Delete { name: name.clone() }, false)
         }
-        SnapshotCommand::Expose { resource, name } => {
-            (resource, SnapshotOp::Expose { name: name.clone() }, false)
+        SnapshotCommand::Expose { resource, name, overlay } => {
+            (resource, SnapshotOp::Expose { name: name.clone(), overlay: *overlay }, false)
         }
         SnapshotCommand::Unexpose { resource, name } => {
             (resource, SnapshotOp::Unexpose { name: name.clone() }, false)

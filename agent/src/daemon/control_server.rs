@@ -220,8 +220,8 @@ async fn snapshot(r: &Arc<Resource>, op: SnapshotOp) -> anyhow::Result<Response>
         SnapshotOp::Create { name } => Response::ok(r.snapshot_create(name).await?.name),
         SnapshotOp::List => Response { ok: true, snapshots: Some(r.snapshot_list()), ..Default::default() },
         SnapshotOp::Delete { name } => Response::ok(r.snapshot_delete(&name).await?),
-        SnapshotOp::Expose { name } => {
-            let devices = r.snapshot_expose(&name).await?;
+        SnapshotOp::Expose { name, overlay } => {
+            let devices = r.snapshot_expose(&name, overlay).await?;
             let msg = devices.iter().map(|(_, d)| d.as_str()).collect::<Vec<_>>().join(" ");
             Response { ok: true, message: Some(msg), devices: Some(devices), ..Default::default() }
         }

@@ -1,7 +1,13 @@
-//! A snapshot as read-only block devices: one FUSE file per volume serving the snapshot's
-//! view, and a read-only loop device on each (for fsck, a read-only mount, a backup tool).
-//! Replication goes on while they are read: reads take the snapshot chain's reader path,
-//! which never blocks the live copy for longer than one read.
+//! A snapshot as block devices: one FUSE file per volume serving the snapshot's view, and
+//! a loop device on each (for fsck, a read-only mount, a backup tool). Replication goes on
+//! while they are read: reads take the snapshot chain's reader path, which never blocks
+//! the live copy for longer than one read.
+//!
+//! A snapshot is crash-consistent, so the filesystem on it usually still has a journal to
+//! replay, which takes writes. By default the devices are read-only; with an overlay, writes
+//! go to a throwaway sparse file (unlinked, gone at unexpose) and reads see them first — so
+//! `mount -o ro` can replay the journal and show every file acknowledged before the
+//! snapshot — while the snapshot itself never changes.
 
 use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
@@ -26,6 +32,55 @@ struct SnapshotFs {
     store: Arc<SnapshotStore>,
     name: String,
     files: Vec<VolumeLayout>,
+    overlay: Option<Overlay>,
+}
+
+/// Private writes over the snapshot's view, by 4 KiB block of the resource's address space.
+struct Overlay {
+    file: std::fs::File,
+    written: std::sync::Mutex<std::collections::HashSet<u64>>,
+}
+
+const BLOCK: u64 = crate::snapshot::cow::BLOCK;
+
+impl SnapshotFs {
+    /// `[at, +buf.len())` of the address space: the overlay's blocks, else the snapshot's.
+    fn read_view(&self, at: u64, buf: &mut [u8]) -> Result<(), String> {
+        self.store.read(&self.name, at, buf).map_err(|e| e.to_string())?;
+        let Some(o) = &self.overlay else { return Ok(()) };
+        let written = o.written.lock().unwrap();
+        let end = at + buf.len() as u64;
+        for b in at / BLOCK..end.div_ceil(BLOCK) {
+            if !written.contains(&b) {
+                continue;
+            }
+            let (from, to) = ((b * BLOCK).max(at), ((b + 1) * BLOCK).min(end));
+            use std::os::unix::fs::FileExt;
+            o.file
+                .read_exact_at(&mut buf[(from - at) as usize..(to - at) as usize], from)
+                .map_err(|e| format!("overlay read: {e}"))?;
+        }
+        Ok(())
+    }
+
+    fn write_overlay(&self, o: &Overlay, at: u64, data: &[u8]) -> Result<(), String> {
+        use std::os::unix::fs::FileExt;
+        let mut written = o.written.lock().unwrap();
+        let end = at + data.len() as u64;
+        // Blocks only partly written here start from what the device shows now.
+        let mut block = vec![0u8; BLOCK as usize];
+        for b in [at / BLOCK, (end - 1) / BLOCK] {
+            let partial = (b * BLOCK < at || (b + 1) * BLOCK > end) && !written.contains(&b);
+            if partial {
+                self.store.read(&self.name, b * BLOCK, &mut block).map_err(|e| e.to_string())?;
+                o.file.write_all_at(&block, b * BLOCK).map_err(|e| format!("overlay write: {e}"))?;
+                written.insert(b);
+            }
+        }
+        o.file.write_all_at(data, at).map_err(|e| format!("overlay write: {e}"))?;
+        written.extend(at / BLOCK..end.div_ceil(BLOCK));
+        Ok(())
+    }
 }
 
 impl SnapshotFs {
@@ -76,7 +131,7 @@ impl Filesystem for SnapshotFs {
         if self.file(ino).is_none() {
             return reply.error(Errno::EISDIR);
         }
-        if flags.0 & libc::O_ACCMODE != libc::O_RDONLY {
+        if flags.0 & libc::O_ACCMODE != libc::O_RDONLY && self.overlay.is_none() {
             return reply.error(Errno::EROFS);
         }
         reply.opened(FileHandle(1), FopenFlags::FOPEN_DIRECT_IO);
@@ -96,7 +151,7 @@ impl Filesystem for SnapshotFs {
         let Some(f) = self.file(ino) else { return reply.error(Errno::ENOENT) };
         let len = (size as u64).min(f.size.saturating_sub(offset)) as usize;
         let mut buf = vec![0u8; len];
-        match self.store.read(&self.name, f.offset + offset, &mut buf) {
+        match self.read_view(f.offset + offset, &mut buf) {
             Ok(()) => reply.data(&buf),
             Err(e) => {
                 warn!(snapshot = %self.name, "read of exposed snapshot failed: {e}");
@@ -108,16 +163,32 @@ impl Filesystem for SnapshotFs {
     fn write(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         _fh: FileHandle,
-        _offset: u64,
-        _data: &[u8],
+        offset: u64,
+        data: &[u8],
         _wf: WriteFlags,
         _flags: OpenFlags,
         _lock: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
-        reply.error(Errno::EROFS);
+        let Some(o) = &self.overlay else { return reply.error(Errno::EROFS) };
+        let Some(f) = self.file(ino) else { return reply.error(Errno::ENOENT) };
+        if data.is_empty() || offset.checked_add(data.len() as u64).is_none_or(|e| e > f.size) {
+            return reply.error(Errno::EINVAL);
+        }
+        match self.write_overlay(o, f.offset + offset, data) {
+            Ok(()) => reply.written(data.len() as u32),
+            Err(e) => {
+                warn!(snapshot = %self.name, "write to the overlay of an exposed snapshot failed: {e}");
+                reply.error(Errno::EIO)
+            }
+        }
+    }
+
+    fn fsync(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: fuser::ReplyEmpty) {
+        // The overlay is thrown away at unexpose: nothing to make durable.
+        reply.ok();
     }
 
     fn readdir(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
@@ -147,11 +218,14 @@ pub struct SnapshotExport {
 }
 
 impl SnapshotExport {
+    /// Exposes snapshot `name`: read-only devices, or with `overlay_dir` devices whose
+    /// writes go to a throwaway file created (and at once unlinked) there.
     pub fn start(
         store: Arc<SnapshotStore>,
         name: &str,
         mountpoint: &Path,
         volumes: &[VolumeLayout],
+        overlay_dir: Option<&Path>,
     ) -> Result<Self> {
         std::fs::create_dir_all(mountpoint)
             .with_context(|| format!("cannot create {}", mountpoint.display()))?;
@@ -159,20 +233,32 @@ impl SnapshotExport {
         let mut cfg = fuser::Config::default();
         cfg.mount_options = vec![
             fuser::MountOption::FSName("tandem-snapshot".into()),
-            fuser::MountOption::RO,
             fuser::MountOption::NoExec,
             fuser::MountOption::NoSuid,
             fuser::MountOption::NoDev,
         ];
+        if overlay_dir.is_none() {
+            cfg.mount_options.push(fuser::MountOption::RO);
+        }
         cfg.n_threads = Some(2);
-        let fs = SnapshotFs { store, name: name.to_string(), files: volumes.to_vec() };
+        let overlay = match overlay_dir {
+            Some(dir) => Some(Overlay {
+                file: tempfile::tempfile_in(dir)
+                    .with_context(|| format!("cannot create the overlay file in {}", dir.display()))?,
+                written: Default::default(),
+            }),
+            None => None,
+        };
+        let writable = overlay.is_some();
+        let fs = SnapshotFs { store, name: name.to_string(), files: volumes.to_vec(), overlay };
         let session = fuser::spawn_mount(fs, mountpoint, &cfg).with_context(|| {
             format!("cannot mount FUSE at {} (is /dev/fuse available?)", mountpoint.display())
         })?;
         let mut me =
             Self { session: Some(session), mountpoint: mountpoint.to_path_buf(), devices: Vec::new() };
         for v in volumes {
-            let dev = loopdev::attach_read_only(&mountpoint.join(file_name(v)))?;
+            let file = mountpoint.join(file_name(v));
+            let dev = if writable { loopdev::attach(&file)? } else { loopdev::attach_read_only(&file)? };
             info!(device = %dev, snapshot = name, volume = %v.name, "snapshot exposed");
             me.devices.push((v.name.clone(), dev));
         }

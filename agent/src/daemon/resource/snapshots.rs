@@ -224,20 +224,23 @@ impl Resource {
         Ok(format!("deleted snapshot {name} of {}", self.name))
     }
 
-    /// `tandem snapshot expose`: read-only block devices of the snapshot.
-    pub async fn snapshot_expose(self: &Arc<Self>, name: &str) -> Result<Vec<(String, String)>> {
+    /// `tandem snapshot expose`: block devices of the snapshot, read-only — or, with
+    /// `overlay`, taking writes into a throwaway overlay (to replay a filesystem journal).
+    pub async fn snapshot_expose(self: &Arc<Self>, name: &str, overlay: bool) -> Result<Vec<(String, String)>> {
         let rec = self.snapshots.get(name)?;
         if let SnapshotState::Invalid { reason } = rec.state {
             bail!("snapshot {name:?} is invalid ({reason}): it does not show one instant");
         }
-        if let Some(e) = self.exposed.lock().unwrap().get(name) {
-            return Ok(e.devices.clone());
+        if self.exposed.lock().unwrap().contains_key(name) {
+            bail!("snapshot {name:?} of {} is exposed already (see `tandem snapshot list {}`)", self.name, self.name);
         }
         let mountpoint = self.mountpoint.with_file_name(format!("{}.snapshot.{name}", self.name));
         let (store, n, volumes) = (self.snapshots.clone(), name.to_string(), self.cfg.volumes.clone());
-        let export =
-            tokio::task::spawn_blocking(move || SnapshotExport::start(store, &n, &mountpoint, &volumes))
-                .await??;
+        let overlay_dir = overlay.then(|| self.snapshots.dir().to_path_buf());
+        let export = tokio::task::spawn_blocking(move || {
+            SnapshotExport::start(store, &n, &mountpoint, &volumes, overlay_dir.as_deref())
+        })
+        .await??;
         let devices = export.devices.clone();
         self.exposed.lock().unwrap().insert(name.to_string(), export);
         Ok(devices)
