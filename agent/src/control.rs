@@ -76,16 +76,24 @@ pub enum Request {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum SnapshotOp {
-    Create { name: Option<String> },
+    Create {
+        name: Option<String>,
+    },
     List,
-    Delete { name: String },
+    Delete {
+        name: String,
+    },
     Expose {
         name: String,
         #[serde(default)]
         overlay: bool,
     },
-    Unexpose { name: String },
-    Restore { name: String },
+    Unexpose {
+        name: String,
+    },
+    Restore {
+        name: String,
+    },
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]

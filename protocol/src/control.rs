@@ -142,6 +142,9 @@ pub enum ControlMsg {
     /// The sender ends the resource's session (the connection and other resources stay),
     /// or, with `declines_offer`, declines the receiver's offer.
     ResourceDown { resource: String, reason: String, declines_offer: bool },
+    /// The sender (a secondary taking a snapshot) asks the receiver, primary, for a barrier:
+    /// a flush in the resource's change stream soon, whether or not its application flushes.
+    BarrierRequest { resource: String },
 }
 
 fn config() -> impl bincode::config::Config {

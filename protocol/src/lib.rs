@@ -33,7 +33,7 @@ pub use header::{FrameKind, HEADER_LEN, MAGIC};
 
 /// The replication protocol version this build speaks. Peers exchange it in [`Hello`];
 /// a peer with another version is refused with a message naming both versions.
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// ALPN identifier for the QUIC connection. The version is negotiated in the hello frame,
 /// not in ALPN, so a version mismatch produces a readable error instead of a TLS alert.

@@ -86,6 +86,7 @@ fn arb_control() -> impl Strategy<Value = ControlMsg> {
         ("[a-z]{1,10}", ".{0,40}", any::<bool>()).prop_map(|(resource, reason, declines_offer)| {
             ControlMsg::ResourceDown { resource, reason, declines_offer }
         }),
+        "[a-z]{1,10}".prop_map(|resource| ControlMsg::BarrierRequest { resource }),
     ]
 }
 

@@ -363,6 +363,11 @@ async fn serve(agent: Arc<Agent>, conn: Connection, node: &str, dialed: bool) ->
                         res.on_resync_done(node, generation);
                     }
                 }
+                Frame::Control(ControlMsg::BarrierRequest { resource: name }) => {
+                    if let Some(res) = resource(&name) {
+                        res.on_barrier_request(node);
+                    }
+                }
                 Frame::Control(ControlMsg::Error { reason }) => return format!("peer reported: {reason}"),
                 other => {
                     let reason = format!("unexpected {} frame on the control stream", other.kind().name());

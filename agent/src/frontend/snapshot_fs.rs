@@ -186,7 +186,14 @@ impl Filesystem for SnapshotFs {
         }
     }
 
-    fn fsync(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: fuser::ReplyEmpty) {
+    fn fsync(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _datasync: bool,
+        reply: fuser::ReplyEmpty,
+    ) {
         // The overlay is thrown away at unexpose: nothing to make durable.
         reply.ok();
     }

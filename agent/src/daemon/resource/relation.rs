@@ -66,7 +66,11 @@ impl Resource {
             Action::SendInvalidate { checksum } => {
                 self.send(peer, ControlMsg::Invalidate { resource: self.name.clone(), checksum })
             }
-            Action::BeginTracking => self.target.begin_resync(),
+            Action::BeginTracking => {
+                // Before the source can send anything: keep the copy as it is.
+                self.snapshot_before_resync_now(peer);
+                self.target.begin_resync()
+            }
             Action::MarkAllOutOfSync => self.bitmaps[peer].lock().unwrap().set_all(),
             Action::SetDisk { disk, why } => self.set_disk(DiskState::from_wire(disk), &why),
             Action::AdoptGeneration { generation, started_ms } => {

@@ -27,6 +27,9 @@ use crate::status::SnapshotSummary;
 
 /// How long a snapshot waits for the next barrier of the replication stream.
 pub const BARRIER_WAIT: Duration = Duration::from_secs(30);
+/// How long a snapshot waits for the application's next flush before it asks the primary
+/// for a barrier of its own.
+pub const APPLICATION_BARRIER_WAIT: Duration = Duration::from_secs(2);
 /// ... and the snapshot before a resync, which holds the resync up meanwhile.
 pub const BEFORE_RESYNC_WAIT: Duration = Duration::from_secs(5);
 
@@ -81,6 +84,90 @@ impl Resource {
         self.take_snapshot(&name, SnapshotKind::Manual, BARRIER_WAIT).await
     }
 
+    /// Asks the primary this copy replicates from for a barrier (`BarrierRequest`).
+    fn request_barrier(&self) {
+        let primary = self.peers.lock().unwrap().iter().find_map(|(n, p)| {
+            (p.applying || p.rel.remote_primary()).then(|| p.conn.clone()).flatten().map(|c| (n.clone(), c))
+        });
+        if let Some((peer, conn)) = primary {
+            tracing::debug!(resource = %self.name, peer = %peer, "asking the primary for a barrier");
+            conn.send_control(tandem_protocol::ControlMsg::BarrierRequest { resource: self.name.clone() });
+        }
+    }
+
+    /// Primary: a secondary taking a snapshot asks for a barrier. A flush through the
+    /// volume puts one in the change stream of every peer.
+    pub fn on_barrier_request(self: &Arc<Self>, peer: &str) {
+        let Some(volume) = self.volume() else {
+            tracing::debug!(resource = %self.name, peer, "barrier requested, but not primary here: ignored");
+            return;
+        };
+        let flush = volume.submit_flush();
+        let name = self.name.clone();
+        let peer = peer.to_string();
+        tokio::spawn(async move {
+            if let Err(e) = flush.await {
+                warn!(resource = %name, peer = %peer, "the barrier a snapshot asked for failed: {e}");
+            }
+        });
+    }
+
+    /// Whether this copy, about to become a resync target, should keep a snapshot of
+    /// itself first: it holds data, is consistent, and has none from before a resync.
+    fn before_resync_wanted(&self) -> bool {
+        self.cfg.snapshot_before_resync
+            && self.record().current_generation != BLANK
+            && self.disk() != DiskState::Inconsistent
+            && !self.snapshots.list().iter().any(|i| {
+                matches!(i.record.kind, SnapshotKind::BeforeResync { .. })
+                    && i.record.state == SnapshotState::Valid
+            })
+    }
+
+    /// The snapshot before a resync, taken where the relation decides this copy becomes a
+    /// target (before it asks the source for anything): at once if the copy is at a barrier
+    /// (no stream applying), else left to [`snapshot_before_resync`] when the replication
+    /// stream is accepted. Blocking, and short: two small files.
+    pub(super) fn snapshot_before_resync_now(self: &Arc<Self>, peer: &str) {
+        if !self.before_resync_wanted() {
+            return;
+        }
+        let name = stamped(&format!("before-resync-{peer}"));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (store, generation, seq_now) = self.snapshot_inputs();
+        let (n, kind) = (name.clone(), SnapshotKind::BeforeResync { peer: peer.to_string() });
+        let ticket = self.target.barriers.at_barrier(true, move |point| {
+            let seq = if point.seq > 0 { point.seq } else { seq_now };
+            let _ = tx.send(store.create(&n, kind, seq, point.at_barrier, generation));
+        });
+        if let Some(t) = ticket {
+            if self.target.barriers.cancel(t) {
+                info!(resource = %self.name, peer, "a stream is applying: the snapshot before the resync waits for its barrier");
+                return;
+            }
+        }
+        match rx.recv() {
+            Ok(Ok(record)) => {
+                info!(resource = %self.name, peer, snapshot = %record.name, "snapshot before resync taken");
+                self.emit(|r| Record {
+                    snapshot: Some(record.name.clone()),
+                    seq: Some(record.seq),
+                    ..Record::new(Kind::SnapshotTaken, Object::Snapshot, r)
+                });
+            }
+            Ok(Err(e)) => error!(resource = %self.name, peer, "no snapshot before the resync: {e}"),
+            Err(_) => error!(resource = %self.name, peer, "no snapshot before the resync: dropped"),
+        }
+    }
+
+    fn snapshot_inputs(&self) -> (Arc<crate::snapshot::SnapshotStore>, String, u64) {
+        (
+            self.snapshots.clone(),
+            format!("{:016x}", self.record().current_generation),
+            self.seq.load(std::sync::atomic::Ordering::SeqCst).saturating_sub(1),
+        )
+    }
+
     async fn take_snapshot(
         self: &Arc<Self>,
         name: &str,
@@ -97,7 +184,8 @@ impl Resource {
             );
         }
         let disk = self.disk();
-        if disk == DiskState::Inconsistent || self.target.resyncing() {
+        let before_resync = matches!(kind, SnapshotKind::BeforeResync { .. });
+        if !before_resync && (disk == DiskState::Inconsistent || self.target.resyncing()) {
             bail!(
                 "{} on {} is {} (a resync into it has not finished): a snapshot now would not show one \
                  instant{}",
@@ -112,16 +200,12 @@ impl Resource {
             );
         }
         let (tx, rx) = tokio::sync::oneshot::channel();
-        let (store, generation, seq_now) = (
-            self.snapshots.clone(),
-            format!("{:016x}", self.record().current_generation),
-            self.seq.load(std::sync::atomic::Ordering::SeqCst).saturating_sub(1),
-        );
+        let (store, generation, seq_now) = self.snapshot_inputs();
         let (n, k) = (name.to_string(), kind.clone());
         let me = self.clone();
         let ticket = tokio::task::spawn_blocking(move || {
             me.target.barriers.at_barrier(me.target.resyncing(), move |point| {
-                let r = if point.resyncing {
+                let r = if point.resyncing && !before_resync {
                     Err(anyhow!("a resync into this copy started: a snapshot now would not show one instant"))
                 } else {
                     let seq = if point.seq > 0 { point.seq } else { seq_now };
@@ -131,19 +215,33 @@ impl Resource {
             })
         })
         .await?;
+        let mut rx = rx;
+        if ticket.is_some() {
+            // Between barriers: the application's next flush, or, if it does not flush soon,
+            // one asked of the primary (its change stream then holds every write completed
+            // before it and none after: a crash-consistent instant, not an application's).
+            if let Ok(r) = tokio::time::timeout(APPLICATION_BARRIER_WAIT, &mut rx).await {
+                return self.snapshot_taken(r.map_err(|_| anyhow!("the snapshot was dropped"))??);
+            }
+            self.request_barrier();
+        }
         let record = match tokio::time::timeout(wait, rx).await {
             Ok(r) => r.map_err(|_| anyhow!("the snapshot was dropped"))??,
             Err(_) => {
                 let taken_back = ticket.is_some_and(|t| self.target.barriers.cancel(t));
                 if taken_back {
                     bail!(
-                        "no barrier in the change stream from the primary within {wait:?} (it wrote \
-                         without flushing): no snapshot taken; try again when it flushes"
+                        "no barrier in the change stream from the primary within {wait:?}: no snapshot \
+                         taken (is the primary's agent answering?)"
                     );
                 }
                 bail!("the snapshot did not complete within {wait:?}");
             }
         };
+        self.snapshot_taken(record)
+    }
+
+    fn snapshot_taken(&self, record: SnapshotRecord) -> Result<SnapshotRecord> {
         info!(resource = %self.name, snapshot = %record.name, seq = record.seq, kind = ?record.kind, "snapshot taken");
         self.emit(|r| Record {
             snapshot: Some(record.name.clone()),
@@ -226,13 +324,21 @@ impl Resource {
 
     /// `tandem snapshot expose`: block devices of the snapshot, read-only — or, with
     /// `overlay`, taking writes into a throwaway overlay (to replay a filesystem journal).
-    pub async fn snapshot_expose(self: &Arc<Self>, name: &str, overlay: bool) -> Result<Vec<(String, String)>> {
+    pub async fn snapshot_expose(
+        self: &Arc<Self>,
+        name: &str,
+        overlay: bool,
+    ) -> Result<Vec<(String, String)>> {
         let rec = self.snapshots.get(name)?;
         if let SnapshotState::Invalid { reason } = rec.state {
             bail!("snapshot {name:?} is invalid ({reason}): it does not show one instant");
         }
         if self.exposed.lock().unwrap().contains_key(name) {
-            bail!("snapshot {name:?} of {} is exposed already (see `tandem snapshot list {}`)", self.name, self.name);
+            bail!(
+                "snapshot {name:?} of {} is exposed already (see `tandem snapshot list {}`)",
+                self.name,
+                self.name
+            );
         }
         let mountpoint = self.mountpoint.with_file_name(format!("{}.snapshot.{name}", self.name));
         let (store, n, volumes) = (self.snapshots.clone(), name.to_string(), self.cfg.volumes.clone());

@@ -320,7 +320,6 @@ impl Resource {
         let me = self.clone();
         let peer = peer.to_string();
         tokio::spawn(async move {
-            me.snapshot_before_resync(&peer).await;
             match tandem_replicator::resync::target::run(&me.target, link).await {
                 Ok(()) => info!(resource = %me.name, peer = %peer, "resync stream ended"),
                 Err(e) if !streams.is_cancelled() => {
