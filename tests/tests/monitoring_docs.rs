@@ -7,7 +7,8 @@
 //! - `alert_rules_use_only_exported_metrics`: every rule's expression selects only exported
 //!   series (or `up`), and every input series of the unit tests is one.
 //! - `alerts_and_docs_name_only_existing_verbs`: every `tandem VERB` the annotations and
-//!   docs/monitoring.md tell an administrator to run is a subcommand in agent/src/cli.rs.
+//!   docs/monitoring.md tell an administrator to run is a subcommand in agent/src/cli.rs,
+//!   and for a verb with subcommands (`tandem snapshot list`) the next word is one of them.
 //! - `dashboard_is_importable_and_uses_only_exported_metrics`: the Grafana dashboard's
 //!   structure (schemaVersion, the datasource/resource/peer variables, every panel on the
 //!   `datasource` variable), the names in every panel expression and variable query, and
@@ -27,7 +28,7 @@
 //! small PromQL scanner: what is left after strings, label matchers, ranges, numbers,
 //! functions, aggregations and their label lists, and operators is a metric name.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -506,44 +507,82 @@ fn alert_rules_use_only_exported_metrics() {
     assert!(unknown.is_empty(), "the unit tests feed series the agent does not export: {unknown:?}");
 }
 
-/// The CLI's subcommands as typed (clap's kebab-case of `enum Command`'s variants).
-fn cli_verbs() -> BTreeSet<String> {
-    let cli = read(&repo().join("agent/src/cli.rs"));
-    let start = cli.find("pub enum Command {").expect("agent/src/cli.rs: no `pub enum Command`");
-    let body = &cli[start..];
-    let body = &body[..body.find("\n}").expect("end of enum Command")];
-    let verbs: BTreeSet<String> = body
-        .lines()
+/// The variants of `pub enum NAME` in `src`, each with the type it wraps if any
+/// (`Snapshot(SnapshotCommand)` is ("Snapshot", Some("SnapshotCommand"))).
+fn enum_variants(src: &str, name: &str) -> Vec<(String, Option<String>)> {
+    let head = format!("pub enum {name} {{");
+    let start = src.find(&head).unwrap_or_else(|| panic!("agent/src/cli.rs: no `{head}`"));
+    let body = &src[start..];
+    let body = &body[..body.find("\n}").unwrap_or_else(|| panic!("end of enum {name}"))];
+    body.lines()
         .filter(|l| indent(l) == 4 && l.trim_start().starts_with(|c: char| c.is_ascii_uppercase()))
         .map(|l| {
-            let variant: String = l.trim().chars().take_while(|c| c.is_ascii_alphanumeric()).collect();
-            let mut verb = String::new();
-            for (i, c) in variant.chars().enumerate() {
-                if c.is_ascii_uppercase() && i > 0 {
-                    verb.push('-');
-                }
-                verb.push(c.to_ascii_lowercase());
-            }
-            verb
+            let l = l.trim();
+            let variant: String = l.chars().take_while(|c| c.is_ascii_alphanumeric()).collect();
+            let wrapped = l[variant.len()..]
+                .strip_prefix('(')
+                .and_then(|r| r.split_once(')'))
+                .map(|(inner, _)| inner.trim().to_string());
+            (variant, wrapped)
+        })
+        .collect()
+}
+
+/// clap's kebab-case of a variant's name: `DumpMd` is `dump-md`.
+fn kebab(variant: &str) -> String {
+    let mut verb = String::new();
+    for (i, c) in variant.chars().enumerate() {
+        if c.is_ascii_uppercase() && i > 0 {
+            verb.push('-');
+        }
+        verb.push(c.to_ascii_lowercase());
+    }
+    verb
+}
+
+/// The CLI's subcommands as typed, each with its own subcommands if it has any
+/// (`snapshot` → `create`, `list`, ...): `enum Command`'s variants, and those of the enum a
+/// variant wraps.
+fn cli_verbs() -> BTreeMap<String, BTreeSet<String>> {
+    let cli = read(&repo().join("agent/src/cli.rs"));
+    let verbs: BTreeMap<String, BTreeSet<String>> = enum_variants(&cli, "Command")
+        .into_iter()
+        .map(|(variant, wrapped)| {
+            let sub = wrapped
+                .map(|e| enum_variants(&cli, &e).into_iter().map(|(v, _)| kebab(&v)).collect())
+                .unwrap_or_default();
+            (kebab(&variant), sub)
         })
         .collect();
     for known in ["status", "resolve", "connect", "promote"] {
-        assert!(verbs.contains(known), "agent/src/cli.rs: verb {known} not found in {verbs:?}");
+        assert!(verbs.contains_key(known), "agent/src/cli.rs: verb {known} not found in {verbs:?}");
+    }
+    for (verb, sub) in [("snapshot", "list"), ("snapshot", "delete")] {
+        assert!(
+            verbs.get(verb).is_some_and(|s| s.contains(sub)),
+            "agent/src/cli.rs: no `{verb} {sub}` in {verbs:?}"
+        );
     }
     verbs
 }
 
-/// The verbs of the `` `tandem VERB ...` `` commands in a text (line breaks count as spaces).
-fn named_verbs(text: &str) -> Vec<String> {
+/// The `` `tandem VERB [SUBVERB] ...` `` commands in a text (line breaks count as spaces):
+/// the first two words after `tandem`, the second empty unless it is a lowercase word.
+fn named_verbs(text: &str) -> Vec<(String, String)> {
+    let word =
+        |s: &str| -> String { s.chars().take_while(|c| c.is_ascii_alphanumeric() || *c == '-').collect() };
     text.match_indices("`tandem")
         .filter_map(|(at, m)| {
             let rest = &text[at + m.len()..];
             if !rest.starts_with(char::is_whitespace) {
                 return None;
             }
-            let word: String =
-                rest.trim_start().chars().take_while(|c| c.is_ascii_alphanumeric() || *c == '-').collect();
-            word.starts_with(|c: char| c.is_ascii_lowercase()).then_some(word)
+            let rest = rest.trim_start();
+            let verb = word(rest);
+            let rest = rest[verb.len()..].trim_start();
+            let sub =
+                if rest.starts_with(|c: char| c.is_ascii_lowercase()) { word(rest) } else { String::new() };
+            verb.starts_with(|c: char| c.is_ascii_lowercase()).then_some((verb, sub))
         })
         .collect()
 }
@@ -554,12 +593,20 @@ fn alerts_and_docs_name_only_existing_verbs() {
     for file in [alerts_file(), monitoring_doc()] {
         let named = named_verbs(&read(&file));
         assert!(!named.is_empty(), "{}: no `tandem VERB` found", file.display());
-        let unknown: Vec<&String> = named.iter().filter(|v| !verbs.contains(*v)).collect();
-        assert!(
-            unknown.is_empty(),
-            "{} names tandem verbs that agent/src/cli.rs does not have: {unknown:?} (it has {verbs:?})",
-            file.display()
-        );
+        for (verb, sub) in &named {
+            let subs = verbs.get(verb).unwrap_or_else(|| {
+                panic!(
+                    "{} names `tandem {verb}`, which agent/src/cli.rs does not have (it has {:?})",
+                    file.display(),
+                    verbs.keys().collect::<Vec<_>>()
+                )
+            });
+            assert!(
+                subs.is_empty() || subs.contains(sub),
+                "{} names `tandem {verb} {sub}`: `tandem {verb}` has the subcommands {subs:?}",
+                file.display()
+            );
+        }
     }
 }
 
