@@ -1,5 +1,6 @@
 //! The operator's monitoring files (docs/monitoring.md and docs/monitoring/) held to the
-//! metrics the agent exports, [`EXPORTED_METRICS`], and to the CLI's verbs.
+//! metrics the agent exports, [`EXPORTED_METRICS`], and to the CLI's verbs; the events
+//! stream's documentation held to the records the agent prints.
 //!
 //! - `alert_rules_pass_promtool_check_and_their_unit_tests`: `promtool check rules` and
 //!   `promtool test rules` succeed, and promtool counts as many rules as this file reads.
@@ -22,6 +23,11 @@
 //! - `the_docs_table_lists_exactly_the_exported_metrics`, with histograms as histograms.
 //! - `the_docs_queries_and_scrape_config_are_valid`: the ```promql blocks parse and use
 //!   exported names; the scrape config passes `promtool check config` with the rules.
+//! - `the_events_docs_name_every_kind_object_and_field_and_their_examples_are_what_the_agent_prints`:
+//!   the "Events" section of docs/operations.md (the `tandem events` stream, the other
+//!   interface monitoring reads) names every kind, object and key of agent/src/events.rs,
+//!   and each of its example lines, read back into the agent's `Record`, renders exactly as
+//!   written.
 //!
 //! promtool comes from the Debian package `prometheus`; without it the tests that need it
 //! fail and say so. The metric names are read from the expressions by [`metric_names`], a
@@ -937,4 +943,154 @@ fn the_docs_queries_and_scrape_config_are_valid() {
     let file = dir.path().join("prometheus.yml");
     std::fs::write(&file, config).unwrap();
     promtool(&["check", "config", file.to_str().unwrap()]);
+}
+
+// ---------------------------------------------------------------------------------------
+// docs/operations.md, "Events" (`tandem events`, records: agent/src/events.rs)
+
+/// The "Events" section of docs/operations.md.
+fn events_section() -> String {
+    let ops = read(&repo().join("docs/operations.md"));
+    let start = ops.find("\n## Events\n").expect("docs/operations.md: no section \"## Events\"");
+    let rest = &ops[start + 1..];
+    let end = rest[3..].find("\n## ").map_or(rest.len(), |e| e + 3);
+    rest[..end].to_string()
+}
+
+/// The strings `as_str` gives for `enum_name`'s variants in agent/src/events.rs
+/// (`Kind::SnapshotTaken => "snapshot-taken",`).
+fn events_as_str(src: &str, enum_name: &str) -> Vec<String> {
+    let prefix = format!("{enum_name}::");
+    let found: Vec<String> = src
+        .lines()
+        .map(str::trim)
+        .filter(|l| l.starts_with(&prefix) && l.contains("=> \""))
+        .filter_map(|l| l.split('"').nth(1).map(str::to_string))
+        .collect();
+    assert!(found.len() >= 5, "agent/src/events.rs: too few {enum_name}::… => \"…\" arms: {found:?}");
+    found
+}
+
+/// The keys of the text form: the identity keys and the fields of `Record::render`
+/// (`("name", self.name…` and `opt("role", …`).
+fn events_field_keys(src: &str) -> Vec<String> {
+    let mut keys = Vec::new();
+    for (at, _) in src.match_indices("opt(\"").chain(src.match_indices("(\"")) {
+        let rest = &src[at..];
+        let rest = rest.strip_prefix("opt(\"").or_else(|| rest.strip_prefix("(\"")).unwrap();
+        let Some((key, after)) = rest.split_once('"') else { continue };
+        let ident = after.starts_with(", self.");
+        let field = src[at..].starts_with("opt(");
+        if (ident || field)
+            && key.chars().all(|c| c.is_ascii_lowercase() || c == '-')
+            && !keys.contains(&key.to_string())
+        {
+            keys.push(key.to_string());
+        }
+    }
+    assert!(keys.len() >= 10, "agent/src/events.rs: too few record keys found: {keys:?}");
+    keys
+}
+
+/// Splits a text-form record at the spaces outside JSON strings.
+fn event_tokens(line: &str) -> Vec<String> {
+    let mut tokens = vec![String::new()];
+    let (mut quoted, mut escaped) = (false, false);
+    for c in line.chars() {
+        match c {
+            ' ' if !quoted => tokens.push(String::new()),
+            _ => {
+                if quoted && !escaped && c == '\\' {
+                    escaped = true;
+                } else {
+                    if c == '"' && !escaped {
+                        quoted = !quoted;
+                    }
+                    escaped = false;
+                }
+                tokens.last_mut().unwrap().push(c);
+            }
+        }
+    }
+    tokens.retain(|t| !t.is_empty());
+    tokens
+}
+
+/// The text form's number-valued keys (the others are words, `yes`/`no`, `-` or strings).
+const EVENT_NUMBER_KEYS: &[&str] =
+    &["size", "out-of-sync", "seq", "done", "total", "percent", "exit-code", "lost"];
+
+/// A text-form record as its JSON form (keys with `_`, `-` as null, `yes`/`no` as booleans).
+fn event_line_as_json(line: &str) -> Value {
+    let tokens = event_tokens(line);
+    assert!(tokens.len() >= 3, "not TIME KIND OBJECT: {line}");
+    let mut json = serde_json::Map::new();
+    for (key, v) in ["time", "kind", "object"].iter().zip(&tokens) {
+        json.insert(key.to_string(), Value::String(v.clone()));
+    }
+    for t in &tokens[3..] {
+        let (key, v) = t.split_once(':').unwrap_or_else(|| panic!("{t:?} is not key:value in {line}"));
+        let value = if v.starts_with('"') {
+            Value::String(serde_json::from_str(v).unwrap_or_else(|e| panic!("{t}: {e} in {line}")))
+        } else if v == "-" {
+            Value::Null
+        } else if key == "down" {
+            Value::Bool(match v {
+                "yes" => true,
+                "no" => false,
+                _ => panic!("down:{v} is not yes/no in {line}"),
+            })
+        } else if EVENT_NUMBER_KEYS.contains(&key) {
+            serde_json::from_str(v).unwrap_or_else(|e| panic!("{t}: not a number ({e}) in {line}"))
+        } else {
+            Value::String(v.to_string())
+        };
+        assert!(json.insert(key.replace('-', "_"), value).is_none(), "{key} twice in {line}");
+    }
+    Value::Object(json)
+}
+
+#[test]
+fn the_events_docs_name_every_kind_object_and_field_and_their_examples_are_what_the_agent_prints() {
+    let section = events_section();
+    let src = read(&repo().join("agent/src/events.rs"));
+    let mut missing = Vec::new();
+    for word in events_as_str(&src, "Kind")
+        .into_iter()
+        .chain(events_as_str(&src, "Object"))
+        .chain(events_field_keys(&src))
+    {
+        if !section.contains(&format!("`{word}`")) && !missing.contains(&word) {
+            missing.push(word);
+        }
+    }
+    assert!(
+        missing.is_empty(),
+        "docs/operations.md, \"Events\", does not name these kinds, objects or keys of agent/src/events.rs: {missing:?}"
+    );
+
+    // Every example line, read back as a record, renders exactly as written: its kind,
+    // object, keys, their order and the values' spelling are the agent's.
+    let lines: Vec<String> = code_blocks(&section, "")
+        .iter()
+        .flat_map(|b| b.lines().map(str::to_string).collect::<Vec<_>>())
+        .filter(|l| !l.trim().is_empty())
+        .collect();
+    assert!(lines.len() >= 10, "docs/operations.md, \"Events\": too few example records: {lines:?}");
+    for line in &lines {
+        let json = event_line_as_json(line);
+        let record: tandem_agent::events::Record = serde_json::from_value(json.clone())
+            .unwrap_or_else(|e| panic!("docs/operations.md, \"Events\": {line}\nis no record ({e}): {json}"));
+        assert_eq!(
+            &record.render(),
+            line,
+            "docs/operations.md, \"Events\": the agent prints this example otherwise"
+        );
+    }
+    for kind in ["snapshot-taken", "snapshot-deleted", "snapshot-invalid"] {
+        assert!(
+            lines.iter().any(|l| l.split(' ').nth(1) == Some(kind)),
+            "docs/operations.md, \"Events\": no example of {kind}"
+        );
+    }
 }
