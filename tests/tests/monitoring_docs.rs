@@ -1,5 +1,6 @@
 //! The operator's monitoring files (docs/monitoring.md and docs/monitoring/) held to the
-//! metrics the agent exports, [`EXPORTED_METRICS`], and to the CLI's verbs.
+//! metrics the agent exports, [`EXPORTED_METRICS`], and to the CLI's verbs; the events
+//! stream's documentation held to the records the agent prints.
 //!
 //! - `alert_rules_pass_promtool_check_and_their_unit_tests`: `promtool check rules` and
 //!   `promtool test rules` succeed, and promtool counts as many rules as this file reads.
@@ -7,7 +8,8 @@
 //! - `alert_rules_use_only_exported_metrics`: every rule's expression selects only exported
 //!   series (or `up`), and every input series of the unit tests is one.
 //! - `alerts_and_docs_name_only_existing_verbs`: every `tandem VERB` the annotations and
-//!   docs/monitoring.md tell an administrator to run is a subcommand in agent/src/cli.rs.
+//!   docs/monitoring.md tell an administrator to run is a subcommand in agent/src/cli.rs,
+//!   and for a verb with subcommands (`tandem snapshot list`) the next word is one of them.
 //! - `dashboard_is_importable_and_uses_only_exported_metrics`: the Grafana dashboard's
 //!   structure (schemaVersion, the datasource/resource/peer variables, every panel on the
 //!   `datasource` variable), the names in every panel expression and variable query, and
@@ -21,13 +23,18 @@
 //! - `the_docs_table_lists_exactly_the_exported_metrics`, with histograms as histograms.
 //! - `the_docs_queries_and_scrape_config_are_valid`: the ```promql blocks parse and use
 //!   exported names; the scrape config passes `promtool check config` with the rules.
+//! - `the_events_docs_name_every_kind_object_and_field_and_their_examples_are_what_the_agent_prints`:
+//!   the "Events" section of docs/operations.md (the `tandem events` stream, the other
+//!   interface monitoring reads) names every kind, object and key of agent/src/events.rs,
+//!   and each of its example lines, read back into the agent's `Record`, renders exactly as
+//!   written.
 //!
 //! promtool comes from the Debian package `prometheus`; without it the tests that need it
 //! fail and say so. The metric names are read from the expressions by [`metric_names`], a
 //! small PromQL scanner: what is left after strings, label matchers, ranges, numbers,
 //! functions, aggregations and their label lists, and operators is a metric name.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -506,44 +513,82 @@ fn alert_rules_use_only_exported_metrics() {
     assert!(unknown.is_empty(), "the unit tests feed series the agent does not export: {unknown:?}");
 }
 
-/// The CLI's subcommands as typed (clap's kebab-case of `enum Command`'s variants).
-fn cli_verbs() -> BTreeSet<String> {
-    let cli = read(&repo().join("agent/src/cli.rs"));
-    let start = cli.find("pub enum Command {").expect("agent/src/cli.rs: no `pub enum Command`");
-    let body = &cli[start..];
-    let body = &body[..body.find("\n}").expect("end of enum Command")];
-    let verbs: BTreeSet<String> = body
-        .lines()
+/// The variants of `pub enum NAME` in `src`, each with the type it wraps if any
+/// (`Snapshot(SnapshotCommand)` is ("Snapshot", Some("SnapshotCommand"))).
+fn enum_variants(src: &str, name: &str) -> Vec<(String, Option<String>)> {
+    let head = format!("pub enum {name} {{");
+    let start = src.find(&head).unwrap_or_else(|| panic!("agent/src/cli.rs: no `{head}`"));
+    let body = &src[start..];
+    let body = &body[..body.find("\n}").unwrap_or_else(|| panic!("end of enum {name}"))];
+    body.lines()
         .filter(|l| indent(l) == 4 && l.trim_start().starts_with(|c: char| c.is_ascii_uppercase()))
         .map(|l| {
-            let variant: String = l.trim().chars().take_while(|c| c.is_ascii_alphanumeric()).collect();
-            let mut verb = String::new();
-            for (i, c) in variant.chars().enumerate() {
-                if c.is_ascii_uppercase() && i > 0 {
-                    verb.push('-');
-                }
-                verb.push(c.to_ascii_lowercase());
-            }
-            verb
+            let l = l.trim();
+            let variant: String = l.chars().take_while(|c| c.is_ascii_alphanumeric()).collect();
+            let wrapped = l[variant.len()..]
+                .strip_prefix('(')
+                .and_then(|r| r.split_once(')'))
+                .map(|(inner, _)| inner.trim().to_string());
+            (variant, wrapped)
+        })
+        .collect()
+}
+
+/// clap's kebab-case of a variant's name: `DumpMd` is `dump-md`.
+fn kebab(variant: &str) -> String {
+    let mut verb = String::new();
+    for (i, c) in variant.chars().enumerate() {
+        if c.is_ascii_uppercase() && i > 0 {
+            verb.push('-');
+        }
+        verb.push(c.to_ascii_lowercase());
+    }
+    verb
+}
+
+/// The CLI's subcommands as typed, each with its own subcommands if it has any
+/// (`snapshot` → `create`, `list`, ...): `enum Command`'s variants, and those of the enum a
+/// variant wraps.
+fn cli_verbs() -> BTreeMap<String, BTreeSet<String>> {
+    let cli = read(&repo().join("agent/src/cli.rs"));
+    let verbs: BTreeMap<String, BTreeSet<String>> = enum_variants(&cli, "Command")
+        .into_iter()
+        .map(|(variant, wrapped)| {
+            let sub = wrapped
+                .map(|e| enum_variants(&cli, &e).into_iter().map(|(v, _)| kebab(&v)).collect())
+                .unwrap_or_default();
+            (kebab(&variant), sub)
         })
         .collect();
     for known in ["status", "resolve", "connect", "promote"] {
-        assert!(verbs.contains(known), "agent/src/cli.rs: verb {known} not found in {verbs:?}");
+        assert!(verbs.contains_key(known), "agent/src/cli.rs: verb {known} not found in {verbs:?}");
+    }
+    for (verb, sub) in [("snapshot", "list"), ("snapshot", "delete")] {
+        assert!(
+            verbs.get(verb).is_some_and(|s| s.contains(sub)),
+            "agent/src/cli.rs: no `{verb} {sub}` in {verbs:?}"
+        );
     }
     verbs
 }
 
-/// The verbs of the `` `tandem VERB ...` `` commands in a text (line breaks count as spaces).
-fn named_verbs(text: &str) -> Vec<String> {
+/// The `` `tandem VERB [SUBVERB] ...` `` commands in a text (line breaks count as spaces):
+/// the first two words after `tandem`, the second empty unless it is a lowercase word.
+fn named_verbs(text: &str) -> Vec<(String, String)> {
+    let word =
+        |s: &str| -> String { s.chars().take_while(|c| c.is_ascii_alphanumeric() || *c == '-').collect() };
     text.match_indices("`tandem")
         .filter_map(|(at, m)| {
             let rest = &text[at + m.len()..];
             if !rest.starts_with(char::is_whitespace) {
                 return None;
             }
-            let word: String =
-                rest.trim_start().chars().take_while(|c| c.is_ascii_alphanumeric() || *c == '-').collect();
-            word.starts_with(|c: char| c.is_ascii_lowercase()).then_some(word)
+            let rest = rest.trim_start();
+            let verb = word(rest);
+            let rest = rest[verb.len()..].trim_start();
+            let sub =
+                if rest.starts_with(|c: char| c.is_ascii_lowercase()) { word(rest) } else { String::new() };
+            verb.starts_with(|c: char| c.is_ascii_lowercase()).then_some((verb, sub))
         })
         .collect()
 }
@@ -554,12 +599,20 @@ fn alerts_and_docs_name_only_existing_verbs() {
     for file in [alerts_file(), monitoring_doc()] {
         let named = named_verbs(&read(&file));
         assert!(!named.is_empty(), "{}: no `tandem VERB` found", file.display());
-        let unknown: Vec<&String> = named.iter().filter(|v| !verbs.contains(*v)).collect();
-        assert!(
-            unknown.is_empty(),
-            "{} names tandem verbs that agent/src/cli.rs does not have: {unknown:?} (it has {verbs:?})",
-            file.display()
-        );
+        for (verb, sub) in &named {
+            let subs = verbs.get(verb).unwrap_or_else(|| {
+                panic!(
+                    "{} names `tandem {verb}`, which agent/src/cli.rs does not have (it has {:?})",
+                    file.display(),
+                    verbs.keys().collect::<Vec<_>>()
+                )
+            });
+            assert!(
+                subs.is_empty() || subs.contains(sub),
+                "{} names `tandem {verb} {sub}`: `tandem {verb}` has the subcommands {subs:?}",
+                file.display()
+            );
+        }
     }
 }
 
@@ -890,4 +943,154 @@ fn the_docs_queries_and_scrape_config_are_valid() {
     let file = dir.path().join("prometheus.yml");
     std::fs::write(&file, config).unwrap();
     promtool(&["check", "config", file.to_str().unwrap()]);
+}
+
+// ---------------------------------------------------------------------------------------
+// docs/operations.md, "Events" (`tandem events`, records: agent/src/events.rs)
+
+/// The "Events" section of docs/operations.md.
+fn events_section() -> String {
+    let ops = read(&repo().join("docs/operations.md"));
+    let start = ops.find("\n## Events\n").expect("docs/operations.md: no section \"## Events\"");
+    let rest = &ops[start + 1..];
+    let end = rest[3..].find("\n## ").map_or(rest.len(), |e| e + 3);
+    rest[..end].to_string()
+}
+
+/// The strings `as_str` gives for `enum_name`'s variants in agent/src/events.rs
+/// (`Kind::SnapshotTaken => "snapshot-taken",`).
+fn events_as_str(src: &str, enum_name: &str) -> Vec<String> {
+    let prefix = format!("{enum_name}::");
+    let found: Vec<String> = src
+        .lines()
+        .map(str::trim)
+        .filter(|l| l.starts_with(&prefix) && l.contains("=> \""))
+        .filter_map(|l| l.split('"').nth(1).map(str::to_string))
+        .collect();
+    assert!(found.len() >= 5, "agent/src/events.rs: too few {enum_name}::… => \"…\" arms: {found:?}");
+    found
+}
+
+/// The keys of the text form: the identity keys and the fields of `Record::render`
+/// (`("name", self.name…` and `opt("role", …`).
+fn events_field_keys(src: &str) -> Vec<String> {
+    let mut keys = Vec::new();
+    for (at, _) in src.match_indices("opt(\"").chain(src.match_indices("(\"")) {
+        let rest = &src[at..];
+        let rest = rest.strip_prefix("opt(\"").or_else(|| rest.strip_prefix("(\"")).unwrap();
+        let Some((key, after)) = rest.split_once('"') else { continue };
+        let ident = after.starts_with(", self.");
+        let field = src[at..].starts_with("opt(");
+        if (ident || field)
+            && key.chars().all(|c| c.is_ascii_lowercase() || c == '-')
+            && !keys.contains(&key.to_string())
+        {
+            keys.push(key.to_string());
+        }
+    }
+    assert!(keys.len() >= 10, "agent/src/events.rs: too few record keys found: {keys:?}");
+    keys
+}
+
+/// Splits a text-form record at the spaces outside JSON strings.
+fn event_tokens(line: &str) -> Vec<String> {
+    let mut tokens = vec![String::new()];
+    let (mut quoted, mut escaped) = (false, false);
+    for c in line.chars() {
+        match c {
+            ' ' if !quoted => tokens.push(String::new()),
+            _ => {
+                if quoted && !escaped && c == '\\' {
+                    escaped = true;
+                } else {
+                    if c == '"' && !escaped {
+                        quoted = !quoted;
+                    }
+                    escaped = false;
+                }
+                tokens.last_mut().unwrap().push(c);
+            }
+        }
+    }
+    tokens.retain(|t| !t.is_empty());
+    tokens
+}
+
+/// The text form's number-valued keys (the others are words, `yes`/`no`, `-` or strings).
+const EVENT_NUMBER_KEYS: &[&str] =
+    &["size", "out-of-sync", "seq", "done", "total", "percent", "exit-code", "lost"];
+
+/// A text-form record as its JSON form (keys with `_`, `-` as null, `yes`/`no` as booleans).
+fn event_line_as_json(line: &str) -> Value {
+    let tokens = event_tokens(line);
+    assert!(tokens.len() >= 3, "not TIME KIND OBJECT: {line}");
+    let mut json = serde_json::Map::new();
+    for (key, v) in ["time", "kind", "object"].iter().zip(&tokens) {
+        json.insert(key.to_string(), Value::String(v.clone()));
+    }
+    for t in &tokens[3..] {
+        let (key, v) = t.split_once(':').unwrap_or_else(|| panic!("{t:?} is not key:value in {line}"));
+        let value = if v.starts_with('"') {
+            Value::String(serde_json::from_str(v).unwrap_or_else(|e| panic!("{t}: {e} in {line}")))
+        } else if v == "-" {
+            Value::Null
+        } else if key == "down" {
+            Value::Bool(match v {
+                "yes" => true,
+                "no" => false,
+                _ => panic!("down:{v} is not yes/no in {line}"),
+            })
+        } else if EVENT_NUMBER_KEYS.contains(&key) {
+            serde_json::from_str(v).unwrap_or_else(|e| panic!("{t}: not a number ({e}) in {line}"))
+        } else {
+            Value::String(v.to_string())
+        };
+        assert!(json.insert(key.replace('-', "_"), value).is_none(), "{key} twice in {line}");
+    }
+    Value::Object(json)
+}
+
+#[test]
+fn the_events_docs_name_every_kind_object_and_field_and_their_examples_are_what_the_agent_prints() {
+    let section = events_section();
+    let src = read(&repo().join("agent/src/events.rs"));
+    let mut missing = Vec::new();
+    for word in events_as_str(&src, "Kind")
+        .into_iter()
+        .chain(events_as_str(&src, "Object"))
+        .chain(events_field_keys(&src))
+    {
+        if !section.contains(&format!("`{word}`")) && !missing.contains(&word) {
+            missing.push(word);
+        }
+    }
+    assert!(
+        missing.is_empty(),
+        "docs/operations.md, \"Events\", does not name these kinds, objects or keys of agent/src/events.rs: {missing:?}"
+    );
+
+    // Every example line, read back as a record, renders exactly as written: its kind,
+    // object, keys, their order and the values' spelling are the agent's.
+    let lines: Vec<String> = code_blocks(&section, "")
+        .iter()
+        .flat_map(|b| b.lines().map(str::to_string).collect::<Vec<_>>())
+        .filter(|l| !l.trim().is_empty())
+        .collect();
+    assert!(lines.len() >= 10, "docs/operations.md, \"Events\": too few example records: {lines:?}");
+    for line in &lines {
+        let json = event_line_as_json(line);
+        let record: tandem_agent::events::Record = serde_json::from_value(json.clone())
+            .unwrap_or_else(|e| panic!("docs/operations.md, \"Events\": {line}\nis no record ({e}): {json}"));
+        assert_eq!(
+            &record.render(),
+            line,
+            "docs/operations.md, \"Events\": the agent prints this example otherwise"
+        );
+    }
+    for kind in ["snapshot-taken", "snapshot-deleted", "snapshot-invalid"] {
+        assert!(
+            lines.iter().any(|l| l.split(' ').nth(1) == Some(kind)),
+            "docs/operations.md, \"Events\": no example of {kind}"
+        );
+    }
 }
