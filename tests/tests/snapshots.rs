@@ -337,10 +337,17 @@ fn snapshots_survive_kill_9_and_retention_keeps_the_newest() {
         let dev = dev.clone();
         std::thread::spawn(move || write_blocks(&dev, run, 256, 3))
     };
+    // Exposed at the time of the kill: the new agent removes the dead devices.
+    let exposed = snapshot_ok(&lab, "beta", &["expose", "mail", "keep-me"]);
     std::thread::sleep(Duration::from_millis(100));
     lab.kill9("beta").unwrap();
     w.join().unwrap();
     lab.start("beta").unwrap();
+    let loops = run_cmd(Command::new("losetup").arg("-a")).unwrap();
+    assert!(
+        !loops.lines().any(|l| l.starts_with(&format!("{exposed}:")) && l.contains("snapshot")),
+        "the exposure of the killed agent is still attached: {loops}"
+    );
     let after: BTreeMap<String, Value> =
         list(&lab, "beta").into_iter().map(|s| (s["name"].as_str().unwrap().to_string(), s)).collect();
     for (name, s) in &before {

@@ -287,6 +287,12 @@ impl Resource {
             split_brains: AtomicU64::new(0),
         });
         crate::frontend::prepare_mountpoint(&r.mountpoint)?;
+        // Snapshots a killed agent had exposed: their loop devices and FUSE mounts are dead.
+        for stale in r.stale_exposures() {
+            warn!(resource = %r.name, mountpoint = %stale.display(), "removing a snapshot exposure left by a previous agent");
+            crate::frontend::prepare_mountpoint(&stale)?;
+            let _ = std::fs::remove_dir(&stale);
+        }
         // Links a crashed agent left behind point at loop devices that are gone (or reused).
         device_links::remove(device_dir, &r.name).with_context(|| format!("resource {}", r.name))?;
         Ok(r)

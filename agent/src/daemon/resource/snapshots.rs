@@ -322,6 +322,26 @@ impl Resource {
         Ok(format!("deleted snapshot {name} of {}", self.name))
     }
 
+    /// Where snapshot `name` is mounted while exposed.
+    fn exposure_mountpoint(&self, name: &str) -> std::path::PathBuf {
+        self.mountpoint.with_file_name(format!("{}.snapshot.{name}", self.name))
+    }
+
+    /// Exposure mountpoints of this resource's snapshots that exist now (at start: left by a
+    /// killed agent).
+    pub(super) fn stale_exposures(&self) -> Vec<std::path::PathBuf> {
+        let prefix = format!("{}.snapshot.", self.name);
+        let Some(dir) = self.mountpoint.parent() else { return Vec::new() };
+        std::fs::read_dir(dir)
+            .map(|rd| {
+                rd.filter_map(|e| e.ok())
+                    .filter(|e| e.file_name().to_string_lossy().starts_with(&prefix))
+                    .map(|e| e.path())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
     /// `tandem snapshot expose`: block devices of the snapshot, read-only — or, with
     /// `overlay`, taking writes into a throwaway overlay (to replay a filesystem journal).
     pub async fn snapshot_expose(
@@ -340,7 +360,7 @@ impl Resource {
                 self.name
             );
         }
-        let mountpoint = self.mountpoint.with_file_name(format!("{}.snapshot.{name}", self.name));
+        let mountpoint = self.exposure_mountpoint(name);
         let (store, n, volumes) = (self.snapshots.clone(), name.to_string(), self.cfg.volumes.clone());
         let overlay_dir = overlay.then(|| self.snapshots.dir().to_path_buf());
         let export = tokio::task::spawn_blocking(move || {
