@@ -142,18 +142,14 @@ impl Resource {
         });
         if let Some(t) = ticket {
             if self.target.barriers.cancel(t) {
-                info!(resource = %self.name, peer, "a stream is applying: the snapshot before the resync waits for its barrier");
+                info!(resource = %self.name, peer,
+                      "a stream is applying: the snapshot before the resync is taken when the next replication stream starts");
                 return;
             }
         }
         match rx.recv() {
             Ok(Ok(record)) => {
-                info!(resource = %self.name, peer, snapshot = %record.name, "snapshot before resync taken");
-                self.emit(|r| Record {
-                    snapshot: Some(record.name.clone()),
-                    seq: Some(record.seq),
-                    ..Record::new(Kind::SnapshotTaken, Object::Snapshot, r)
-                });
+                let _ = self.snapshot_taken(record);
             }
             Ok(Err(e)) => error!(resource = %self.name, peer, "no snapshot before the resync: {e}"),
             Err(_) => error!(resource = %self.name, peer, "no snapshot before the resync: dropped"),
