@@ -21,6 +21,8 @@ pub struct Row {
     pub p99_us: f64,
     /// Activity-log writes per 1000 application writes (Tandem configurations).
     pub al_per_1000: Option<f64>,
+    /// `sync-snapN`: the standby's snapshot space after the workload.
+    pub snapshot: Option<crate::snapshots::Space>,
 }
 
 /// Runs one timed workload against `target` (a file or block device).
@@ -57,6 +59,7 @@ pub fn run(config: &str, wl: &str, spec: &str, target: &str, runtime: u64, out: 
         p50_us: pct("50.000000"),
         p99_us: pct("99.000000"),
         al_per_1000: None,
+        snapshot: None,
     })
 }
 
@@ -90,14 +93,14 @@ pub fn table(rows: &[Row]) -> String {
     let find =
         |cfg: &str, wl: &str| rows.iter().find(|r| r.config == cfg && r.workload == wl).map(|r| r.iops);
     let mut s = String::from(
-        "| config | workload | IOPS | MB/s | clat p50 µs | clat p99 µs | vs loop | vs raw | AL writes / 1000 writes |\n|---|---|---|---|---|---|---|---|---|\n",
+        "| config | workload | IOPS | MB/s | clat p50 µs | clat p99 µs | vs loop | vs raw | vs tandem-sync | AL writes / 1000 writes |\n|---|---|---|---|---|---|---|---|---|---|\n",
     );
     for r in rows {
         let ratio = |base: Option<f64>| {
             base.filter(|b| *b > 0.0).map_or("-".into(), |b| format!("{:.0} %", 100.0 * r.iops / b))
         };
         s += &format!(
-            "| {} | {} | {:.0} | {:.1} | {:.0} | {:.0} | {} | {} | {} |\n",
+            "| {} | {} | {:.0} | {:.1} | {:.0} | {:.0} | {} | {} | {} | {} |\n",
             r.config,
             r.workload,
             r.iops,
@@ -106,6 +109,7 @@ pub fn table(rows: &[Row]) -> String {
             r.p99_us,
             ratio(find("loop", &r.workload)),
             ratio(find("raw", &r.workload)),
+            ratio(find("tandem-sync", &r.workload)),
             r.al_per_1000.map_or("-".into(), |a| format!("{a:.2}")),
         );
     }

@@ -9,6 +9,7 @@ mod compression;
 mod fio;
 mod resync;
 mod scan;
+mod snapshots;
 mod stacks;
 
 use std::path::PathBuf;
@@ -35,6 +36,8 @@ pub struct Args {
     /// Configurations, comma-separated: raw, loop, solo, sync, memory, async, busy-wan
     /// (three nodes: the sync standby's W1 with a zstd async replica idle, then busy),
     /// sync-scraped (sync with both nodes' metrics endpoints scraped every second),
+    /// sync-snap1, sync-snap10 (sync with 1 or 10 snapshots on the standby, a fresh one
+    /// before each workload),
     /// baseline-sync (sync with the `--baseline` binary).
     #[arg(long, default_value = "raw,loop,solo,sync")]
     configs: String,
@@ -44,6 +47,13 @@ pub struct Args {
     /// Also measure resync: full resync rate vs dd, delta resync bytes vs changed bytes.
     #[arg(long)]
     resync: bool,
+    /// Also measure snapshot space: a mail workload on ext4 with a snapshot on the
+    /// standby every --snapshot-interval seconds; bytes used per snapshot vs bytes written.
+    #[arg(long)]
+    snapshot_space: bool,
+    /// --snapshot-space: seconds between snapshots.
+    #[arg(long, default_value_t = 10)]
+    snapshot_interval: u64,
     /// Only measure compression of mail-like data (no fio, no root needed).
     #[arg(long)]
     compression: bool,
@@ -116,6 +126,12 @@ fn main() -> Result<()> {
     }
     println!("\n{}", fio::table(&rows));
     println!("{}", scan::table(&checks));
+    if rows.iter().any(|r| r.snapshot.is_some()) {
+        println!("{}", snapshots::space_table(&rows));
+    }
+    if args.snapshot_space {
+        println!("{}", snapshots::run_space(&args, &tandem)?);
+    }
     if args.resync {
         println!("{}", resync::run(&args, &tandem)?);
     }

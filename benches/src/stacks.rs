@@ -12,6 +12,7 @@ use tandem_tests::metrics::enable_metrics;
 
 use crate::fio::{self, Row, WORKLOADS};
 use crate::scan::{self, Check};
+use crate::snapshots::Standby;
 use crate::Args;
 
 /// A file of `size` bytes of written zeroes (every block allocated, like the loop baseline).
@@ -35,11 +36,21 @@ impl Drop for Loop {
     }
 }
 
-fn workloads(cfg: &str, target: &str, args: &Args, lab: Option<&Lab>) -> Result<Vec<Row>> {
+/// `snaps`: a `sync-snapN` standby's snapshots, rotated before each workload.
+fn workloads(
+    cfg: &str,
+    target: &str,
+    args: &Args,
+    lab: Option<&Lab>,
+    mut snaps: Option<&mut Standby>,
+) -> Result<Vec<Row>> {
     let out = args.work.join("results");
     std::fs::create_dir_all(&out)?;
     let mut rows = Vec::new();
     for (wl, spec) in WORKLOADS {
+        if let (Some(l), Some(s)) = (lab, snaps.as_deref_mut()) {
+            s.rotate(l)?;
+        }
         let before = lab.map(|l| l.resource_status("alpha")).transpose()?;
         let mut row = fio::run(cfg, wl, spec, target, args.runtime, &out)?;
         if let (Some(l), Some(b)) = (lab, before) {
@@ -49,6 +60,14 @@ fn workloads(cfg: &str, target: &str, args: &Args, lab: Option<&Lab>) -> Result<
                 row.al_per_1000 =
                     Some(1000.0 * (a.stats.al_writes - b.stats.al_writes) as f64 / writes as f64);
             }
+        }
+        if let (Some(l), Some(s)) = (lab, snaps.as_deref()) {
+            let space = s.space(l)?;
+            eprintln!(
+                "{cfg} {wl}: {} snapshots on beta, {} bytes applied, {} copied, bytes_used {} (fresh) {} (all)",
+                space.held, space.written, space.copied, space.newest_used, space.all_used
+            );
+            row.snapshot = Some(space);
         }
         eprintln!(
             "{cfg} {wl}: {:.0} IOPS {:.1} MB/s p50 {:.0} µs p99 {:.0} µs",
@@ -65,7 +84,7 @@ pub fn run_config(cfg: &str, args: &Args, tandem: &Path) -> Result<(Vec<Row>, Ch
         "raw" => {
             let f = args.work.join("raw.img");
             zero_file(&f, args.size)?;
-            let rows = workloads(cfg, f.to_str().context("path")?, args, None)?;
+            let rows = workloads(cfg, f.to_str().context("path")?, args, None, None)?;
             let c = scan::scan(cfg, &f, None)?;
             std::fs::remove_file(&f)?;
             Ok((rows, c))
@@ -78,13 +97,19 @@ pub fn run_config(cfg: &str, args: &Args, tandem: &Path) -> Result<(Vec<Row>, Ch
                     .trim()
                     .to_string(),
             );
-            let rows = workloads(cfg, &dev.0, args, None)?;
+            let rows = workloads(cfg, &dev.0, args, None, None)?;
             drop(dev);
             let c = scan::scan(cfg, &f, None)?;
             std::fs::remove_file(&f)?;
             Ok((rows, c))
         }
-        "solo" | "sync" | "memory" | "async" | "sync-scraped" | "baseline-sync" => {
+        "solo" | "sync" | "sync-snap1" | "sync-snap10" | "memory" | "async" | "sync-scraped"
+        | "baseline-sync" => {
+            let snapshots = match cfg {
+                "sync-snap1" => 1,
+                "sync-snap10" => 10,
+                _ => 0,
+            };
             let names: &[&str] = if cfg == "solo" { &["alpha"] } else { &["alpha", "beta"] };
             let mode = match cfg {
                 "memory" | "async" => cfg,
@@ -114,8 +139,17 @@ pub fn run_config(cfg: &str, args: &Args, tandem: &Path) -> Result<(Vec<Row>, Ch
                 r.device.is_some() && r.peers.iter().all(|p| p.replication == "established")
             })?;
             let dev = st.device.context("no device")?;
+            let mut standby = (snapshots > 0).then(|| Standby::prepare(&lab, &dev, snapshots)).transpose()?;
             let label = format!("tandem-{cfg}");
-            let rows = workloads(&label, &dev, args, Some(&lab))?;
+            let rows = workloads(&label, &dev, args, Some(&lab), standby.as_mut())?;
+            if standby.is_some() {
+                let list = crate::snapshots::list(&lab)?;
+                eprintln!(
+                    "{label}: after the integrity pass, {} snapshots on beta use {} bytes",
+                    list.len(),
+                    list.iter().map(|s| s.bytes_used).sum::<u64>()
+                );
+            }
             let scrapes = scraper.stop()?;
             if cfg == "sync-scraped" {
                 eprintln!("{label}: {scrapes} scrapes during the run");
@@ -137,7 +171,8 @@ pub fn run_config(cfg: &str, args: &Args, tandem: &Path) -> Result<(Vec<Row>, Ch
             Ok((rows, c))
         }
         other => bail!(
-            "unknown configuration {other:?} (raw, loop, solo, sync, memory, async, sync-scraped, baseline-sync)"
+            "unknown configuration {other:?} (raw, loop, solo, sync, sync-snap1, sync-snap10, memory, async, sync-scraped, \
+             baseline-sync)"
         ),
     }
 }

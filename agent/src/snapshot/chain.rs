@@ -89,6 +89,9 @@ pub struct SnapshotInfo {
     pub bytes_used: u64,
 }
 
+/// Blocks handed to the next older snapshot per durable append when one is deleted.
+const HAND_OVER_BATCH: usize = 256;
+
 pub struct SnapshotStore {
     live: Arc<dyn BlockStore>,
     dir: PathBuf,
@@ -248,12 +251,23 @@ impl SnapshotStore {
         };
         let io = |op| move |source| SnapshotError::Io { name: name.to_string(), op, source };
         victim.set(|r| r.deleting = true).map_err(io("mark it deleting"))?;
+        // In batches of HAND_OVER_BATCH blocks, one durable append (one fdatasync) each:
+        // a block at a time would cost a sync per 4 KiB.
         let hand_over = |older: &Snapshot| -> io::Result<()> {
-            let mut buf = vec![0u8; BLOCK as usize];
-            for b in victim.cow.blocks().into_iter().filter(|b| !older.cow.contains(*b)) {
-                if victim.cow.get(b, &mut buf)? {
-                    older.cow.append(&[(b, &buf)])?;
+            let todo: Vec<u64> =
+                victim.cow.blocks().into_iter().filter(|b| !older.cow.contains(*b)).collect();
+            let mut data = vec![0u8; HAND_OVER_BATCH * BLOCK as usize];
+            let bs = BLOCK as usize;
+            for batch in todo.chunks(HAND_OVER_BATCH) {
+                let mut held = Vec::with_capacity(batch.len());
+                for &b in batch {
+                    let n = held.len();
+                    if victim.cow.get(b, &mut data[n * bs..(n + 1) * bs])? {
+                        held.push(b);
+                    }
                 }
+                let pairs: Vec<(u64, &[u8])> = held.iter().copied().zip(data.chunks(bs)).collect();
+                older.cow.append(&pairs)?;
             }
             Ok(())
         };

@@ -192,3 +192,37 @@ fn a_full_snapshot_disk_invalidates_snapshots_never_the_live_copy() {
     let (store, _) = SnapshotStore::open(live, dir.path()).unwrap();
     assert!(store.list().iter().all(|i| i.record.state != SnapshotState::Valid));
 }
+
+#[test]
+fn a_deletion_hands_over_more_than_one_batch_of_blocks() {
+    // More blocks than one hand-over batch (256), some of them held by the older snapshot
+    // already, so the batches are not aligned with the victim's blocks.
+    let n = 700u64;
+    let dir = tempfile::tempdir().unwrap();
+    let live = Arc::new(MemStore::new(n * BLOCK));
+    let (store, _) = SnapshotStore::open(live.clone(), dir.path()).unwrap();
+    let all = |store: &SnapshotStore, name: &str| {
+        let mut buf = vec![0u8; (n * BLOCK) as usize];
+        store.read(name, 0, &mut buf).unwrap();
+        buf
+    };
+    for b in 0..n {
+        store.write_at(b * BLOCK, &block_data(b, 1, 0)).unwrap();
+    }
+    store.create("old", SnapshotKind::Manual, 1, true, "0".into()).unwrap();
+    for b in (0..n).step_by(3) {
+        store.write_at(b * BLOCK, &block_data(b, 2, 0)).unwrap();
+    }
+    store.create("mid", SnapshotKind::Manual, 2, true, "0".into()).unwrap();
+    store.create("new", SnapshotKind::Manual, 3, true, "0".into()).unwrap();
+    for b in 0..n {
+        store.write_at(b * BLOCK, &block_data(b, 3, 0)).unwrap();
+    }
+    let (old_view, new_view) = (all(&store, "old"), all(&store, "new"));
+    // "mid" holds nothing; delete "new" (all n blocks, a third of them in "old" already).
+    store.delete("mid").unwrap();
+    store.delete("new").unwrap();
+    assert_eq!(store.list().iter().map(|i| i.blocks).collect::<Vec<_>>(), vec![n]);
+    assert!(all(&store, "old") == old_view, "the older snapshot's view changed");
+    assert!(new_view != old_view);
+}
