@@ -77,10 +77,22 @@ fn stamped(prefix: &str) -> String {
 }
 
 impl Resource {
+    /// [`stamped`], with `-2`, `-3`... if a snapshot of that name exists (two in a second).
+    fn unused_name(&self, prefix: &str) -> String {
+        let base = stamped(prefix);
+        let taken = |n: &str| self.snapshots.get(n).is_ok();
+        if !taken(&base) {
+            return base;
+        }
+        (2..).map(|i| format!("{base}-{i}")).find(|n| !taken(n)).unwrap_or(base)
+    }
+}
+
+impl Resource {
     /// `tandem snapshot create`: a snapshot at the next barrier of the change stream (at
     /// once if the stream is between epochs or not running).
     pub async fn snapshot_create(self: &Arc<Self>, name: Option<String>) -> Result<SnapshotRecord> {
-        let name = name.unwrap_or_else(|| stamped("manual"));
+        let name = name.unwrap_or_else(|| self.unused_name("manual"));
         self.take_snapshot(&name, SnapshotKind::Manual, BARRIER_WAIT).await
     }
 
@@ -132,7 +144,7 @@ impl Resource {
         if !self.before_resync_wanted() {
             return;
         }
-        let name = stamped(&format!("before-resync-{peer}"));
+        let name = self.unused_name(&format!("before-resync-{peer}"));
         let (tx, rx) = std::sync::mpsc::channel();
         let (store, generation, seq_now) = self.snapshot_inputs();
         let (n, kind) = (name.clone(), SnapshotKind::BeforeResync { peer: peer.to_string() });
@@ -468,22 +480,12 @@ impl Resource {
     /// is already inconsistent (the snapshot from before the interrupted resync is kept),
     /// or one exists. Called with no write of the session applied yet.
     pub(super) async fn snapshot_before_resync(self: &Arc<Self>, peer: &str) {
-        if !self.cfg.snapshot_before_resync || self.record().current_generation == BLANK {
-            return;
-        }
         let target =
             self.peers.lock().unwrap().get(peer).is_some_and(|p| matches!(p.rel.phase, Phase::Target(_)));
-        if !target || self.disk() == DiskState::Inconsistent {
+        if !target || !self.before_resync_wanted() {
             return;
         }
-        let exists = self.snapshots.list().iter().any(|i| {
-            matches!(i.record.kind, SnapshotKind::BeforeResync { .. })
-                && i.record.state == SnapshotState::Valid
-        });
-        if exists {
-            return;
-        }
-        let name = stamped(&format!("before-resync-{peer}"));
+        let name = self.unused_name(&format!("before-resync-{peer}"));
         match self
             .take_snapshot(&name, SnapshotKind::BeforeResync { peer: peer.to_string() }, BEFORE_RESYNC_WAIT)
             .await
@@ -526,7 +528,7 @@ impl Resource {
                 .collect();
             let newest = mine.iter().map(|r| r.created_ms).max();
             if newest.is_none_or(|ms| now_ms().saturating_sub(ms) >= t.every.as_millis() as u64) {
-                let name = stamped(&format!("auto-{tier}"));
+                let name = self.unused_name(&format!("auto-{tier}"));
                 match self
                     .take_snapshot(&name, SnapshotKind::Scheduled { tier: tier.clone() }, BARRIER_WAIT)
                     .await
