@@ -168,6 +168,13 @@ impl PacemakerLab {
     pub fn new(parent: &Path, exe: &Path, opts: &PacemakerOptions) -> Result<Self> {
         std::fs::create_dir_all(parent)?;
         let dir = tempfile::Builder::new().prefix("tandem-pcmk-").tempdir_in(parent)?.keep();
+        // The nodes get a /tmp of their own: a binary built in a checkout under /tmp would
+        // not be there. The lab's directory is visible to them.
+        let bin = dir.join("bin");
+        std::fs::create_dir_all(&bin)?;
+        let own = bin.join("tandem");
+        std::fs::copy(exe, &own).with_context(|| format!("copy {} into the lab", exe.display()))?;
+        let exe = own.as_path();
         let net = LabNet::create(&NODES)?;
         let addrs: Vec<_> = NODES.iter().map(|n| net.addr(n).map(|a| (*n, a))).collect::<Result<_>>()?;
         let spec = ClusterSpec { size: 64 << 20, timeout: opts.tandem_timeout, ..ClusterSpec::default() };
@@ -206,7 +213,10 @@ impl PacemakerLab {
         }
         // Tandem's Pacemaker fencing handler: a peer the primary lost (or outran at a
         // promotion) may not be promoted until it has resynced.
-        let fence = format!("{} {CLONE}", fence_handler().display());
+        // A copy in the lab, which the nodes see (see `new`).
+        let handler = self.dir.join("bin/tandem-fence-peer");
+        std::fs::copy(fence_handler(), &handler).context("copy agent/ocf/tandem-fence-peer")?;
+        let fence = format!("{} {CLONE}", handler.display());
         out += &format!(
             "\n[handlers]\nfence_peer = \"{fence}\"\ndisconnected = \"{fence}\"\nconnected = \"{fence}\"\n\
              sync_done = \"{fence}\"\n"
