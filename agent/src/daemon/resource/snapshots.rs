@@ -526,7 +526,8 @@ impl Resource {
                 .map(|i| i.record)
                 .filter(|r| matches!(&r.kind, SnapshotKind::Scheduled { tier: x } if *x == tier))
                 .collect();
-            let newest = mine.iter().map(|r| r.created_ms).max();
+            // An invalid snapshot is no recovery point: the next one is due as if it were not there.
+            let newest = mine.iter().filter(|r| r.state == SnapshotState::Valid).map(|r| r.created_ms).max();
             if newest.is_none_or(|ms| now_ms().saturating_sub(ms) >= t.every.as_millis() as u64) {
                 let name = self.unused_name(&format!("auto-{tier}"));
                 match self
