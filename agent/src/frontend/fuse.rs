@@ -37,24 +37,24 @@ pub fn file_name(v: &VolumeLayout) -> &str {
     }
 }
 
-pub struct ImageFs {
-    volume: Arc<Volume>,
-    /// Inode `2 + i` is `files[i]`.
+/// The directory tree both FUSE filesystems serve (a live volume's, an exposed
+/// snapshot's): the root, and one file per volume — inode `2 + i` is `files[i]`.
+pub(super) struct VolumeFiles {
     files: Vec<VolumeLayout>,
-    latency: Arc<RequestLatency>,
+    writable: bool,
 }
 
-impl ImageFs {
-    pub fn new(volume: Arc<Volume>, files: Vec<VolumeLayout>, latency: Arc<RequestLatency>) -> Self {
-        Self { volume, files, latency }
+impl VolumeFiles {
+    pub(super) fn new(files: Vec<VolumeLayout>, writable: bool) -> Self {
+        Self { files, writable }
     }
 
-    fn file(&self, ino: INodeNo) -> Option<&VolumeLayout> {
+    pub(super) fn file(&self, ino: INodeNo) -> Option<&VolumeLayout> {
         self.files.get((ino.0 as usize).checked_sub(2)?)
     }
 
-    /// The volume offset of `[offset, +len)` of file `ino`, if the range is inside it.
-    fn place(&self, ino: INodeNo, offset: u64, len: u64) -> Result<u64, Errno> {
+    /// The address-space offset of `[offset, +len)` of file `ino`, if the range is inside it.
+    pub(super) fn place(&self, ino: INodeNo, offset: u64, len: u64) -> Result<u64, Errno> {
         let f = self.file(ino).ok_or(Errno::ENOENT)?;
         match offset.checked_add(len) {
             Some(end) if end <= f.size => Ok(f.offset + offset),
@@ -62,19 +62,25 @@ impl ImageFs {
         }
     }
 
-    fn attr(&self, ino: INodeNo) -> FileAttr {
+    pub(super) fn attr(&self, ino: INodeNo) -> FileAttr {
         let dir = ino == INodeNo::ROOT;
-        let size = self.file(ino).map_or(0, |f| f.size);
+        let size = if dir { 0 } else { self.file(ino).map_or(0, |f| f.size) };
+        let perm = match (dir, self.writable) {
+            (true, true) => 0o700,
+            (true, false) => 0o500,
+            (false, true) => 0o600,
+            (false, false) => 0o400,
+        };
         FileAttr {
             ino,
-            size: if dir { 0 } else { size },
-            blocks: if dir { 0 } else { size / 512 },
+            size,
+            blocks: size / 512,
             atime: UNIX_EPOCH,
             mtime: UNIX_EPOCH,
             ctime: UNIX_EPOCH,
             crtime: UNIX_EPOCH,
             kind: if dir { FileType::Directory } else { FileType::RegularFile },
-            perm: if dir { 0o700 } else { 0o600 },
+            perm,
             nlink: if dir { 2 } else { 1 },
             uid: 0,
             gid: 0,
@@ -82,6 +88,63 @@ impl ImageFs {
             flags: 0,
             blksize: 4096,
         }
+    }
+
+    pub(super) fn lookup(&self, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        match self.files.iter().position(|f| parent == INodeNo::ROOT && name == file_name(f)) {
+            Some(i) => reply.entry(&TTL, &self.attr(INodeNo(2 + i as u64)), Generation(0)),
+            None => reply.error(Errno::ENOENT),
+        }
+    }
+
+    pub(super) fn getattr(&self, ino: INodeNo, reply: ReplyAttr) {
+        if ino == INodeNo::ROOT || self.file(ino).is_some() {
+            reply.attr(&TTL, &self.attr(ino));
+        } else {
+            reply.error(Errno::ENOENT);
+        }
+    }
+
+    pub(super) fn readdir(&self, ino: INodeNo, offset: u64, mut reply: ReplyDirectory) {
+        if ino != INodeNo::ROOT {
+            reply.error(Errno::ENOTDIR);
+            return;
+        }
+        let mut entries =
+            vec![(INodeNo::ROOT, FileType::Directory, "."), (INodeNo::ROOT, FileType::Directory, "..")];
+        for (i, f) in self.files.iter().enumerate() {
+            entries.push((INodeNo(2 + i as u64), FileType::RegularFile, file_name(f)));
+        }
+        for (i, (ino, kind, name)) in entries.iter().enumerate().skip(offset as usize) {
+            if reply.add(*ino, (i + 1) as u64, *kind, name) {
+                break;
+            }
+        }
+        reply.ok();
+    }
+}
+
+pub struct ImageFs {
+    volume: Arc<Volume>,
+    files: VolumeFiles,
+    latency: Arc<RequestLatency>,
+}
+
+impl ImageFs {
+    pub fn new(volume: Arc<Volume>, files: Vec<VolumeLayout>, latency: Arc<RequestLatency>) -> Self {
+        Self { volume, files: VolumeFiles::new(files, true), latency }
+    }
+
+    fn file(&self, ino: INodeNo) -> Option<&VolumeLayout> {
+        self.files.file(ino)
+    }
+
+    fn place(&self, ino: INodeNo, offset: u64, len: u64) -> Result<u64, Errno> {
+        self.files.place(ino, offset, len)
+    }
+
+    fn attr(&self, ino: INodeNo) -> FileAttr {
+        self.files.attr(ino)
     }
 }
 
@@ -104,18 +167,11 @@ impl Filesystem for ImageFs {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        match self.files.iter().position(|f| parent == INodeNo::ROOT && name == file_name(f)) {
-            Some(i) => reply.entry(&TTL, &self.attr(INodeNo(2 + i as u64)), Generation(0)),
-            None => reply.error(Errno::ENOENT),
-        }
+        self.files.lookup(parent, name, reply)
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
-        if ino == INodeNo::ROOT || self.file(ino).is_some() {
-            reply.attr(&TTL, &self.attr(ino));
-        } else {
-            reply.error(Errno::ENOENT);
-        }
+        self.files.getattr(ino, reply)
     }
 
     fn setattr(
@@ -284,21 +340,7 @@ impl Filesystem for ImageFs {
         reply.error(Errno::ENOSYS);
     }
 
-    fn readdir(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
-        if ino != INodeNo::ROOT {
-            reply.error(Errno::ENOTDIR);
-            return;
-        }
-        let mut entries =
-            vec![(INodeNo::ROOT, FileType::Directory, "."), (INodeNo::ROOT, FileType::Directory, "..")];
-        for (i, f) in self.files.iter().enumerate() {
-            entries.push((INodeNo(2 + i as u64), FileType::RegularFile, file_name(f)));
-        }
-        for (i, (ino, kind, name)) in entries.iter().enumerate().skip(offset as usize) {
-            if reply.add(*ino, (i + 1) as u64, *kind, name) {
-                break;
-            }
-        }
-        reply.ok();
+    fn readdir(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, reply: ReplyDirectory) {
+        self.files.readdir(ino, offset, reply)
     }
 }

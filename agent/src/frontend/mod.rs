@@ -129,29 +129,7 @@ impl Frontend for FuseLoop {
     }
 
     fn stop(&mut self) -> Result<()> {
-        if let Some((_, d)) = self.devices.iter().find(|(_, d)| loopdev::in_use(d)) {
-            bail!("device {d} is in use (mounted or open); unmount it first");
-        }
-        while let Some((v, d)) = self.devices.pop() {
-            if let Err(e) = loopdev::detach(&d) {
-                self.devices.push((v, d));
-                return Err(e);
-            }
-        }
-        // The loop driver lets go of the FUSE files asynchronously: wait for that, then
-        // unmount; if it still will not go, detach lazily rather than hang.
-        for _ in 0..100 {
-            if loopdev::attached_under(&self.mountpoint).is_empty() {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        if let Some(session) = self.session.take() {
-            if let Err(e) = session.umount_and_join() {
-                warn!("FUSE unmount of {} failed ({e}); detaching lazily", self.mountpoint.display());
-                let _ = nix::mount::umount2(&self.mountpoint, nix::mount::MntFlags::MNT_DETACH);
-            }
-        }
+        stop_serving(&mut self.devices, &mut self.session, &self.mountpoint)?;
         info!(mountpoint = %self.mountpoint.display(), "frontend down");
         Ok(())
     }
@@ -159,13 +137,50 @@ impl Frontend for FuseLoop {
 
 impl Drop for FuseLoop {
     fn drop(&mut self) {
-        if let Some(s) = self.session.take() {
-            // Dropped without stop(): best effort, never leave a mount behind.
-            for (_, d) in &self.devices {
-                let _ = loopdev::detach(d);
-            }
-            let _ = s.umount_and_join();
+        drop_serving(&self.devices, &mut self.session);
+    }
+}
+
+/// Detaches `devices` (loop devices over the FUSE files at `mountpoint`) and unmounts
+/// `session`: refused, leaving everything as it was, while a device is in use. The loop
+/// driver lets go of the FUSE files asynchronously: wait for that, then unmount; if it
+/// still will not go, detach lazily rather than hang.
+pub(crate) fn stop_serving(
+    devices: &mut Vec<(String, String)>,
+    session: &mut Option<::fuser::BackgroundSession>,
+    mountpoint: &Path,
+) -> Result<()> {
+    if let Some((_, d)) = devices.iter().find(|(_, d)| loopdev::in_use(d)) {
+        bail!("device {d} is in use (mounted or open); unmount it first");
+    }
+    while let Some((v, d)) = devices.pop() {
+        if let Err(e) = loopdev::detach(&d) {
+            devices.push((v, d));
+            return Err(e);
         }
+    }
+    for _ in 0..100 {
+        if loopdev::attached_under(mountpoint).is_empty() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    if let Some(session) = session.take() {
+        if let Err(e) = session.umount_and_join() {
+            warn!("FUSE unmount of {} failed ({e}); detaching lazily", mountpoint.display());
+            let _ = nix::mount::umount2(mountpoint, nix::mount::MntFlags::MNT_DETACH);
+        }
+    }
+    Ok(())
+}
+
+/// Dropped without a stop: best effort, never leave a mount behind.
+pub(crate) fn drop_serving(devices: &[(String, String)], session: &mut Option<::fuser::BackgroundSession>) {
+    if let Some(s) = session.take() {
+        for (_, d) in devices {
+            let _ = loopdev::detach(d);
+        }
+        let _ = s.umount_and_join();
     }
 }
 

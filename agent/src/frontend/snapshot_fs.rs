@@ -12,26 +12,23 @@
 use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, UNIX_EPOCH};
 
 use anyhow::{Context, Result};
 use fuser::{
-    Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, LockOwner, OpenFlags,
-    ReplyAttr, ReplyData, ReplyDirectory, ReplyEntry, ReplyOpen, ReplyWrite, Request, WriteFlags,
+    Errno, FileHandle, Filesystem, FopenFlags, INodeNo, LockOwner, OpenFlags, ReplyAttr, ReplyData,
+    ReplyDirectory, ReplyEntry, ReplyOpen, ReplyWrite, Request, WriteFlags,
 };
 use tracing::{info, warn};
 
-use super::fuse::file_name;
-use super::{clean_stale, loopdev};
+use super::fuse::{file_name, VolumeFiles};
+use super::{clean_stale, drop_serving, loopdev, stop_serving};
 use crate::snapshot::SnapshotStore;
 use crate::volume_set::VolumeLayout;
-
-const TTL: Duration = Duration::from_secs(3600);
 
 struct SnapshotFs {
     store: Arc<SnapshotStore>,
     name: String,
-    files: Vec<VolumeLayout>,
+    files: VolumeFiles,
     overlay: Option<Overlay>,
 }
 
@@ -85,46 +82,17 @@ impl SnapshotFs {
 
 impl SnapshotFs {
     fn file(&self, ino: INodeNo) -> Option<&VolumeLayout> {
-        self.files.get((ino.0 as usize).checked_sub(2)?)
-    }
-
-    fn attr(&self, ino: INodeNo) -> FileAttr {
-        let dir = ino == INodeNo::ROOT;
-        let size = if dir { 0 } else { self.file(ino).map_or(0, |f| f.size) };
-        FileAttr {
-            ino,
-            size,
-            blocks: size / 512,
-            atime: UNIX_EPOCH,
-            mtime: UNIX_EPOCH,
-            ctime: UNIX_EPOCH,
-            crtime: UNIX_EPOCH,
-            kind: if dir { FileType::Directory } else { FileType::RegularFile },
-            perm: if dir { 0o500 } else { 0o400 },
-            nlink: if dir { 2 } else { 1 },
-            uid: 0,
-            gid: 0,
-            rdev: 0,
-            flags: 0,
-            blksize: 4096,
-        }
+        self.files.file(ino)
     }
 }
 
 impl Filesystem for SnapshotFs {
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        match self.files.iter().position(|f| parent == INodeNo::ROOT && name == file_name(f)) {
-            Some(i) => reply.entry(&TTL, &self.attr(INodeNo(2 + i as u64)), Generation(0)),
-            None => reply.error(Errno::ENOENT),
-        }
+        self.files.lookup(parent, name, reply)
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
-        if ino == INodeNo::ROOT || self.file(ino).is_some() {
-            reply.attr(&TTL, &self.attr(ino));
-        } else {
-            reply.error(Errno::ENOENT);
-        }
+        self.files.getattr(ino, reply)
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
@@ -198,21 +166,8 @@ impl Filesystem for SnapshotFs {
         reply.ok();
     }
 
-    fn readdir(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
-        if ino != INodeNo::ROOT {
-            return reply.error(Errno::ENOTDIR);
-        }
-        let mut entries =
-            vec![(INodeNo::ROOT, FileType::Directory, "."), (INodeNo::ROOT, FileType::Directory, "..")];
-        for (i, f) in self.files.iter().enumerate() {
-            entries.push((INodeNo(2 + i as u64), FileType::RegularFile, file_name(f)));
-        }
-        for (i, (ino, kind, name)) in entries.iter().enumerate().skip(offset as usize) {
-            if reply.add(*ino, (i + 1) as u64, *kind, name) {
-                break;
-            }
-        }
-        reply.ok();
+    fn readdir(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, reply: ReplyDirectory) {
+        self.files.readdir(ino, offset, reply)
     }
 }
 
@@ -257,7 +212,12 @@ impl SnapshotExport {
             None => None,
         };
         let writable = overlay.is_some();
-        let fs = SnapshotFs { store, name: name.to_string(), files: volumes.to_vec(), overlay };
+        let fs = SnapshotFs {
+            store,
+            name: name.to_string(),
+            files: VolumeFiles::new(volumes.to_vec(), writable),
+            overlay,
+        };
         let session = fuser::spawn_mount(fs, mountpoint, &cfg).with_context(|| {
             format!("cannot mount FUSE at {} (is /dev/fuse available?)", mountpoint.display())
         })?;
@@ -278,27 +238,7 @@ impl SnapshotExport {
 
     /// Removes the devices; refuses while one is open (mounted).
     pub fn stop(&mut self) -> Result<()> {
-        if let Some((_, d)) = self.devices.iter().find(|(_, d)| loopdev::in_use(d)) {
-            anyhow::bail!("device {d} is in use (mounted or open); unmount it first");
-        }
-        while let Some((v, d)) = self.devices.pop() {
-            if let Err(e) = loopdev::detach(&d) {
-                self.devices.push((v, d));
-                return Err(e);
-            }
-        }
-        for _ in 0..100 {
-            if loopdev::attached_under(&self.mountpoint).is_empty() {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        if let Some(s) = self.session.take() {
-            if let Err(e) = s.umount_and_join() {
-                warn!("FUSE unmount of {} failed ({e}); detaching lazily", self.mountpoint.display());
-                let _ = nix::mount::umount2(&self.mountpoint, nix::mount::MntFlags::MNT_DETACH);
-            }
-        }
+        stop_serving(&mut self.devices, &mut self.session, &self.mountpoint)?;
         let _ = std::fs::remove_dir(&self.mountpoint);
         Ok(())
     }
@@ -306,11 +246,6 @@ impl SnapshotExport {
 
 impl Drop for SnapshotExport {
     fn drop(&mut self) {
-        if let Some(s) = self.session.take() {
-            for (_, d) in &self.devices {
-                let _ = loopdev::detach(d);
-            }
-            let _ = s.umount_and_join();
-        }
+        drop_serving(&self.devices, &mut self.session);
     }
 }

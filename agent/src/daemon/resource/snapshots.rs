@@ -519,13 +519,15 @@ impl Resource {
         }
         for t in tiers {
             let tier = t.name();
-            let mine: Vec<SnapshotRecord> = self
-                .snapshots
-                .list()
-                .into_iter()
-                .map(|i| i.record)
-                .filter(|r| matches!(&r.kind, SnapshotKind::Scheduled { tier: x } if *x == tier))
-                .collect();
+            let of_tier = || -> Vec<SnapshotRecord> {
+                self.snapshots
+                    .list()
+                    .into_iter()
+                    .map(|i| i.record)
+                    .filter(|r| matches!(&r.kind, SnapshotKind::Scheduled { tier: x } if *x == tier))
+                    .collect()
+            };
+            let mine = of_tier();
             // An invalid snapshot is no recovery point: the next one is due as if it were not there.
             let newest = mine.iter().filter(|r| r.state == SnapshotState::Valid).map(|r| r.created_ms).max();
             if newest.is_none_or(|ms| now_ms().saturating_sub(ms) >= t.every.as_millis() as u64) {
@@ -540,13 +542,7 @@ impl Resource {
                     }
                 }
             }
-            let mut mine: Vec<SnapshotRecord> = self
-                .snapshots
-                .list()
-                .into_iter()
-                .map(|i| i.record)
-                .filter(|r| matches!(&r.kind, SnapshotKind::Scheduled { tier: x } if *x == tier))
-                .collect();
+            let mut mine = of_tier();
             mine.sort_by_key(|r| r.order);
             let excess = mine.len().saturating_sub(t.keep as usize);
             for r in mine.into_iter().take(excess) {
