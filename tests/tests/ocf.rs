@@ -11,6 +11,7 @@
 //! Both need root, FUSE, loop devices and the Pacemaker packages; they fail with the
 //! reason without them.
 
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
@@ -144,7 +145,13 @@ fn ocf_tester_passes() {
     for (k, v) in ocf.params() {
         cmd.arg("-o").arg(format!("{k}={v}"));
     }
-    let out = cmd.arg(ocf_agent().canonicalize().unwrap()).output().expect("run ocf-tester");
+    // ocf-tester runs the agent as `nobody` too: use a copy it can reach even when the
+    // checkout is under a directory only root may enter (a `mktemp -d` clone).
+    let reachable = tempfile::Builder::new().prefix("tandem-ocf-").tempdir_in(lab_parent()).unwrap();
+    std::fs::set_permissions(reachable.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let agent = reachable.path().join("tandem");
+    std::fs::copy(ocf_agent(), &agent).unwrap();
+    let out = cmd.arg(&agent).output().expect("run ocf-tester");
     let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     println!("{text}");
     assert!(
