@@ -20,6 +20,7 @@ use crate::error::ApplyError;
 use crate::inflight::{Admitted, InflightRanges};
 use crate::io_pool::IoPool;
 use crate::link::Link;
+use crate::stage_trace::{self, Stage};
 use crate::stats::ApplierStats;
 use crate::store::BlockStore;
 
@@ -221,25 +222,29 @@ impl Applier {
                     // The barrier: everything before it, then the device flush, before
                     // anything after it.
                     st.drain().await;
+                    stage_trace::mark(Stage::ApplyStart, seq);
                     if let Ok(e) = fail_rx.try_recv() {
                         break Err(ApplyError::Io(e));
                     }
-                    let store = st.store.clone();
-                    let flushed = tokio::task::spawn_blocking(move || store.flush())
-                        .await
-                        .unwrap_or_else(|e| Err(std::io::Error::other(e.to_string())));
+                    // The device flush and then the work waiting for a barrier (a
+                    // snapshot), on one blocking thread: both before any later request is
+                    // admitted, with one thread hand-off per epoch, not two.
+                    let state = st.clone();
+                    let flushed = tokio::task::spawn_blocking(move || {
+                        let r = state.store.flush();
+                        if r.is_ok() {
+                            state.barriers.barrier_reached(seq, state.resyncing());
+                        }
+                        r
+                    })
+                    .await
+                    .unwrap_or_else(|e| Err(std::io::Error::other(e.to_string())));
                     if let Err(e) = flushed {
                         st.stats.io_errors.inc();
                         break Err(ApplyError::Io(format!("flush: {e}")));
                     }
                     st.stats.flushes.inc();
-                    // Work waiting for a barrier (a snapshot) runs now, before any later
-                    // request is admitted.
-                    let state = st.clone();
-                    let _ = tokio::task::spawn_blocking(move || {
-                        state.barriers.barrier_reached(seq, state.resyncing())
-                    })
-                    .await;
+                    stage_trace::mark(Stage::Applied, seq);
                     let _ = tx.send(Frame::Ack { seq, level: AckLevel::Durable });
                 }
                 Frame::Verify { seq, offset, len } => {
@@ -302,6 +307,7 @@ impl Applier {
         st.note_replicated(seq, offset, len);
         let (state, acks, fail) = (st.clone(), acks.clone(), fail.clone());
         st.pool.submit(admitted.wait_for, move || {
+            stage_trace::mark(Stage::ApplyStart, seq);
             let r = match &op {
                 Op::Write(data) => state.store.write_at(offset, data),
                 Op::Discard(len) => state.store.discard(offset, *len),
@@ -316,6 +322,7 @@ impl Applier {
                         }
                         Op::Discard(_) => state.stats.discards.inc(),
                     }
+                    stage_trace::mark(Stage::Applied, seq);
                     let _ = acks.send(Frame::Ack { seq, level: AckLevel::Durable });
                 }
                 Err(e) => {
