@@ -23,11 +23,16 @@ pub struct Row {
     pub al_per_1000: Option<f64>,
     /// `sync-snapN`: the standby's snapshot space after the workload.
     pub snapshot: Option<crate::snapshots::Space>,
+    /// p50 of the fsyncs fio issued (W1), µs.
+    pub sync_p50_us: f64,
+    /// When fio ran (`CLOCK_MONOTONIC` ns; ramp included), for `--breakdown`.
+    pub window: (u64, u64),
 }
 
 /// Runs one timed workload against `target` (a file or block device).
 pub fn run(config: &str, wl: &str, spec: &str, target: &str, runtime: u64, out: &Path) -> Result<Row> {
     let json = out.join(format!("{config}.{wl}.json"));
+    let started = crate::breakdown::now_ns();
     let status = Command::new("fio")
         .arg(format!("--name={config}-{wl}"))
         .arg(format!("--filename={target}"))
@@ -48,6 +53,7 @@ pub fn run(config: &str, wl: &str, spec: &str, target: &str, runtime: u64, out: 
     if !status.success() {
         bail!("fio {config} {wl} failed ({status})");
     }
+    let window = (started, crate::breakdown::now_ns());
     let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json)?)?;
     let w = &v["jobs"][0]["write"];
     let pct = |k: &str| w["clat_ns"]["percentile"][k].as_f64().unwrap_or(0.0) / 1000.0;
@@ -60,6 +66,9 @@ pub fn run(config: &str, wl: &str, spec: &str, target: &str, runtime: u64, out: 
         p99_us: pct("99.000000"),
         al_per_1000: None,
         snapshot: None,
+        sync_p50_us: v["jobs"][0]["sync"]["lat_ns"]["percentile"]["50.000000"].as_f64().unwrap_or(0.0)
+            / 1000.0,
+        window,
     })
 }
 

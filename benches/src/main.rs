@@ -4,6 +4,7 @@
 //! offset, on the primary and on the standby, and the two images are compared block by
 //! block. A fast wrong answer is worthless. Not a test: nothing here has a time limit.
 
+mod breakdown;
 mod busy_wan;
 mod compression;
 mod fio;
@@ -68,6 +69,14 @@ pub struct Args {
     /// to compare two builds in one run.
     #[arg(long)]
     baseline: Option<PathBuf>,
+    /// Workloads to run, comma-separated (W1, W2, W3).
+    #[arg(long, default_value = "W1,W2,W3")]
+    workloads: String,
+    /// Where one W1 iteration's time goes: W1 on `solo` and `sync` (unless --configs says
+    /// otherwise) with a tandem built with `--features tandem-agent/stage-trace`, and the
+    /// median of every step of the data path, joined across both agents.
+    #[arg(long)]
+    breakdown: bool,
     /// Volume size for the fio runs.
     #[arg(long, default_value_t = 1 << 30)]
     size: u64,
@@ -77,6 +86,12 @@ fn main() -> Result<()> {
     let mut args = Args::parse();
     if args.quick {
         args.runtime = 3;
+    }
+    if args.breakdown {
+        args.workloads = "W1".into();
+        if args.configs == "raw,loop,solo,sync" {
+            args.configs = "loop,solo,sync".into();
+        }
     }
     if args.compression {
         println!("{}", compression::run());
@@ -107,6 +122,7 @@ fn main() -> Result<()> {
     println!("{env}");
     let mut rows = Vec::new();
     let mut checks = Vec::new();
+    let mut breakdown = Vec::new();
     for cfg in args.configs.split(',').map(str::trim).filter(|s| !s.is_empty()) {
         eprintln!("=== {cfg}");
         if cfg == "busy-wan" {
@@ -121,10 +137,19 @@ fn main() -> Result<()> {
         } else {
             stacks::run_config(cfg, &args, &tandem)?
         };
+        if args.breakdown && cfg != "raw" && cfg != "loop" {
+            for row in r.iter().filter(|r| r.workload == "W1") {
+                let dir = args.work.join(format!("stages-{cfg}"));
+                breakdown.push(breakdown::table(&row.config, &dir, row.window, row.p50_us, row.sync_p50_us)?);
+            }
+        }
         rows.extend(r);
         checks.push(c);
     }
     println!("\n{}", fio::table(&rows));
+    for b in &breakdown {
+        println!("{b}");
+    }
     println!("{}", scan::table(&checks));
     if rows.iter().any(|r| r.snapshot.is_some()) {
         println!("{}", snapshots::space_table(&rows));

@@ -47,7 +47,7 @@ fn workloads(
     let out = args.work.join("results");
     std::fs::create_dir_all(&out)?;
     let mut rows = Vec::new();
-    for (wl, spec) in WORKLOADS {
+    for (wl, spec) in WORKLOADS.iter().filter(|(wl, _)| args.workloads.split(',').any(|w| w.trim() == *wl)) {
         if let (Some(l), Some(s)) = (lab, snaps.as_deref_mut()) {
             s.rotate(l)?;
         }
@@ -122,6 +122,10 @@ pub fn run_config(cfg: &str, args: &Args, tandem: &Path) -> Result<(Vec<Row>, Ch
                 ..Default::default()
             };
             let mut lab = Lab::new(&args.work, tandem, names, &opts)?;
+            if args.breakdown {
+                // The agents inherit it: each logs its stage lines there.
+                std::env::set_var("TANDEM_STAGE_TRACE", crate::breakdown::trace_dir(&args.work, cfg)?);
+            }
             let scraped: Vec<_> =
                 if cfg == "sync-scraped" { names.iter().map(|n| enable_metrics(&lab, n)).collect() } else { vec![] };
             for n in names {

@@ -25,6 +25,7 @@ pub mod resync;
 mod secondary;
 pub mod sim;
 pub mod split_brain;
+pub mod stage_trace;
 mod stats;
 mod store;
 

@@ -151,6 +151,7 @@ impl LocalWork {
         if let Some(id) = self.inflight_id {
             v.core.lock().unwrap().inflight.finish(id);
         }
+        crate::stage_trace::mark(crate::stage_trace::Stage::LocalDone, self.req.seq());
         self.req.part_done(v.local_result(r));
     }
 }
@@ -276,6 +277,7 @@ impl Volume {
         };
         let mut core = self.core.lock().unwrap();
         let seq = core.take_seq();
+        crate::stage_trace::admitted(seq, matches!(op, LocalOp::Flush));
         // Two parts to start with: the local I/O, and admission itself (released below, once
         // every peer this request waits for has added its part).
         let req = Arc::new(Request::new(seq, 2, done, al));

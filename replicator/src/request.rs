@@ -61,6 +61,7 @@ impl Request {
             drop(self.al.lock().unwrap().take());
             let done = self.done.lock().unwrap().take();
             let err = self.error.lock().unwrap().take();
+            crate::stage_trace::mark(crate::stage_trace::Stage::Completed, self.seq);
             if let Some(done) = done {
                 done(match err {
                     Some(e) => Err(e),

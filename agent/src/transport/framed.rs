@@ -19,7 +19,7 @@ use std::sync::Arc;
 use std::thread;
 
 use tandem_protocol::{CompressedFrame, Compression, ControlMsg, DecodeError, Decoded, Frame, FrameDecoder};
-use tandem_replicator::Counter;
+use tandem_replicator::{stage_trace, Counter};
 use tandem_replicator::{Link, LINK_CAPACITY};
 use thiserror::Error;
 use tokio::sync::mpsc;
@@ -264,10 +264,12 @@ async fn write_frames(
             },
             _ = cancel.cancelled() => return w.reset(),
         };
+        stage_trace::frame(&f, true);
         w.enc.encode_into(&f, &mut w.chunks);
         while w.chunks.len() < BATCH_CHUNKS {
             match from_engine.try_recv() {
                 Ok(f) => {
+                    stage_trace::frame(&f, true);
                     w.enc.encode_into(&f, &mut w.chunks);
                 }
                 Err(_) => break,
@@ -407,7 +409,10 @@ async fn read_frames(
         }
         let sent = match (&worker, d) {
             (Some(w), d) => w.send(d).await.is_ok(),
-            (None, Decoded::Frame(f)) => to_engine.send(f).await.is_ok(),
+            (None, Decoded::Frame(f)) => {
+                stage_trace::frame(&f, false);
+                to_engine.send(f).await.is_ok()
+            }
             (None, Decoded::Compressed(c)) => match (r.decompress)(c) {
                 Ok(f) => to_engine.send(f).await.is_ok(),
                 Err(e) => {
