@@ -27,6 +27,8 @@ pub struct Row {
     pub sync_p50_us: f64,
     /// When fio ran (`CLOCK_MONOTONIC` ns; ramp included), for `--breakdown`.
     pub window: (u64, u64),
+    /// Each agent's peak resident size during the workload (primary first), MiB.
+    pub peak_rss_mib: Vec<f64>,
 }
 
 /// Runs one timed workload against `target` (a file or block device).
@@ -69,6 +71,7 @@ pub fn run(config: &str, wl: &str, spec: &str, target: &str, runtime: u64, out: 
         sync_p50_us: v["jobs"][0]["sync"]["lat_ns"]["percentile"]["50.000000"].as_f64().unwrap_or(0.0)
             / 1000.0,
         window,
+        peak_rss_mib: vec![],
     })
 }
 
@@ -102,14 +105,14 @@ pub fn table(rows: &[Row]) -> String {
     let find =
         |cfg: &str, wl: &str| rows.iter().find(|r| r.config == cfg && r.workload == wl).map(|r| r.iops);
     let mut s = String::from(
-        "| config | workload | IOPS | MB/s | clat p50 µs | clat p99 µs | vs loop | vs raw | vs tandem-sync | AL writes / 1000 writes |\n|---|---|---|---|---|---|---|---|---|---|\n",
+        "| config | workload | IOPS | MB/s | clat p50 µs | clat p99 µs | vs loop | vs raw | vs tandem-sync | AL writes / 1000 writes | agents' peak RSS MiB |\n|---|---|---|---|---|---|---|---|---|---|---|\n",
     );
     for r in rows {
         let ratio = |base: Option<f64>| {
             base.filter(|b| *b > 0.0).map_or("-".into(), |b| format!("{:.0} %", 100.0 * r.iops / b))
         };
         s += &format!(
-            "| {} | {} | {:.0} | {:.1} | {:.0} | {:.0} | {} | {} | {} | {} |\n",
+            "| {} | {} | {:.0} | {:.1} | {:.0} | {:.0} | {} | {} | {} | {} | {} |\n",
             r.config,
             r.workload,
             r.iops,
@@ -120,6 +123,11 @@ pub fn table(rows: &[Row]) -> String {
             ratio(find("raw", &r.workload)),
             ratio(find("tandem-sync", &r.workload)),
             r.al_per_1000.map_or("-".into(), |a| format!("{a:.2}")),
+            if r.peak_rss_mib.is_empty() {
+                "-".to_string()
+            } else {
+                r.peak_rss_mib.iter().map(|m| format!("{m:.0}")).collect::<Vec<_>>().join(" / ")
+            },
         );
     }
     s

@@ -36,6 +36,18 @@ impl Drop for Loop {
     }
 }
 
+/// The peak resident size of process `pid` since its last reset (`VmHWM`), in MiB.
+fn peak_rss_mib(pid: u32) -> Result<f64> {
+    let status =
+        std::fs::read_to_string(format!("/proc/{pid}/status")).with_context(|| format!("agent {pid}"))?;
+    let kib = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .with_context(|| format!("no VmHWM in /proc/{pid}/status"))?;
+    Ok(kib / 1024.0)
+}
+
 /// `snaps`: a `sync-snapN` standby's snapshots, rotated before each workload.
 fn workloads(
     cfg: &str,
@@ -52,7 +64,14 @@ fn workloads(
             s.rotate(l)?;
         }
         let before = lab.map(|l| l.resource_status("alpha")).transpose()?;
+        let pids: Vec<u32> =
+            lab.map_or(vec![], |l| ["alpha", "beta"].iter().filter_map(|n| l.pid(n)).collect());
+        for pid in &pids {
+            // Resets the peak resident size, so the one read after fio is this workload's.
+            let _ = std::fs::write(format!("/proc/{pid}/clear_refs"), "5");
+        }
         let mut row = fio::run(cfg, wl, spec, target, args.runtime, &out)?;
+        row.peak_rss_mib = pids.iter().map(|p| peak_rss_mib(*p)).collect::<Result<_>>()?;
         if let (Some(l), Some(b)) = (lab, before) {
             let a = l.resource_status("alpha")?;
             let writes = a.stats.writes.saturating_sub(b.stats.writes);
