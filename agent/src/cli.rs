@@ -27,6 +27,17 @@ pub struct Cli {
 pub enum Command {
     /// Run the node's daemon in the foreground (logs to stderr; RUST_LOG sets the level).
     Agent,
+    /// Hold the agents' FUSE connections while no agent runs (started by the agent; see
+    /// docs/architecture.md "The descriptor holder").
+    #[command(hide = true)]
+    Holder {
+        /// The holder's unix socket.
+        #[arg(long)]
+        socket: PathBuf,
+        /// How long to keep the connections with no agent attached.
+        #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+        grace: std::time::Duration,
+    },
     /// Generate a node's key and self-signed certificate: DIR/NAME.crt and DIR/NAME.key.
     Keygen {
         #[arg(long)]

@@ -5,6 +5,7 @@ pub mod daemon;
 pub mod demo;
 pub mod events;
 pub mod frontend;
+pub mod holder;
 pub mod meta;
 pub mod metrics;
 pub mod snapshot;

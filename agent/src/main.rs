@@ -73,6 +73,13 @@ fn run(cli: Cli) -> Result<ExitCode> {
             })?;
             Ok(ExitCode::SUCCESS)
         }
+        Command::Holder { socket, grace } => {
+            tandem_agent::holder::server::run(&tandem_agent::holder::server::HolderSettings {
+                socket: socket.clone(),
+                grace: *grace,
+            })?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Keygen { name, out, force } => {
             let (crt, key) = tls::keygen(name, out, *force)?;
             let cert = tls::load_certs(&crt)?;

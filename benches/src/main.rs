@@ -147,7 +147,8 @@ fn main() -> Result<()> {
         checks.push(c);
     }
     println!("\n{}", fio::table(&rows));
-    if let Some(l) = rows.iter().find(|r| r.config == "loop" && r.workload == "W1").filter(|_| args.breakdown) {
+    if let Some(l) = rows.iter().find(|r| r.config == "loop" && r.workload == "W1").filter(|_| args.breakdown)
+    {
         // The floor of what fio reports for this machine's kernel and disk, engine aside.
         println!(
             "plain loop device, same run: fio write p50 {:.0} µs, fsync p50 {:.0} µs\n",

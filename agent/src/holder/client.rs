@@ -1,0 +1,85 @@
+//! The agent's side of the holder: store a connection's descriptor, take it back after a
+//! restart, forget it when the device is removed.
+
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+
+use thiserror::Error;
+
+use super::fdpass::{recv, send};
+use super::Message;
+
+#[derive(Debug, Error)]
+pub enum HolderError {
+    #[error("holder at {path}: {source}")]
+    Io { path: String, source: std::io::Error },
+    #[error("holder refused: {0}")]
+    Refused(String),
+    #[error("holder answered {0:?}, which does not answer the request")]
+    Unexpected(Box<Message>),
+}
+
+/// A connection to the holder. While it is open the holder counts this agent as attached.
+pub struct HolderClient {
+    sock: UnixStream,
+    path: String,
+}
+
+impl HolderClient {
+    pub fn connect(socket: &Path) -> Result<Self, HolderError> {
+        let path = socket.display().to_string();
+        let sock =
+            UnixStream::connect(socket).map_err(|source| HolderError::Io { path: path.clone(), source })?;
+        Ok(Self { sock, path })
+    }
+
+    fn call(
+        &self,
+        msg: &Message,
+        fd: Option<BorrowedFd<'_>>,
+    ) -> Result<(Message, Option<OwnedFd>), HolderError> {
+        let io = |source| HolderError::Io { path: self.path.clone(), source };
+        send(&self.sock, msg, fd.map(|f| f.as_raw_fd())).map_err(io)?;
+        match recv(&self.sock).map_err(io)? {
+            Some((Message::Error { reason }, _)) => Err(HolderError::Refused(reason)),
+            Some(r) => Ok(r),
+            None => Err(io(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "the holder closed the connection",
+            ))),
+        }
+    }
+
+    /// Has the holder keep a copy of `fd`, with `state`, under `key`.
+    pub fn hold(&self, key: &str, fd: BorrowedFd<'_>, state: &[u8]) -> Result<(), HolderError> {
+        match self.call(&Message::Hold { key: key.into(), state: state.to_vec() }, Some(fd))? {
+            (Message::Ok, _) => Ok(()),
+            (other, _) => Err(HolderError::Unexpected(Box::new(other))),
+        }
+    }
+
+    /// A duplicate of the descriptor held under `key` and its state.
+    pub fn take(&self, key: &str) -> Result<(OwnedFd, Vec<u8>), HolderError> {
+        match self.call(&Message::Take { key: key.into() }, None)? {
+            (Message::Held { state, .. }, Some(fd)) => Ok((fd, state)),
+            (other, _) => Err(HolderError::Unexpected(Box::new(other))),
+        }
+    }
+
+    /// Has the holder close its copy of the descriptor under `key`.
+    pub fn forget(&self, key: &str) -> Result<(), HolderError> {
+        match self.call(&Message::Forget { key: key.into() }, None)? {
+            (Message::Ok, _) => Ok(()),
+            (other, _) => Err(HolderError::Unexpected(Box::new(other))),
+        }
+    }
+
+    /// The keys held.
+    pub fn list(&self) -> Result<Vec<String>, HolderError> {
+        match self.call(&Message::List, None)? {
+            (Message::Keys { keys }, _) => Ok(keys),
+            (other, _) => Err(HolderError::Unexpected(Box::new(other))),
+        }
+    }
+}

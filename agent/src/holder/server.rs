@@ -1,0 +1,180 @@
+//! The holder process (`tandem holder`): keeps descriptors and their state for agents, and
+//! lets go of them once the grace time has passed with no agent attached.
+
+use std::collections::BTreeMap;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use tracing::{info, warn};
+
+use super::fdpass::{recv, send};
+use super::Message;
+
+/// What the holder is asked to hold, and for how long without an agent.
+#[derive(Debug, Clone)]
+pub struct HolderSettings {
+    pub socket: PathBuf,
+    pub grace: Duration,
+}
+
+#[derive(Default)]
+struct State {
+    held: BTreeMap<String, (OwnedFd, Vec<u8>)>,
+    /// Connections that have held or taken a descriptor (agents, not a `list`).
+    attached: usize,
+    /// Since when no agent is attached (none ever was: since the start).
+    orphaned_since: Option<Instant>,
+}
+
+struct Holder {
+    state: Mutex<State>,
+    changed: Condvar,
+}
+
+impl Holder {
+    fn handle(&self, msg: Message, fd: Option<OwnedFd>, attached: &mut bool) -> (Message, Option<OwnedFd>) {
+        let mut s = self.state.lock().unwrap();
+        let reply = match msg {
+            Message::Hold { key, state } => match fd {
+                Some(fd) => {
+                    info!(key = %key, "holding the descriptor");
+                    s.held.insert(key, (fd, state));
+                    self.attach(&mut s, attached);
+                    Message::Ok
+                }
+                None => Message::Error { reason: format!("hold {key}: no descriptor came with it") },
+            },
+            Message::Take { key } => match s.held.get(&key) {
+                Some((fd, state)) => match fd.try_clone() {
+                    Ok(dup) => {
+                        let state = state.clone();
+                        info!(key = %key, "handing the descriptor to an agent");
+                        self.attach(&mut s, attached);
+                        return (Message::Held { key, state }, Some(dup));
+                    }
+                    Err(e) => Message::Error { reason: format!("take {key}: cannot duplicate: {e}") },
+                },
+                None => Message::Error { reason: format!("nothing is held under {key}") },
+            },
+            Message::Forget { key } => {
+                if s.held.remove(&key).is_some() {
+                    info!(key = %key, "descriptor released");
+                }
+                Message::Ok
+            }
+            Message::List => Message::Keys { keys: s.held.keys().cloned().collect() },
+            other => Message::Error { reason: format!("{other:?} is not a request") },
+        };
+        (reply, None)
+    }
+
+    fn attach(&self, s: &mut State, attached: &mut bool) {
+        if !*attached {
+            *attached = true;
+            s.attached += 1;
+            s.orphaned_since = None;
+        }
+    }
+
+    fn detach(&self, attached: bool) {
+        if attached {
+            let mut s = self.state.lock().unwrap();
+            s.attached -= 1;
+            if s.attached == 0 {
+                s.orphaned_since = Some(Instant::now());
+                if !s.held.is_empty() {
+                    warn!(held = s.held.len(), "no agent attached: requests wait for the next one");
+                }
+            }
+            self.changed.notify_all();
+        }
+    }
+
+    fn serve(self: Arc<Self>, sock: UnixStream) {
+        let mut attached = false;
+        loop {
+            match recv(&sock) {
+                Ok(Some((msg, fd))) => {
+                    let (reply, fd) = self.handle(msg, fd, &mut attached);
+                    if send(&sock, &reply, fd.as_ref().map(|f| f.as_raw_fd())).is_err() {
+                        break;
+                    }
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    // A bad message ends this connection only.
+                    warn!("holder connection dropped: {e}");
+                    let _ = send(&sock, &Message::Error { reason: e.to_string() }, None);
+                    break;
+                }
+            }
+        }
+        self.detach(attached);
+    }
+
+    /// Waits until the grace time has passed with no agent attached; then lets go.
+    fn watch(&self, grace: Duration) {
+        let mut s = self.state.lock().unwrap();
+        loop {
+            if let Some(since) = s.orphaned_since {
+                let left = grace.saturating_sub(since.elapsed());
+                if left.is_zero() {
+                    if !s.held.is_empty() {
+                        warn!(
+                            held = s.held.len(),
+                            grace = ?grace,
+                            "no agent came back within the grace time: closing the connections (their requests fail with EIO)"
+                        );
+                    }
+                    s.held.clear();
+                    return;
+                }
+                s = self.changed.wait_timeout(s, left).unwrap().0;
+            } else {
+                s = self.changed.wait(s).unwrap();
+            }
+        }
+    }
+}
+
+/// Whether something answers on `socket` (a holder already runs there).
+pub fn is_running(socket: &Path) -> bool {
+    UnixStream::connect(socket).is_ok()
+}
+
+/// Runs the holder until the grace time has passed with no agent attached.
+pub fn run(settings: &HolderSettings) -> Result<()> {
+    if is_running(&settings.socket) {
+        bail!("a holder already runs at {}", settings.socket.display());
+    }
+    let _ = std::fs::remove_file(&settings.socket);
+    let listener = UnixListener::bind(&settings.socket)
+        .with_context(|| format!("cannot listen on {}", settings.socket.display()))?;
+    let holder = Arc::new(Holder {
+        state: Mutex::new(State { orphaned_since: Some(Instant::now()), ..Default::default() }),
+        changed: Condvar::new(),
+    });
+    {
+        let holder = holder.clone();
+        std::thread::Builder::new().name("holder-accept".into()).spawn(move || {
+            for sock in listener.incoming() {
+                let Ok(sock) = sock else { continue };
+                let h = holder.clone();
+                if let Err(e) =
+                    std::thread::Builder::new().name("holder-conn".into()).spawn(move || h.serve(sock))
+                {
+                    warn!("cannot serve a holder connection: {e}");
+                }
+            }
+        })?;
+    }
+    info!(socket = %settings.socket.display(), grace = ?settings.grace, "holder running");
+    holder.watch(settings.grace);
+    let _ = std::fs::remove_file(&settings.socket);
+    info!("holder exits");
+    Ok(())
+}
