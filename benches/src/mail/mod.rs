@@ -1,0 +1,395 @@
+//! `--mail`: a real Postfix, bound to 127.0.0.1, with its queue and its Maildirs on ext4
+//! on the device under test, fed by an SMTP client and emptied by an IMAP-like reader; the
+//! figure is messages per second end to end, per stack.
+//!
+//! One stack's round: a fresh device (`loop`: a plain loop device with direct I/O on a
+//! zero-filled file, as in the fio runs; `solo`: a Tandem primary without a peer; `sync`:
+//! a Tandem primary `alpha` with a sync standby `beta` on loopback), `mkfs.ext4` (inode
+//! tables and journal initialised at once, so no `ext4lazyinit` writes during the run),
+//! mounted with the defaults (`data=ordered`), a Postfix instance on it ([`postfix`]), the
+//! reader started ([`reader`]), and then the clock: from the first SMTP connection
+//! ([`smtp`], `--mail-sessions` concurrent sessions) until the reader has read the last
+//! accepted message. Messages per second = messages / that time. Stacks alternate within
+//! each round (loop, solo, sync, loop, ...), so a slow phase of the shared machine hits
+//! all of them; the table gives every round and the medians.
+//!
+//! After the clock, the data checks — any failure fails the bench, naming what differs:
+//! Postfix's queue is empty and its log reports no delivery but `status=sent`; Postfix
+//! stopped, every mailbox is read again (each accepted message in `cur/` exactly once,
+//! whole, checksum right, nothing left in `new/` or `tmp/`); the filesystem unmounted,
+//! `e2fsck -fn` on the device is clean; for `sync`, once the standby caught up and both
+//! agents stopped, its image equals the primary's block by block.
+
+mod postfix;
+mod reader;
+mod smtp;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use tandem_tests::lab::{run_cmd, Lab, LabOptions};
+
+use crate::stacks::{zero_file, Loop};
+use crate::Args;
+use postfix::Postfix;
+use reader::Reader;
+use smtp::Outgoing;
+
+/// Maildirs the mail is spread over.
+const MAILBOXES: usize = 16;
+
+/// If no message is read for this long, the run is stuck (lost mail, a wedged Postfix):
+/// it fails, with Postfix's queue and log. A hang guard, not a speed limit.
+const STALL: Duration = Duration::from_secs(300);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stack {
+    Loop,
+    Solo,
+    Sync,
+}
+
+impl Stack {
+    fn parse(s: &str) -> Result<Self> {
+        Ok(match s {
+            "loop" => Stack::Loop,
+            "solo" => Stack::Solo,
+            "sync" => Stack::Sync,
+            other => bail!("unknown mail stack {other:?} (loop, solo, sync)"),
+        })
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Stack::Loop => "loop",
+            Stack::Solo => "tandem-solo",
+            Stack::Sync => "tandem-sync",
+        }
+    }
+}
+
+/// One stack's round.
+struct Round {
+    round: usize,
+    stack: Stack,
+    messages: usize,
+    /// Bytes of the delivered files (Postfix's headers included).
+    bytes: u64,
+    /// From the first connection until the last message was accepted.
+    smtp_secs: f64,
+    /// From the first connection until the last message was read.
+    secs: f64,
+    /// Standby blocks compared with the primary's (all equal), for `sync`.
+    standby_blocks: Option<u64>,
+}
+
+impl Round {
+    fn rate(&self) -> f64 {
+        self.messages as f64 / self.secs
+    }
+}
+
+/// A filesystem mounted for one round, unmounted on drop.
+struct Mount {
+    dir: PathBuf,
+    mounted: bool,
+}
+
+impl Mount {
+    fn new(dev: &str, dir: &Path) -> Result<Self> {
+        std::fs::create_dir_all(dir)?;
+        run_cmd(Command::new("mount").arg(dev).arg(dir))?;
+        Ok(Mount { dir: dir.to_path_buf(), mounted: true })
+    }
+
+    fn unmount(mut self) -> Result<()> {
+        self.mounted = false;
+        run_cmd(Command::new("umount").arg(&self.dir)).map(drop)
+    }
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        if self.mounted {
+            let ok = Command::new("umount").arg(&self.dir).status().is_ok_and(|s| s.success());
+            if !ok {
+                let _ = Command::new("umount").arg("-l").arg(&self.dir).status();
+            }
+        }
+    }
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n == 0 {
+        return f64::NAN;
+    }
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+/// `--mail`: see the module docs; returns the tables.
+pub fn run(args: &Args, tandem: &Path) -> Result<String> {
+    let version = postfix::require_installed()?;
+    let count = args.mail_messages.unwrap_or(if args.quick { 300 } else { 3000 });
+    let rounds = args.mail_rounds.unwrap_or(if args.quick { 1 } else { 3 });
+    let stacks: Vec<Stack> = args
+        .mail_stacks
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(Stack::parse)
+        .collect::<Result<_>>()?;
+    if count == 0 || rounds == 0 || args.mail_sessions == 0 || stacks.is_empty() {
+        bail!("--mail needs at least one message, round, session and stack");
+    }
+    let messages = Arc::new(smtp::make(count, MAILBOXES));
+    let body_bytes: usize = messages.iter().map(|m| m.expected.body_len).sum();
+    let work = args.work.join("mail");
+    let mut results = Vec::new();
+    for round in 1..=rounds {
+        for &stack in &stacks {
+            eprintln!("=== mail round {round}: {}", stack.name());
+            let r = run_stack(stack, round, args, tandem, &work, &messages)?;
+            eprintln!(
+                "{} round {round}: {} messages in {:.1} s (accepted in {:.1} s): {:.0} msgs/s",
+                stack.name(),
+                r.messages,
+                r.secs,
+                r.smtp_secs,
+                r.rate()
+            );
+            results.push(r);
+        }
+    }
+    Ok(table(&version, args, count, body_bytes, rounds, &stacks, &results))
+}
+
+fn run_stack(
+    stack: Stack,
+    round: usize,
+    args: &Args,
+    tandem: &Path,
+    work: &Path,
+    messages: &Arc<Vec<Outgoing>>,
+) -> Result<Round> {
+    let dir = work.join(format!("{}-{round}", stack.name()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    let run = format!("{}-{round}", stack.name());
+    let mut r = match stack {
+        Stack::Loop => {
+            let img = dir.join("loop.img");
+            zero_file(&img, args.size)?;
+            let dev = Loop::attach(&img)?;
+            let r = measure(&dev.0, &dir, args, messages, &run)?;
+            drop(dev);
+            std::fs::remove_file(&img)?;
+            r
+        }
+        Stack::Solo | Stack::Sync => {
+            let names: &[&str] = if stack == Stack::Solo { &["alpha"] } else { &["alpha", "beta"] };
+            let opts = LabOptions {
+                size: args.size,
+                mode: "sync".into(),
+                timeout: Duration::from_secs(10),
+                ..Default::default()
+            };
+            let mut lab = Lab::new(&dir, tandem, names, &opts)?;
+            for n in names {
+                lab.start(n)?;
+            }
+            if names.len() > 1 {
+                lab.wait_connected("alpha", Duration::from_secs(60))?;
+            }
+            let p = lab.promote("alpha", false)?;
+            if !p.ok {
+                bail!("promote: {:?}", p.error);
+            }
+            let dev = lab
+                .wait_for("alpha", "replicating", Duration::from_secs(60), |r| {
+                    r.device.is_some() && r.peers.iter().all(|p| p.replication == "established")
+                })?
+                .device
+                .context("no device")?;
+            let mut r = measure(&dev, &dir, args, messages, &run)?;
+            lab.wait_for("alpha", "peers caught up", Duration::from_secs(300), |r| {
+                r.peers.iter().all(|p| p.pending_requests == 0 && p.out_of_sync_bytes == 0)
+            })?;
+            let d = lab.demote("alpha")?;
+            if !d.ok {
+                bail!("demote: {:?}", d.error);
+            }
+            let clean = lab.stop_all();
+            if !clean.values().all(|c| *c) {
+                bail!("agents did not stop cleanly: {clean:?}");
+            }
+            if stack == Stack::Sync {
+                let c = crate::scan::scan(&run, &lab.image("alpha"), Some(&lab.image("beta")))?;
+                let compared = c.standby_blocks_checked.unwrap_or(0);
+                if c.standby_differs > 0 || compared != args.size / 4096 {
+                    bail!(
+                        "{run}: the standby's image differs from the primary's: {} of {compared} blocks differ \
+                         ({} blocks in the volume)",
+                        c.standby_differs,
+                        args.size / 4096
+                    );
+                }
+                r.standby_blocks = Some(compared);
+            }
+            r
+        }
+    };
+    r.round = round;
+    r.stack = stack;
+    std::fs::remove_dir_all(&dir)?;
+    Ok(r)
+}
+
+/// One measurement on `dev`, and its checks (see the module docs); `dir` holds the Postfix
+/// instance's configuration and the mount point.
+fn measure(dev: &str, dir: &Path, args: &Args, messages: &Arc<Vec<Outgoing>>, run: &str) -> Result<Round> {
+    run_cmd(Command::new("mkfs.ext4").args([
+        "-q",
+        "-F",
+        "-E",
+        "nodiscard,lazy_itable_init=0,lazy_journal_init=0",
+        dev,
+    ]))?;
+    let mount = Mount::new(dev, &dir.join("mnt"))?;
+    // Dropped in reverse order on an error: the reader, Postfix, then the mount.
+    let postfix = Postfix::start(&dir.join("postfix"), &mount.dir, MAILBOXES)?;
+    let reader = Reader::spawn(postfix.mailboxes.clone(), MAILBOXES, messages.clone(), run.to_string());
+    let start = Instant::now();
+    smtp::send_all(postfix.addr(), messages, args.mail_sessions, run)
+        .with_context(|| format!("{run}: SMTP; Postfix's log ends:\n{}", postfix.log_tail(20)))?;
+    let smtp_secs = start.elapsed().as_secs_f64();
+    let (mut seen, mut since) = (0, Instant::now());
+    let end = loop {
+        let p = reader.progress();
+        if p.read == messages.len() {
+            break p.last_at.context("no time of the last read")?;
+        }
+        if reader.is_finished() {
+            return Err(reader.stop().err().unwrap_or_else(|| anyhow::anyhow!("the reader ended early")))
+                .with_context(|| format!("{run}: reading the Maildirs"));
+        }
+        if p.read != seen {
+            (seen, since) = (p.read, Instant::now());
+        } else if since.elapsed() > STALL {
+            bail!(
+                "{run}: {} of {} accepted messages read, none for {STALL:?}; queue: {:?}\nlog ends:\n{}",
+                p.read,
+                messages.len(),
+                postfix.queue_listing(),
+                postfix.log_tail(20)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    let bytes = reader.progress().bytes;
+    reader.stop()?;
+    if let Some(q) = postfix.queue_listing()? {
+        bail!("{run}: Postfix's queue is not empty after every message was read:\n{q}");
+    }
+    let (problems, warnings) = postfix.log_problems();
+    if !problems.is_empty() {
+        bail!("{run}: Postfix's log reports {} problems:\n{}", problems.len(), problems.join("\n"));
+    }
+    for w in warnings {
+        eprintln!("{run}: postfix {w}");
+    }
+    let mailboxes = postfix.mailboxes.clone();
+    postfix.stop()?;
+    let stored = reader::final_check(&mailboxes, MAILBOXES, messages, run)
+        .with_context(|| format!("{run}: final check"))?;
+    if stored != bytes {
+        bail!("{run}: the Maildirs hold {stored} bytes after the run, {bytes} were read");
+    }
+    mount.unmount()?;
+    let fsck = Command::new("e2fsck").args(["-fn", dev]).output()?;
+    if !fsck.status.success() {
+        bail!("{run}: e2fsck -fn {dev} after the run:\n{}", String::from_utf8_lossy(&fsck.stdout));
+    }
+    Ok(Round {
+        round: 0,
+        stack: Stack::Loop,
+        messages: messages.len(),
+        bytes,
+        smtp_secs,
+        secs: end.duration_since(start).as_secs_f64(),
+        standby_blocks: None,
+    })
+}
+
+fn table(
+    version: &str,
+    args: &Args,
+    count: usize,
+    body_bytes: usize,
+    rounds: usize,
+    stacks: &[Stack],
+    results: &[Round],
+) -> String {
+    let mut s = format!(
+        "Mail (Postfix {version}): {count} messages ({:.1} MB of bodies) per stack and round, {} SMTP sessions, \
+         one message per connection, {MAILBOXES} Maildirs (virtual(8)), queue and Maildirs on ext4 \
+         (data=ordered) on a {} MiB volume; {rounds} interleaved rounds\n\n\
+         | round | stack | messages | MB delivered | all accepted (s) | all read (s) | msgs/s | MB/s |\n\
+         |---|---|---|---|---|---|---|---|\n",
+        body_bytes as f64 / 1e6,
+        args.mail_sessions,
+        args.size >> 20,
+    );
+    for r in results {
+        s += &format!(
+            "| {} | {} | {} | {:.1} | {:.1} | {:.1} | {:.0} | {:.1} |\n",
+            r.round,
+            r.stack.name(),
+            r.messages,
+            r.bytes as f64 / 1e6,
+            r.smtp_secs,
+            r.secs,
+            r.rate(),
+            r.bytes as f64 / 1e6 / r.secs
+        );
+    }
+    let medians: Vec<(Stack, Vec<f64>, f64)> = stacks
+        .iter()
+        .map(|st| {
+            let rates: Vec<f64> = results.iter().filter(|r| r.stack == *st).map(Round::rate).collect();
+            let m = median(&mut rates.clone());
+            (*st, rates, m)
+        })
+        .collect();
+    let loop_median = medians.iter().find(|m| m.0 == Stack::Loop).map(|m| m.2);
+    s += "\n| stack | msgs/s per round | median msgs/s | median vs loop |\n|---|---|---|---|\n";
+    for (st, rates, m) in &medians {
+        let per: Vec<String> = rates.iter().map(|r| format!("{r:.0}")).collect();
+        let vs = loop_median.map_or("-".to_string(), |l| format!("{:.0} %", 100.0 * m / l));
+        s += &format!("| {} | {} | {m:.0} | {vs} |\n", st.name(), per.join(", "));
+    }
+    if let (Some(l), Some(sync)) = (loop_median, medians.iter().find(|m| m.0 == Stack::Sync)) {
+        s += &format!("\nsync / loop (medians): {:.2}\n", sync.2 / l);
+    }
+    s += "\n| round | stack | delivered exactly once, whole, checksum right | Postfix queue after | e2fsck -fn | \
+          standby blocks compared (all equal) |\n|---|---|---|---|---|---|\n";
+    for r in results {
+        s += &format!(
+            "| {} | {} | {} of {} | empty | clean | {} |\n",
+            r.round,
+            r.stack.name(),
+            r.messages,
+            r.messages,
+            r.standby_blocks.map_or("-".to_string(), |b| b.to_string())
+        );
+    }
+    s
+}
