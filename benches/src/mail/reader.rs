@@ -182,3 +182,82 @@ pub fn final_check(base: &Path, mailboxes: usize, messages: &[Outgoing], run: &s
     }
     Ok(bytes)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::mail::smtp::make;
+
+    /// A message as virtual(8) stores it: Postfix's headers first, then the client's, LF
+    /// line ends, dots unstuffed.
+    fn stored(m: &Outgoing, run: &str) -> Vec<u8> {
+        let mut s = format!("Return-Path: <sender@example.org>\nDelivered-To: u00@bench.test\nX-Bench-Run: {run}\n")
+            .into_bytes();
+        let text = std::str::from_utf8(&m.data).unwrap();
+        for line in text.split_terminator("\r\n") {
+            s.extend_from_slice(line.strip_prefix('.').unwrap_or(line).as_bytes());
+            s.push(b'\n');
+        }
+        s
+    }
+
+    #[test]
+    fn verify_accepts_the_message_as_stored_and_rejects_any_change() {
+        let msgs = make(40, 4);
+        for (id, m) in msgs.iter().enumerate() {
+            let text = stored(m, "r");
+            assert_eq!(verify(&text, "r", m.expected.mailbox, &msgs).unwrap(), id);
+            assert!(verify(&text, "other", m.expected.mailbox, &msgs).is_err(), "another run's message");
+            assert!(verify(&text, "r", (m.expected.mailbox + 1) % 4, &msgs).is_err(), "wrong mailbox");
+            let mut flipped = text.clone();
+            let last = flipped.len() - 2;
+            flipped[last] ^= 1;
+            assert!(verify(&flipped, "r", m.expected.mailbox, &msgs).is_err(), "a changed body byte");
+            assert!(verify(&text[..text.len() - 1], "r", m.expected.mailbox, &msgs).is_err(), "a cut body");
+        }
+    }
+
+    #[test]
+    fn sizes_follow_the_documented_mix() {
+        let msgs = make(2000, 16);
+        let n = |f: &dyn Fn(usize) -> bool| msgs.iter().filter(|m| f(m.expected.body_len)).count();
+        let small = n(&|l| (2048..8192).contains(&l));
+        let (mid, big) = (n(&|l| l == 64 << 10), n(&|l| l == 512 << 10));
+        assert_eq!(small + mid + big, msgs.len());
+        assert!((1600..1800).contains(&small) && (180..300).contains(&mid) && (30..90).contains(&big));
+    }
+
+    fn maildirs(base: &Path, boxes: usize) {
+        for mb in 0..boxes {
+            for sub in ["tmp", "new", "cur"] {
+                std::fs::create_dir_all(base.join(mailbox(mb)).join(sub)).unwrap();
+            }
+        }
+    }
+
+    #[test]
+    fn final_check_finds_missing_duplicated_and_unread_mail() {
+        let msgs = make(6, 2);
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir.path();
+        maildirs(base, 2);
+        let put = |id: usize, sub: &str, name: &str| {
+            let m = &msgs[id];
+            std::fs::write(base.join(mailbox(m.expected.mailbox)).join(sub).join(name), stored(m, "r")).unwrap();
+        };
+        for id in 0..6 {
+            put(id, "cur", &format!("{id}:2,S"));
+        }
+        assert!(final_check(base, 2, &msgs, "r").is_ok());
+        put(3, "cur", "3-again:2,S");
+        let e = final_check(base, 2, &msgs, "r").unwrap_err().to_string();
+        assert!(e.contains("1 delivered more than once (first: [3])"), "{e}");
+        let m3 = base.join(mailbox(msgs[3].expected.mailbox)).join("cur");
+        std::fs::remove_file(m3.join("3-again:2,S")).unwrap();
+        std::fs::remove_file(m3.join("3:2,S")).unwrap();
+        let e = final_check(base, 2, &msgs, "r").unwrap_err().to_string();
+        assert!(e.contains("1 accepted messages not delivered (first: [3])"), "{e}");
+        put(3, "new", "3");
+        assert!(final_check(base, 2, &msgs, "r").unwrap_err().to_string().contains("new holds 1 files"));
+    }
+}

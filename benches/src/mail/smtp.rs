@@ -41,7 +41,7 @@ pub struct Expected {
 pub struct Outgoing {
     pub expected: Expected,
     /// The DATA payload: headers and body, CRLF, dot-stuffed, without the final ".".
-    data: Vec<u8>,
+    pub(super) data: Vec<u8>,
 }
 
 /// The run tag every message of a stack's round carries (`X-Bench-Run`) is prepended by
