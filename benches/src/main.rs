@@ -81,7 +81,8 @@ pub struct Args {
     /// --mail: interleaved rounds (default 3; 1 with --quick).
     #[arg(long)]
     mail_rounds: Option<usize>,
-    /// --mail: stacks, comma-separated, in the order each round runs them: loop, solo, sync.
+    /// --mail: stacks, comma-separated, in the order each round runs them: loop, solo, sync,
+    /// loop-buffered (a loop device without direct I/O).
     #[arg(long, default_value = "loop,solo,sync")]
     mail_stacks: String,
     /// Volume size for the fio runs (and the mail benchmark).

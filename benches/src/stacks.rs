@@ -39,6 +39,11 @@ impl Loop {
                 .to_string(),
         ))
     }
+
+    /// Without direct I/O: through the backing file's page cache.
+    pub fn attach_buffered(file: &Path) -> Result<Self> {
+        Ok(Loop(run_cmd(Command::new("losetup").args(["-f", "--show"]).arg(file))?.trim().to_string()))
+    }
 }
 
 impl Drop for Loop {

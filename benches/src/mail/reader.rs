@@ -191,8 +191,9 @@ mod tests {
     /// A message as virtual(8) stores it: Postfix's headers first, then the client's, LF
     /// line ends, dots unstuffed.
     fn stored(m: &Outgoing, run: &str) -> Vec<u8> {
-        let mut s = format!("Return-Path: <sender@example.org>\nDelivered-To: u00@bench.test\nX-Bench-Run: {run}\n")
-            .into_bytes();
+        let mut s =
+            format!("Return-Path: <sender@example.org>\nDelivered-To: u00@bench.test\nX-Bench-Run: {run}\n")
+                .into_bytes();
         let text = std::str::from_utf8(&m.data).unwrap();
         for line in text.split_terminator("\r\n") {
             s.extend_from_slice(line.strip_prefix('.').unwrap_or(line).as_bytes());
@@ -243,7 +244,8 @@ mod tests {
         maildirs(base, 2);
         let put = |id: usize, sub: &str, name: &str| {
             let m = &msgs[id];
-            std::fs::write(base.join(mailbox(m.expected.mailbox)).join(sub).join(name), stored(m, "r")).unwrap();
+            std::fs::write(base.join(mailbox(m.expected.mailbox)).join(sub).join(name), stored(m, "r"))
+                .unwrap();
         };
         for id in 0..6 {
             put(id, "cur", &format!("{id}:2,S"));
