@@ -28,6 +28,7 @@
 mod postfix;
 mod reader;
 mod smtp;
+mod table;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -132,19 +133,6 @@ impl Drop for Mount {
     }
 }
 
-fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(f64::total_cmp);
-    let n = v.len();
-    if n == 0 {
-        return f64::NAN;
-    }
-    if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    }
-}
-
 /// `--mail`: see the module docs; returns the tables.
 pub fn run(args: &Args, tandem: &Path) -> Result<String> {
     let version = postfix::require_installed()?;
@@ -185,7 +173,7 @@ pub fn run(args: &Args, tandem: &Path) -> Result<String> {
             results.push(r);
         }
     }
-    Ok(table(&version, args, count, body_bytes, rounds, &stacks, &results))
+    Ok(table::table(&version, args, count, body_bytes, rounds, &stacks, &results))
 }
 
 fn run_stack(
@@ -200,12 +188,12 @@ fn run_stack(
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir)?;
     let run = format!("{}-{round}", stack.name());
-    let mut r = match stack {
+    let r = match stack {
         Stack::Loop | Stack::LoopBuffered => {
             let img = dir.join("loop.img");
             zero_file(&img, args.size)?;
             let dev = if stack == Stack::Loop { Loop::attach(&img)? } else { Loop::attach_buffered(&img)? };
-            let r = measure(&dev.0, &dir, args, messages, &run)?;
+            let r = measure((stack, round), &dev.0, &dir, args, messages, &run)?;
             drop(dev);
             std::fs::remove_file(&img)?;
             r
@@ -235,7 +223,7 @@ fn run_stack(
                 })?
                 .device
                 .context("no device")?;
-            let mut r = measure(&dev, &dir, args, messages, &run)?;
+            let mut r = measure((stack, round), &dev, &dir, args, messages, &run)?;
             lab.wait_for("alpha", "peers caught up", Duration::from_secs(300), |r| {
                 r.peers.iter().all(|p| p.pending_requests == 0 && p.out_of_sync_bytes == 0)
             })?;
@@ -263,15 +251,20 @@ fn run_stack(
             r
         }
     };
-    r.round = round;
-    r.stack = stack;
     std::fs::remove_dir_all(&dir)?;
     Ok(r)
 }
 
 /// One measurement on `dev`, and its checks (see the module docs); `dir` holds the Postfix
 /// instance's configuration and the mount point.
-fn measure(dev: &str, dir: &Path, args: &Args, messages: &Arc<Vec<Outgoing>>, run: &str) -> Result<Round> {
+fn measure(
+    (stack, round): (Stack, usize),
+    dev: &str,
+    dir: &Path,
+    args: &Args,
+    messages: &Arc<Vec<Outgoing>>,
+    run: &str,
+) -> Result<Round> {
     run_cmd(Command::new("mkfs.ext4").args([
         "-q",
         "-F",
@@ -335,77 +328,12 @@ fn measure(dev: &str, dir: &Path, args: &Args, messages: &Arc<Vec<Outgoing>>, ru
         bail!("{run}: e2fsck -fn {dev} after the run:\n{}", String::from_utf8_lossy(&fsck.stdout));
     }
     Ok(Round {
-        round: 0,
-        stack: Stack::Loop,
+        round,
+        stack,
         messages: messages.len(),
         bytes,
         smtp_secs,
         secs: end.duration_since(start).as_secs_f64(),
         standby_blocks: None,
     })
-}
-
-fn table(
-    version: &str,
-    args: &Args,
-    count: usize,
-    body_bytes: usize,
-    rounds: usize,
-    stacks: &[Stack],
-    results: &[Round],
-) -> String {
-    let mut s = format!(
-        "Mail (Postfix {version}): {count} messages ({:.1} MB of bodies) per stack and round, {} SMTP sessions, \
-         one message per connection, {MAILBOXES} Maildirs (virtual(8)), queue and Maildirs on ext4 \
-         (data=ordered) on a {} MiB volume; {rounds} interleaved rounds\n\n\
-         | round | stack | messages | MB delivered | all accepted (s) | all read (s) | msgs/s | MB/s |\n\
-         |---|---|---|---|---|---|---|---|\n",
-        body_bytes as f64 / 1e6,
-        args.mail_sessions,
-        args.size >> 20,
-    );
-    for r in results {
-        s += &format!(
-            "| {} | {} | {} | {:.1} | {:.1} | {:.1} | {:.0} | {:.1} |\n",
-            r.round,
-            r.stack.name(),
-            r.messages,
-            r.bytes as f64 / 1e6,
-            r.smtp_secs,
-            r.secs,
-            r.rate(),
-            r.bytes as f64 / 1e6 / r.secs
-        );
-    }
-    let medians: Vec<(Stack, Vec<f64>, f64)> = stacks
-        .iter()
-        .map(|st| {
-            let rates: Vec<f64> = results.iter().filter(|r| r.stack == *st).map(Round::rate).collect();
-            let m = median(&mut rates.clone());
-            (*st, rates, m)
-        })
-        .collect();
-    let loop_median = medians.iter().find(|m| m.0 == Stack::Loop).map(|m| m.2);
-    s += "\n| stack | msgs/s per round | median msgs/s | median vs loop |\n|---|---|---|---|\n";
-    for (st, rates, m) in &medians {
-        let per: Vec<String> = rates.iter().map(|r| format!("{r:.0}")).collect();
-        let vs = loop_median.map_or("-".to_string(), |l| format!("{:.0} %", 100.0 * m / l));
-        s += &format!("| {} | {} | {m:.0} | {vs} |\n", st.name(), per.join(", "));
-    }
-    if let (Some(l), Some(sync)) = (loop_median, medians.iter().find(|m| m.0 == Stack::Sync)) {
-        s += &format!("\nsync / loop (medians): {:.2}\n", sync.2 / l);
-    }
-    s += "\n| round | stack | delivered exactly once, whole, checksum right | Postfix queue after | e2fsck -fn | \
-          standby blocks compared (all equal) |\n|---|---|---|---|---|---|\n";
-    for r in results {
-        s += &format!(
-            "| {} | {} | {} of {} | empty | clean | {} |\n",
-            r.round,
-            r.stack.name(),
-            r.messages,
-            r.messages,
-            r.standby_blocks.map_or("-".to_string(), |b| b.to_string())
-        );
-    }
-    s
 }
