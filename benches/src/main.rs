@@ -8,6 +8,7 @@ mod breakdown;
 mod busy_wan;
 mod compression;
 mod fio;
+mod mail;
 mod resync;
 mod scan;
 mod snapshots;
@@ -77,7 +78,23 @@ pub struct Args {
     /// median of every step of the data path, joined across both agents.
     #[arg(long)]
     breakdown: bool,
-    /// Volume size for the fio runs.
+    /// Only the mail benchmark: a real Postfix on each stack (see benches/src/mail/mod.rs).
+    #[arg(long)]
+    mail: bool,
+    /// --mail: messages per stack and round (default 3000; 300 with --quick).
+    #[arg(long)]
+    mail_messages: Option<usize>,
+    /// --mail: concurrent SMTP sessions.
+    #[arg(long, default_value_t = 8)]
+    mail_sessions: usize,
+    /// --mail: interleaved rounds (default 3; 1 with --quick).
+    #[arg(long)]
+    mail_rounds: Option<usize>,
+    /// --mail: stacks, comma-separated, in the order each round runs them: loop, solo, sync,
+    /// loop-buffered (a loop device without direct I/O).
+    #[arg(long, default_value = "loop,solo,sync")]
+    mail_stacks: String,
+    /// Volume size for the fio runs (and the mail benchmark).
     #[arg(long, default_value_t = 1 << 30)]
     size: u64,
 }
@@ -101,13 +118,14 @@ fn main() -> Result<()> {
     if unsafe { libc::geteuid() } != 0 {
         bail!("tandem-bench needs root (loop devices, FUSE)");
     }
-    for tool in ["fio", "losetup"] {
+    let tools: &[&str] = if args.mail { &["losetup", "mkfs.ext4", "e2fsck"] } else { &["fio", "losetup"] };
+    for tool in tools {
         let ok = std::process::Command::new("sh")
             .args(["-c", &format!("command -v {tool}")])
             .output()
             .is_ok_and(|o| o.status.success());
         if !ok {
-            bail!("{tool} not found (apt-get install -y fio util-linux)");
+            bail!("{tool} not found (apt-get install -y fio util-linux e2fsprogs)");
         }
     }
     let tandem = match &args.tandem {
@@ -120,6 +138,10 @@ fn main() -> Result<()> {
     std::fs::create_dir_all(&args.work)?;
     let env = stacks::environment();
     println!("{env}");
+    if args.mail {
+        println!("\n{}", mail::run(&args, &tandem)?);
+        return Ok(());
+    }
     let mut rows = Vec::new();
     let mut checks = Vec::new();
     let mut breakdown = Vec::new();

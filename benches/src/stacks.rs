@@ -28,7 +28,23 @@ pub fn zero_file(path: &Path, size: u64) -> Result<()> {
     Ok(())
 }
 
-struct Loop(String);
+/// A plain loop device (direct I/O) on a file, detached on drop.
+pub struct Loop(pub String);
+
+impl Loop {
+    pub fn attach(file: &Path) -> Result<Self> {
+        Ok(Loop(
+            run_cmd(Command::new("losetup").args(["-f", "--show", "--direct-io=on"]).arg(file))?
+                .trim()
+                .to_string(),
+        ))
+    }
+
+    /// Without direct I/O: through the backing file's page cache.
+    pub fn attach_buffered(file: &Path) -> Result<Self> {
+        Ok(Loop(run_cmd(Command::new("losetup").args(["-f", "--show"]).arg(file))?.trim().to_string()))
+    }
+}
 
 impl Drop for Loop {
     fn drop(&mut self) {
@@ -111,11 +127,7 @@ pub fn run_config(cfg: &str, args: &Args, tandem: &Path) -> Result<(Vec<Row>, Ch
         "loop" => {
             let f = args.work.join("loop.img");
             zero_file(&f, args.size)?;
-            let dev = Loop(
-                run_cmd(Command::new("losetup").args(["-f", "--show", "--direct-io=on"]).arg(&f))?
-                    .trim()
-                    .to_string(),
-            );
+            let dev = Loop::attach(&f)?;
             let rows = workloads(cfg, &dev.0, args, None, None)?;
             drop(dev);
             let c = scan::scan(cfg, &f, None)?;
