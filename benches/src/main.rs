@@ -40,7 +40,7 @@ pub struct Args {
     /// sync-scraped (sync with both nodes' metrics endpoints scraped every second),
     /// sync-snap1, sync-snap10 (sync with 1 or 10 snapshots on the standby, a fresh one
     /// before each workload),
-    /// baseline-sync (sync with the `--baseline` binary).
+    /// baseline-sync, baseline-solo (sync or solo with the `--baseline` binary).
     #[arg(long, default_value = "raw,loop,solo,sync")]
     configs: String,
     /// Also run ../shared/bench/peer-qsd-mirror.sh (qemu's synchronous mirror) in this run.
@@ -66,7 +66,7 @@ pub struct Args {
     /// busy-wan: cap the busy writer at this many MB/s (0: as fast as it goes).
     #[arg(long, default_value_t = 0)]
     busy_rate: u64,
-    /// Another tandem binary (e.g. an older build) for the `baseline-sync` configuration,
+    /// Another tandem binary (e.g. an older build) for the `baseline-*` configurations,
     /// to compare two builds in one run.
     #[arg(long)]
     baseline: Option<PathBuf>,
@@ -153,8 +153,8 @@ fn main() -> Result<()> {
             checks.extend(c);
             continue;
         }
-        let (r, c) = if cfg == "baseline-sync" {
-            let b = args.baseline.as_ref().context("baseline-sync needs --baseline PATH")?;
+        let (r, c) = if cfg.starts_with("baseline-") {
+            let b = args.baseline.as_ref().with_context(|| format!("{cfg} needs --baseline PATH"))?;
             stacks::run_config(cfg, &args, b)?
         } else {
             stacks::run_config(cfg, &args, &tandem)?

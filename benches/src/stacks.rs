@@ -135,13 +135,14 @@ pub fn run_config(cfg: &str, args: &Args, tandem: &Path) -> Result<(Vec<Row>, Ch
             Ok((rows, c))
         }
         "solo" | "sync" | "sync-snap1" | "sync-snap10" | "memory" | "async" | "sync-scraped"
-        | "baseline-sync" => {
+        | "baseline-sync" | "baseline-solo" => {
             let snapshots = match cfg {
                 "sync-snap1" => 1,
                 "sync-snap10" => 10,
                 _ => 0,
             };
-            let names: &[&str] = if cfg == "solo" { &["alpha"] } else { &["alpha", "beta"] };
+            let solo = cfg == "solo" || cfg == "baseline-solo";
+            let names: &[&str] = if solo { &["alpha"] } else { &["alpha", "beta"] };
             let mode = match cfg {
                 "memory" | "async" => cfg,
                 _ => "sync",
@@ -207,7 +208,7 @@ pub fn run_config(cfg: &str, args: &Args, tandem: &Path) -> Result<(Vec<Row>, Ch
         }
         other => bail!(
             "unknown configuration {other:?} (raw, loop, solo, sync, sync-snap1, sync-snap10, memory, async, sync-scraped, \
-             baseline-sync)"
+             baseline-sync, baseline-solo)"
         ),
     }
 }

@@ -2,7 +2,7 @@
 //! (`image` for a resource of one volume, the volume names for a volume group), whose reads
 //! and writes go to the primary's [`Volume`] at the volume's place in its address space.
 //!
-//! Requests are handled on fuser's threads: a write's data is copied once into an aligned
+//! Requests are handled on the transport's worker threads ([`super::fuse_kernel`]): a write's data is copied once into an aligned
 //! buffer, admitted (sequence number, ordering, fan-out) right there so the change stream
 //! follows the kernel's order, and written to the local image on the same thread. The reply
 //! goes out when the request completes — from this thread if nothing else is awaited, or
@@ -11,22 +11,22 @@
 
 use std::ffi::OsStr;
 use std::sync::Arc;
-use std::time::{Duration, Instant, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
-use fuser::{
-    Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, InitFlags,
-    KernelConfig, LockOwner, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry,
-    ReplyOpen, ReplyWrite, Request, WriteFlags,
-};
+use nix::errno::Errno;
 use tandem_replicator::{Volume, VolumeError};
 use tracing::{debug, warn};
 
+use super::fuse_kernel::abi::{
+    self, open_flags, DirEntries, FileAttr, FileKind, FsyncIn, OpenIn, ReadIn, SetattrIn, WriteIn, ROOT_ID,
+};
+use super::fuse_kernel::{Handler, Reply};
 use super::RequestLatency;
 use crate::storage::AlignedBuf;
 use crate::volume_set::VolumeLayout;
 
 pub const IMAGE_NAME: &str = "image";
-const TTL: Duration = Duration::from_secs(3600);
+pub(super) const TTL: abi::Ttl = abi::Ttl(Duration::from_secs(3600));
 
 /// The file name a volume is exposed under.
 pub fn file_name(v: &VolumeLayout) -> &str {
@@ -49,12 +49,12 @@ impl VolumeFiles {
         Self { files, writable }
     }
 
-    pub(super) fn file(&self, ino: INodeNo) -> Option<&VolumeLayout> {
-        self.files.get((ino.0 as usize).checked_sub(2)?)
+    pub(super) fn file(&self, ino: u64) -> Option<&VolumeLayout> {
+        self.files.get(usize::try_from(ino).ok()?.checked_sub(2)?)
     }
 
     /// The address-space offset of `[offset, +len)` of file `ino`, if the range is inside it.
-    pub(super) fn place(&self, ino: INodeNo, offset: u64, len: u64) -> Result<u64, Errno> {
+    pub(super) fn place(&self, ino: u64, offset: u64, len: u64) -> Result<u64, Errno> {
         let f = self.file(ino).ok_or(Errno::ENOENT)?;
         match offset.checked_add(len) {
             Some(end) if end <= f.size => Ok(f.offset + offset),
@@ -62,8 +62,8 @@ impl VolumeFiles {
         }
     }
 
-    pub(super) fn attr(&self, ino: INodeNo) -> FileAttr {
-        let dir = ino == INodeNo::ROOT;
+    pub(super) fn attr(&self, ino: u64) -> FileAttr {
+        let dir = ino == ROOT_ID;
         let size = if dir { 0 } else { self.file(ino).map_or(0, |f| f.size) };
         let perm = match (dir, self.writable) {
             (true, true) => 0o700,
@@ -75,52 +75,46 @@ impl VolumeFiles {
             ino,
             size,
             blocks: size / 512,
-            atime: UNIX_EPOCH,
-            mtime: UNIX_EPOCH,
-            ctime: UNIX_EPOCH,
-            crtime: UNIX_EPOCH,
-            kind: if dir { FileType::Directory } else { FileType::RegularFile },
+            kind: if dir { FileKind::Directory } else { FileKind::RegularFile },
             perm,
             nlink: if dir { 2 } else { 1 },
             uid: 0,
             gid: 0,
-            rdev: 0,
-            flags: 0,
             blksize: 4096,
         }
     }
 
-    pub(super) fn lookup(&self, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        match self.files.iter().position(|f| parent == INodeNo::ROOT && name == file_name(f)) {
-            Some(i) => reply.entry(&TTL, &self.attr(INodeNo(2 + i as u64)), Generation(0)),
+    pub(super) fn lookup(&self, parent: u64, name: &OsStr, reply: Reply) {
+        match self.files.iter().position(|f| parent == ROOT_ID && name == file_name(f)) {
+            Some(i) => reply.entry(&self.attr(2 + i as u64), TTL),
             None => reply.error(Errno::ENOENT),
         }
     }
 
-    pub(super) fn getattr(&self, ino: INodeNo, reply: ReplyAttr) {
-        if ino == INodeNo::ROOT || self.file(ino).is_some() {
-            reply.attr(&TTL, &self.attr(ino));
+    pub(super) fn getattr(&self, ino: u64, reply: Reply) {
+        if ino == ROOT_ID || self.file(ino).is_some() {
+            reply.attr(&self.attr(ino), TTL);
         } else {
             reply.error(Errno::ENOENT);
         }
     }
 
-    pub(super) fn readdir(&self, ino: INodeNo, offset: u64, mut reply: ReplyDirectory) {
-        if ino != INodeNo::ROOT {
-            reply.error(Errno::ENOTDIR);
-            return;
+    pub(super) fn readdir(&self, ino: u64, arg: &ReadIn, reply: Reply) {
+        if ino != ROOT_ID {
+            return reply.error(Errno::ENOTDIR);
         }
-        let mut entries =
-            vec![(INodeNo::ROOT, FileType::Directory, "."), (INodeNo::ROOT, FileType::Directory, "..")];
+        let mut entries = vec![(ROOT_ID, FileKind::Directory, "."), (ROOT_ID, FileKind::Directory, "..")];
         for (i, f) in self.files.iter().enumerate() {
-            entries.push((INodeNo(2 + i as u64), FileType::RegularFile, file_name(f)));
+            entries.push((2 + i as u64, FileKind::RegularFile, file_name(f)));
         }
-        for (i, (ino, kind, name)) in entries.iter().enumerate().skip(offset as usize) {
-            if reply.add(*ino, (i + 1) as u64, *kind, name) {
+        let mut out = DirEntries::new(arg.size as usize);
+        let skip = usize::try_from(arg.offset).unwrap_or(usize::MAX);
+        for (i, (ino, kind, name)) in entries.iter().enumerate().skip(skip) {
+            if !out.add(*ino, (i + 1) as u64, *kind, OsStr::new(name)) {
                 break;
             }
         }
-        reply.ok();
+        reply.directory(out);
     }
 }
 
@@ -135,95 +129,58 @@ impl ImageFs {
         Self { volume, files: VolumeFiles::new(files, true), latency }
     }
 
-    fn file(&self, ino: INodeNo) -> Option<&VolumeLayout> {
+    fn file(&self, ino: u64) -> Option<&VolumeLayout> {
         self.files.file(ino)
     }
 
-    fn place(&self, ino: INodeNo, offset: u64, len: u64) -> Result<u64, Errno> {
-        self.files.place(ino, offset, len)
-    }
-
-    fn attr(&self, ino: INodeNo) -> FileAttr {
-        self.files.attr(ino)
+    /// What the transport asks the kernel for in INIT: 1 MiB writes (the kernel caps at
+    /// fs.fuse.max_pages_limit), enough requests in flight for QD32, and asynchronous
+    /// direct I/O so the loop device's requests are not serialised on the inode lock.
+    pub fn init_wanted() -> super::fuse_kernel::InitWanted {
+        use abi::init_flags::*;
+        super::fuse_kernel::InitWanted {
+            flags: ASYNC_READ | BIG_WRITES | MAX_PAGES | ASYNC_DIO | PARALLEL_DIROPS,
+            max_write: 1 << 20,
+            max_background: 128,
+            congestion_threshold: 96,
+        }
     }
 }
 
 fn errno(e: &VolumeError) -> Errno {
-    Errno::from_i32(e.errno())
+    Errno::from_raw(e.errno())
 }
 
-impl Filesystem for ImageFs {
-    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
-        // 1 MiB writes (the kernel caps at fs.fuse.max_pages_limit), enough requests in
-        // flight for QD32, and asynchronous direct I/O so the loop device's requests are not
-        // serialised on the inode lock.
-        let _ = config.set_max_write(1 << 20);
-        let _ = config.set_max_background(128);
-        let _ = config.set_congestion_threshold(96);
-        if config.capabilities().contains(InitFlags::FUSE_ASYNC_DIO) {
-            let _ = config.add_capabilities(InitFlags::FUSE_ASYNC_DIO);
-        }
-        Ok(())
-    }
-
-    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+impl Handler for ImageFs {
+    fn lookup(&self, parent: u64, name: &OsStr, reply: Reply) {
         self.files.lookup(parent, name, reply)
     }
 
-    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+    fn getattr(&self, ino: u64, reply: Reply) {
         self.files.getattr(ino, reply)
     }
 
-    fn setattr(
-        &self,
-        _req: &Request,
-        ino: INodeNo,
-        _mode: Option<u32>,
-        _uid: Option<u32>,
-        _gid: Option<u32>,
-        size: Option<u64>,
-        _atime: Option<fuser::TimeOrNow>,
-        _mtime: Option<fuser::TimeOrNow>,
-        _ctime: Option<std::time::SystemTime>,
-        _fh: Option<FileHandle>,
-        _crtime: Option<std::time::SystemTime>,
-        _chgtime: Option<std::time::SystemTime>,
-        _bkuptime: Option<std::time::SystemTime>,
-        _flags: Option<fuser::BsdFileFlags>,
-        reply: ReplyAttr,
-    ) {
+    fn setattr(&self, ino: u64, arg: &SetattrIn, reply: Reply) {
         // The volume's size is fixed by the configuration; everything else is cosmetic.
-        if self.file(ino).is_some_and(|f| size.is_some_and(|s| s != f.size)) {
-            reply.error(Errno::EPERM);
-            return;
+        if self.file(ino).is_some_and(|f| arg.size().is_some_and(|s| s != f.size)) {
+            return reply.error(Errno::EPERM);
         }
-        reply.attr(&TTL, &self.attr(ino));
+        reply.attr(&self.files.attr(ino), TTL);
     }
 
-    fn open(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+    fn open(&self, ino: u64, _arg: &OpenIn, reply: Reply) {
         if self.file(ino).is_none() {
-            reply.error(Errno::EISDIR);
-            return;
+            return reply.error(Errno::EISDIR);
         }
         // Direct I/O in the kernel: no page cache in front of the engine, so every write
         // and every flush reaches us, and parallel direct writes are not serialised.
-        reply.opened(FileHandle(1), FopenFlags::FOPEN_DIRECT_IO | FopenFlags::FOPEN_PARALLEL_DIRECT_WRITES);
+        reply.opened(1, open_flags::DIRECT_IO | open_flags::PARALLEL_DIRECT_WRITES);
     }
 
-    fn read(
-        &self,
-        _req: &Request,
-        ino: INodeNo,
-        _fh: FileHandle,
-        offset: u64,
-        size: u32,
-        _flags: OpenFlags,
-        _lock: Option<LockOwner>,
-        reply: ReplyData,
-    ) {
+    fn read(&self, ino: u64, arg: &ReadIn, reply: Reply) {
         let file_size = self.file(ino).map_or(0, |f| f.size);
-        let len = (size as u64).min(file_size.saturating_sub(offset)) as usize;
-        let at = match self.place(ino, offset, len as u64) {
+        let len = u64::from(arg.size).min(file_size.saturating_sub(arg.offset)) as usize;
+        let at = match self.files.place(ino, arg.offset, len as u64) {
             Ok(at) => at,
             Err(e) => return reply.error(e),
         };
@@ -234,24 +191,13 @@ impl Filesystem for ImageFs {
         }
     }
 
-    fn write(
-        &self,
-        _req: &Request,
-        ino: INodeNo,
-        _fh: FileHandle,
-        offset: u64,
-        data: &[u8],
-        _wf: WriteFlags,
-        _flags: OpenFlags,
-        _lock: Option<LockOwner>,
-        reply: ReplyWrite,
-    ) {
+    fn write(&self, ino: u64, arg: &WriteIn, data: &[u8], reply: Reply) {
         let started = Instant::now();
-        let at = match self.place(ino, offset, data.len() as u64) {
+        let at = match self.files.place(ino, arg.offset, data.len() as u64) {
             Ok(at) => at,
             Err(e) => return reply.error(e),
         };
-        // The one copy out of the kernel's request buffer, before anything else sees it.
+        // The one copy out of the transport's request buffer, before anything else sees it.
         let buf = AlignedBuf::copy_from(data).into_bytes();
         let len = data.len() as u32;
         let latency = self.latency.clone();
@@ -270,12 +216,12 @@ impl Filesystem for ImageFs {
         }
     }
 
-    fn flush(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _lock: LockOwner, reply: ReplyEmpty) {
+    fn flush(&self, _ino: u64, reply: Reply) {
         // close(2), not a durability request.
         reply.ok();
     }
 
-    fn fsync(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
+    fn fsync(&self, _ino: u64, _arg: &FsyncIn, reply: Reply) {
         let started = Instant::now();
         let latency = self.latency.clone();
         let done = Box::new(move |r: Result<u64, VolumeError>| {
@@ -288,36 +234,25 @@ impl Filesystem for ImageFs {
         self.volume.flush(done).run();
     }
 
-    fn fallocate(
-        &self,
-        _req: &Request,
-        ino: INodeNo,
-        _fh: FileHandle,
-        offset: u64,
-        length: u64,
-        mode: i32,
-        reply: ReplyEmpty,
-    ) {
+    fn fallocate(&self, ino: u64, arg: &abi::FallocateIn, reply: Reply) {
+        let mode = arg.mode as i32;
         let punch = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
         let zero = libc::FALLOC_FL_ZERO_RANGE;
         let zero_keep = libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE;
         if mode == 0 || mode == libc::FALLOC_FL_KEEP_SIZE {
             // Preallocation: the image is already fully sized.
-            reply.ok();
-            return;
+            return reply.ok();
         }
         if mode != punch && mode != zero && mode != zero_keep {
             warn!(mode, "unsupported fallocate mode");
-            reply.error(Errno::EOPNOTSUPP);
-            return;
+            return reply.error(Errno::EOPNOTSUPP);
         }
         let file_size = self.file(ino).map_or(0, |f| f.size);
-        let length = length.min(file_size.saturating_sub(offset));
+        let length = arg.length.min(file_size.saturating_sub(arg.offset));
         if length == 0 {
-            reply.ok();
-            return;
+            return reply.ok();
         }
-        let at = match self.place(ino, offset, length) {
+        let at = match self.files.place(ino, arg.offset, length) {
             Ok(at) => at,
             Err(e) => return reply.error(e),
         };
@@ -331,16 +266,7 @@ impl Filesystem for ImageFs {
         }
     }
 
-    fn getxattr(&self, _req: &Request, _ino: INodeNo, _name: &OsStr, _size: u32, reply: fuser::ReplyXattr) {
-        // No extended attributes; ENOSYS makes the kernel stop asking.
-        reply.error(Errno::ENOSYS);
-    }
-
-    fn listxattr(&self, _req: &Request, _ino: INodeNo, _size: u32, reply: fuser::ReplyXattr) {
-        reply.error(Errno::ENOSYS);
-    }
-
-    fn readdir(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, reply: ReplyDirectory) {
-        self.files.readdir(ino, offset, reply)
+    fn readdir(&self, ino: u64, arg: &ReadIn, reply: Reply) {
+        self.files.readdir(ino, arg, reply)
     }
 }

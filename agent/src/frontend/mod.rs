@@ -2,6 +2,7 @@
 //! Linux kernel here has; others (an NBD export, ublk) implement [`Frontend`] the same way.
 
 pub mod fuse;
+pub mod fuse_kernel;
 pub mod loopdev;
 pub mod snapshot_fs;
 
@@ -48,7 +49,7 @@ const FUSE_THREADS: usize = 8;
 
 /// FUSE files + loop devices.
 pub struct FuseLoop {
-    session: Option<::fuser::BackgroundSession>,
+    session: Option<fuse_kernel::Session>,
     mountpoint: PathBuf,
     /// (volume name, loop device)
     devices: Vec<(String, String)>,
@@ -90,22 +91,15 @@ impl FuseLoop {
         std::fs::create_dir_all(mountpoint)
             .with_context(|| format!("cannot create {}", mountpoint.display()))?;
         clean_stale(mountpoint)?;
-        let mut cfg = ::fuser::Config::default();
-        cfg.mount_options = vec![
-            ::fuser::MountOption::FSName("tandem".into()),
-            ::fuser::MountOption::Subtype("tandem".into()),
-            ::fuser::MountOption::NoExec,
-            ::fuser::MountOption::NoSuid,
-            ::fuser::MountOption::NoDev,
-        ];
+        let opts = fuse_kernel::mount::MountOptions {
+            fsname: "tandem".into(),
+            subtype: Some("tandem".into()),
+            read_only: false,
+        };
+        let fs = fuse::ImageFs::new(volume, volumes.to_vec(), latency);
         // Each thread performs its request's local I/O itself, so enough threads are needed
         // to keep a deep queue busy; idle ones cost nothing but a stack.
-        cfg.n_threads = Some(FUSE_THREADS);
-        cfg.clone_fd = true;
-        let fs = fuse::ImageFs::new(volume, volumes.to_vec(), latency);
-        let session = ::fuser::spawn_mount(fs, mountpoint, &cfg).with_context(|| {
-            format!("cannot mount FUSE at {} (is /dev/fuse available?)", mountpoint.display())
-        })?;
+        let session = serve(mountpoint, &opts, &fuse::ImageFs::init_wanted(), fs, FUSE_THREADS, "fuse")?;
         let mut me =
             Self { session: Some(session), mountpoint: mountpoint.to_path_buf(), devices: Vec::new() };
         for v in volumes {
@@ -147,7 +141,7 @@ impl Drop for FuseLoop {
 /// still will not go, detach lazily rather than hang.
 pub(crate) fn stop_serving(
     devices: &mut Vec<(String, String)>,
-    session: &mut Option<::fuser::BackgroundSession>,
+    session: &mut Option<fuse_kernel::Session>,
     mountpoint: &Path,
 ) -> Result<()> {
     if let Some((_, d)) = devices.iter().find(|(_, d)| loopdev::in_use(d)) {
@@ -165,22 +159,50 @@ pub(crate) fn stop_serving(
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    if let Some(session) = session.take() {
-        if let Err(e) = session.umount_and_join() {
-            warn!("FUSE unmount of {} failed ({e}); detaching lazily", mountpoint.display());
-            let _ = nix::mount::umount2(mountpoint, nix::mount::MntFlags::MNT_DETACH);
+    if let Some(mut session) = session.take() {
+        match session.unmount_and_join() {
+            Ok(fuse_kernel::mount::Unmounted::Fully) => {}
+            Ok(fuse_kernel::mount::Unmounted::Lazily) => {
+                warn!("FUSE mount {} was busy; detached lazily", mountpoint.display())
+            }
+            Err(e) => {
+                warn!("{e}; detaching lazily");
+                let _ = nix::mount::umount2(mountpoint, nix::mount::MntFlags::MNT_DETACH);
+            }
         }
     }
     Ok(())
 }
 
 /// Dropped without a stop: best effort, never leave a mount behind.
-pub(crate) fn drop_serving(devices: &[(String, String)], session: &mut Option<::fuser::BackgroundSession>) {
-    if let Some(s) = session.take() {
+pub(crate) fn drop_serving(devices: &[(String, String)], session: &mut Option<fuse_kernel::Session>) {
+    if let Some(mut s) = session.take() {
         for (_, d) in devices {
             let _ = loopdev::detach(d);
         }
-        let _ = s.umount_and_join();
+        let _ = s.unmount_and_join();
+    }
+}
+
+/// Mounts FUSE at `mountpoint`, answers its INIT with `wanted` and serves it with
+/// `threads` workers. On an error after the mount, the mount is removed again.
+pub(crate) fn serve<H: fuse_kernel::Handler>(
+    mountpoint: &Path,
+    opts: &fuse_kernel::mount::MountOptions,
+    wanted: &fuse_kernel::InitWanted,
+    handler: H,
+    threads: usize,
+    name: &str,
+) -> Result<fuse_kernel::Session> {
+    let fd = fuse_kernel::mount::mount(mountpoint, opts)?;
+    let started = fuse_kernel::Connection::negotiate(fd, wanted)
+        .and_then(|conn| fuse_kernel::Session::spawn(conn, mountpoint, handler, threads, name));
+    match started {
+        Ok(s) => Ok(s),
+        Err(e) => {
+            let _ = nix::mount::umount2(mountpoint, nix::mount::MntFlags::MNT_DETACH);
+            Err(anyhow::Error::new(e).context(format!("cannot serve FUSE at {}", mountpoint.display())))
+        }
     }
 }
 

@@ -14,13 +14,12 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
-use fuser::{
-    Errno, FileHandle, Filesystem, FopenFlags, INodeNo, LockOwner, OpenFlags, ReplyAttr, ReplyData,
-    ReplyDirectory, ReplyEntry, ReplyOpen, ReplyWrite, Request, WriteFlags,
-};
+use nix::errno::Errno;
 use tracing::{info, warn};
 
 use super::fuse::{file_name, VolumeFiles};
+use super::fuse_kernel::abi::{self, open_flags, FsyncIn, OpenIn, ReadIn, WriteIn};
+use super::fuse_kernel::{mount, Handler, InitWanted, Reply, Session};
 use super::{clean_stale, drop_serving, loopdev, stop_serving};
 use crate::snapshot::SnapshotStore;
 use crate::volume_set::VolumeLayout;
@@ -39,6 +38,20 @@ struct Overlay {
 }
 
 const BLOCK: u64 = crate::snapshot::cow::BLOCK;
+
+/// Threads serving an exposed snapshot (fsck, a backup: not the hot path).
+const SNAPSHOT_THREADS: usize = 2;
+
+/// INIT for an exposed snapshot: large requests, the kernel's default queue depth.
+const SNAPSHOT_INIT: InitWanted = InitWanted {
+    flags: abi::init_flags::ASYNC_READ
+        | abi::init_flags::BIG_WRITES
+        | abi::init_flags::MAX_PAGES
+        | abi::init_flags::PARALLEL_DIROPS,
+    max_write: 1 << 20,
+    max_background: 16,
+    congestion_threshold: 12,
+};
 
 impl SnapshotFs {
     /// `[at, +buf.len())` of the address space: the overlay's blocks, else the snapshot's.
@@ -81,45 +94,35 @@ impl SnapshotFs {
 }
 
 impl SnapshotFs {
-    fn file(&self, ino: INodeNo) -> Option<&VolumeLayout> {
+    fn file(&self, ino: u64) -> Option<&VolumeLayout> {
         self.files.file(ino)
     }
 }
 
-impl Filesystem for SnapshotFs {
-    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+impl Handler for SnapshotFs {
+    fn lookup(&self, parent: u64, name: &OsStr, reply: Reply) {
         self.files.lookup(parent, name, reply)
     }
 
-    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+    fn getattr(&self, ino: u64, reply: Reply) {
         self.files.getattr(ino, reply)
     }
 
-    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+    fn open(&self, ino: u64, arg: &OpenIn, reply: Reply) {
         if self.file(ino).is_none() {
             return reply.error(Errno::EISDIR);
         }
-        if flags.0 & libc::O_ACCMODE != libc::O_RDONLY && self.overlay.is_none() {
+        if arg.flags as i32 & libc::O_ACCMODE != libc::O_RDONLY && self.overlay.is_none() {
             return reply.error(Errno::EROFS);
         }
-        reply.opened(FileHandle(1), FopenFlags::FOPEN_DIRECT_IO);
+        reply.opened(1, open_flags::DIRECT_IO);
     }
 
-    fn read(
-        &self,
-        _req: &Request,
-        ino: INodeNo,
-        _fh: FileHandle,
-        offset: u64,
-        size: u32,
-        _flags: OpenFlags,
-        _lock: Option<LockOwner>,
-        reply: ReplyData,
-    ) {
+    fn read(&self, ino: u64, arg: &ReadIn, reply: Reply) {
         let Some(f) = self.file(ino) else { return reply.error(Errno::ENOENT) };
-        let len = (size as u64).min(f.size.saturating_sub(offset)) as usize;
+        let len = u64::from(arg.size).min(f.size.saturating_sub(arg.offset)) as usize;
         let mut buf = vec![0u8; len];
-        match self.read_view(f.offset + offset, &mut buf) {
+        match self.read_view(f.offset + arg.offset, &mut buf) {
             Ok(()) => reply.data(&buf),
             Err(e) => {
                 warn!(snapshot = %self.name, "read of exposed snapshot failed: {e}");
@@ -128,24 +131,13 @@ impl Filesystem for SnapshotFs {
         }
     }
 
-    fn write(
-        &self,
-        _req: &Request,
-        ino: INodeNo,
-        _fh: FileHandle,
-        offset: u64,
-        data: &[u8],
-        _wf: WriteFlags,
-        _flags: OpenFlags,
-        _lock: Option<LockOwner>,
-        reply: ReplyWrite,
-    ) {
+    fn write(&self, ino: u64, arg: &WriteIn, data: &[u8], reply: Reply) {
         let Some(o) = &self.overlay else { return reply.error(Errno::EROFS) };
         let Some(f) = self.file(ino) else { return reply.error(Errno::ENOENT) };
-        if data.is_empty() || offset.checked_add(data.len() as u64).is_none_or(|e| e > f.size) {
+        if data.is_empty() || arg.offset.checked_add(data.len() as u64).is_none_or(|e| e > f.size) {
             return reply.error(Errno::EINVAL);
         }
-        match self.write_overlay(o, f.offset + offset, data) {
+        match self.write_overlay(o, f.offset + arg.offset, data) {
             Ok(()) => reply.written(data.len() as u32),
             Err(e) => {
                 warn!(snapshot = %self.name, "write to the overlay of an exposed snapshot failed: {e}");
@@ -154,26 +146,19 @@ impl Filesystem for SnapshotFs {
         }
     }
 
-    fn fsync(
-        &self,
-        _req: &Request,
-        _ino: INodeNo,
-        _fh: FileHandle,
-        _datasync: bool,
-        reply: fuser::ReplyEmpty,
-    ) {
+    fn fsync(&self, _ino: u64, _arg: &FsyncIn, reply: Reply) {
         // The overlay is thrown away at unexpose: nothing to make durable.
         reply.ok();
     }
 
-    fn readdir(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, reply: ReplyDirectory) {
-        self.files.readdir(ino, offset, reply)
+    fn readdir(&self, ino: u64, arg: &ReadIn, reply: Reply) {
+        self.files.readdir(ino, arg, reply)
     }
 }
 
 /// An exposed snapshot: its FUSE files and read-only loop devices.
 pub struct SnapshotExport {
-    session: Option<fuser::BackgroundSession>,
+    session: Option<Session>,
     mountpoint: PathBuf,
     /// (volume name, loop device)
     pub devices: Vec<(String, String)>,
@@ -192,17 +177,6 @@ impl SnapshotExport {
         std::fs::create_dir_all(mountpoint)
             .with_context(|| format!("cannot create {}", mountpoint.display()))?;
         clean_stale(mountpoint)?;
-        let mut cfg = fuser::Config::default();
-        cfg.mount_options = vec![
-            fuser::MountOption::FSName("tandem-snapshot".into()),
-            fuser::MountOption::NoExec,
-            fuser::MountOption::NoSuid,
-            fuser::MountOption::NoDev,
-        ];
-        if overlay_dir.is_none() {
-            cfg.mount_options.push(fuser::MountOption::RO);
-        }
-        cfg.n_threads = Some(2);
         let overlay = match overlay_dir {
             Some(dir) => Some(Overlay {
                 file: tempfile::tempfile_in(dir)
@@ -218,9 +192,12 @@ impl SnapshotExport {
             files: VolumeFiles::new(volumes.to_vec(), writable),
             overlay,
         };
-        let session = fuser::spawn_mount(fs, mountpoint, &cfg).with_context(|| {
-            format!("cannot mount FUSE at {} (is /dev/fuse available?)", mountpoint.display())
-        })?;
+        let opts = mount::MountOptions {
+            fsname: "tandem-snapshot".into(),
+            subtype: None,
+            read_only: overlay_dir.is_none(),
+        };
+        let session = super::serve(mountpoint, &opts, &SNAPSHOT_INIT, fs, SNAPSHOT_THREADS, "fuse-snapshot")?;
         let mut me =
             Self { session: Some(session), mountpoint: mountpoint.to_path_buf(), devices: Vec::new() };
         for v in volumes {
