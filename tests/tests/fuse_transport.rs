@@ -97,6 +97,31 @@ fn an_unanswered_request_is_read_again_after_notify_resend() {
     drop(unmount);
 }
 
+/// Why a takeover holder must keep every device, clones included: a request read from a
+/// device that is then closed is failed at once (ECONNABORTED), not kept for a resend.
+#[test]
+fn closing_the_device_a_request_was_read_from_fails_that_request() {
+    tandem_tests::require_real_devices();
+    let dir = tempfile::tempdir_in(tandem_tests::lab_parent()).unwrap();
+    let mp = dir.path().join("mnt");
+    std::fs::create_dir(&mp).unwrap();
+    let opts = mount::MountOptions { fsname: "tandem-test".into(), subtype: None, read_only: true };
+    let fd = mount::mount(&mp, &opts).expect("mount FUSE");
+    let unmount = scopeguard(&mp);
+    let conn = Connection::negotiate(fd, &WANTED).expect("answer FUSE_INIT");
+    let clone = conn.device().try_clone().expect("clone the device");
+
+    let target = mp.join("missing");
+    let stat = std::thread::spawn(move || std::fs::metadata(target).map(|_| ()));
+    let mut buf = vec![0u8; conn.params().read_buffer_size()];
+    next_lookup(&clone, &mut buf);
+    drop(clone);
+    let got = stat.join().unwrap();
+    assert_eq!(got.unwrap_err().raw_os_error(), Some(libc::ECONNABORTED));
+    drop(conn);
+    drop(unmount);
+}
+
 /// Unmounts `mp` when dropped, also when an assertion fails.
 fn scopeguard(mp: &std::path::Path) -> impl Drop + '_ {
     struct Unmount<'a>(&'a std::path::Path);

@@ -1,13 +1,35 @@
 //! The FUSE transport of the loop-over-FUSE frontend, our own instead of a library's: it
 //! serves exactly what the frontend needs (one directory of one file per volume) and owns
-//! the connection, which agent takeover (a holder process keeping the `/dev/fuse` fds
-//! across an agent crash) and FUSE-over-io_uring need.
+//! the connection, which agent takeover and FUSE-over-io_uring need.
 //!
 //! - [`abi`]: the kernel's structs and opcodes, checked decoding, encoding.
 //! - [`mount`]: `/dev/fuse` and `mount(2)` / `umount2`.
-//! - [`connection`]: the fd and the parameters negotiated in INIT (serialisable, for
-//!   takeover), FUSE_NOTIFY_RESEND.
+//! - [`connection`]: the device fds and the parameters negotiated in INIT (serialisable,
+//!   for takeover), FUSE_NOTIFY_RESEND.
 //! - [`session`]: worker threads, the [`Handler`] trait and [`Reply`].
+//!
+//! # Takeover (not built yet)
+//!
+//! A holder process keeps the connection's devices so the mount outlives a crashed agent.
+//! What a new agent needs from it: every device requests are read from (the mounted fd and
+//! each `FUSE_DEV_IOC_CLONE` of it — closing a device fails the requests read from it and
+//! not answered, with ECONNABORTED, in `fuse_dev_release`; only requests on devices still
+//! open can be resent), the [`InitParams`] (INIT is sent once per connection), and the
+//! mountpoint. It builds the connection with [`Connection::from_fd`], starts its workers on
+//! those devices, then sends [`Connection::notify_resend`]: the kernel queues again what the
+//! dead agent had read, with [`abi::UNIQUE_RESEND`] in `unique`. The engine must treat a
+//! resent WRITE like a new one (it was never acknowledged, so replaying it is allowed).
+//!
+//! # FUSE over io_uring (not built yet)
+//!
+//! A second queue type behind the same [`Handler`]: the INIT reply asks for
+//! [`abi::init_flags::OVER_IO_URING`] (only offered with
+//! `/sys/module/fuse/parameters/enable_uring` set), then one queue per possible CPU
+//! registers ring entries with `IORING_OP_URING_CMD` / `FUSE_IO_URING_CMD_REGISTER` and
+//! answers with `COMMIT_AND_FETCH`. The kernel uses the ring only once every queue has an
+//! entry registered (`is_ring_ready` in fs/fuse/dev_uring.c); until then, and whenever
+//! registration fails, requests keep coming through the device reads here, which is the
+//! fallback.
 
 pub mod abi;
 pub mod connection;

@@ -186,8 +186,9 @@ fn dispatch<H: Handler>(h: &H, req: Request<'_>, reply: Reply) {
             reply.error(Errno::ENOSYS)
         }
         Operation::Forget { .. } | Operation::BatchForget { .. } | Operation::Interrupt { .. } => {
-            // No reply is expected (the transport never builds one for these).
-            std::mem::forget(reply)
+            // No reply is expected (`serve` never builds one for these): answer nothing.
+            let mut reply = reply;
+            reply.sent = true;
         }
     }
 }
