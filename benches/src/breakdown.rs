@@ -32,6 +32,8 @@ pub fn trace_dir(work: &Path, cfg: &str) -> Result<PathBuf> {
 struct Trace {
     flush: bool,
     at: [Option<u64>; 9],
+    /// Nanoseconds from the previous sequence number's completion to this admission.
+    since_previous: Option<u64>,
 }
 
 fn read(dir: &Path, window: (u64, u64)) -> Result<Vec<Trace>> {
@@ -54,9 +56,21 @@ fn read(dir: &Path, window: (u64, u64)) -> Result<Vec<Trace>> {
             t.at[s as usize].get_or_insert(ns);
         }
     }
+    // The gap from the previous request's completion to this one's admission: the kernel,
+    // the loop device, FUSE and fio between two requests (at QD1 nothing else runs).
+    let completed: HashMap<u64, u64> =
+        by_seq.iter().filter_map(|(seq, t)| Some((*seq, t.at[Stage::Completed as usize]?))).collect();
     Ok(by_seq
-        .into_values()
-        .filter(|t| t.at[Stage::Admitted as usize].is_some_and(|a| a >= window.0 && a <= window.1))
+        .into_iter()
+        .filter(|(_, t)| t.at[Stage::Admitted as usize].is_some_and(|a| a >= window.0 && a <= window.1))
+        .map(|(seq, mut t)| {
+            let prev = seq.checked_sub(1).and_then(|p| completed.get(&p));
+            t.since_previous = match (prev, t.at[Stage::Admitted as usize]) {
+                (Some(p), Some(a)) => a.checked_sub(*p),
+                _ => None,
+            };
+            t
+        })
         .collect())
 }
 
@@ -112,6 +126,12 @@ pub fn table(
         }
         s += &format!("| {name} | {} | {} |\n", fmt(w), fmt(f));
     }
+    let gap = |ts: &[&Trace]| median(ts.iter().filter_map(|t| t.since_previous).collect());
+    s += &format!(
+        "| between requests: previous one completed → this one admitted (kernel, loop, FUSE, fio) | {} | {} |\n",
+        fmt(gap(&writes)),
+        fmt(gap(&flushes)),
+    );
     let total = |ts: &[&Trace]| step(ts, Stage::Admitted, Stage::Completed);
     s += &format!(
         "| fio p50 − engine total (kernel, loop, FUSE and fio itself; a difference of medians, not a measured step) | {} | {} |\n",
@@ -159,6 +179,8 @@ mod tests {
         assert!(t.contains("| wire out: link writer → standby's link reader | 36 | 47 |"), "{t}");
         assert!(t.contains("| standby: write / flush on its disk | 15 | - |"), "{t}");
         assert!(t.contains("| primary: admitted → completed (engine total) | 102 | 201 |"), "{t}");
+        // The flush (seq 2) was admitted 898 µs after the write (seq 1) completed.
+        assert!(t.contains("→ this one admitted (kernel, loop, FUSE, fio) | - | 898 |"), "{t}");
         assert!(t.contains("fio itself; a difference of medians, not a measured step) | 48 | 99 |"), "{t}");
     }
 
