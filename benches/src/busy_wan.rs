@@ -62,13 +62,7 @@ pub fn run(args: &Args, tandem: &Path) -> Result<(Vec<Row>, Vec<Check>)> {
     lab.wait_for("alpha", "all connected", Duration::from_secs(60), |r| {
         r.peers.len() == 2 && r.peers.iter().all(|p| p.connection == "connected")
     })?;
-    let r = lab.promote("alpha", false)?;
-    if !r.ok {
-        bail!("promote: {:?}", r.error);
-    }
-    let st = lab.wait_for("alpha", "replicating", Duration::from_secs(60), |r| {
-        r.device.is_some() && r.peers.iter().all(|p| p.replication == "established")
-    })?;
+    let st = crate::stacks::promote_alpha(&lab)?;
     let modes: Vec<_> = st.peers.iter().map(|p| format!("{}={}", p.node, p.mode)).collect();
     eprintln!("peers: {}", modes.join(", "));
     let dev = st.device.context("no device")?;

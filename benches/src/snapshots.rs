@@ -307,15 +307,7 @@ pub fn run_space(args: &Args, tandem: &Path) -> Result<String> {
     lab.start("alpha")?;
     lab.start(STANDBY)?;
     lab.wait_connected("alpha", Duration::from_secs(60))?;
-    if !lab.promote("alpha", false)?.ok {
-        bail!("promote failed");
-    }
-    let dev = lab
-        .wait_for("alpha", "replicating", Duration::from_secs(60), |r| {
-            r.device.is_some() && r.peers.iter().all(|p| p.replication == "established")
-        })?
-        .device
-        .context("no device")?;
+    let dev = crate::stacks::promote_alpha(&lab)?.device.context("no device")?;
     // Inode tables and journal initialised now, not by ext4lazyinit during the run (its
     // zeroing reaches the standby as discards, which snapshots preserve like writes).
     run_cmd(Command::new("mkfs.ext4").args([

@@ -29,6 +29,18 @@ pub fn zero_file(path: &Path, size: u64) -> Result<()> {
 }
 
 /// A plain loop device (direct I/O) on a file, detached on drop.
+/// Promotes `alpha` and waits until it serves its device with every peer replicating;
+/// returns that status (its `device` is set).
+pub fn promote_alpha(lab: &Lab) -> Result<tandem_agent::status::ResourceStatus> {
+    let r = lab.promote("alpha", false)?;
+    if !r.ok {
+        bail!("promote: {:?}", r.error);
+    }
+    lab.wait_for("alpha", "replicating", Duration::from_secs(60), |r| {
+        r.device.is_some() && r.peers.iter().all(|p| p.replication == "established")
+    })
+}
+
 pub struct Loop(pub String);
 
 impl Loop {
@@ -167,14 +179,7 @@ pub fn run_config(cfg: &str, args: &Args, tandem: &Path) -> Result<(Vec<Row>, Ch
             if names.len() > 1 {
                 lab.wait_connected("alpha", Duration::from_secs(60))?;
             }
-            let r = lab.promote("alpha", false)?;
-            if !r.ok {
-                bail!("promote: {:?}", r.error);
-            }
-            let st = lab.wait_for("alpha", "replicating", Duration::from_secs(60), |r| {
-                r.device.is_some() && r.peers.iter().all(|p| p.replication == "established")
-            })?;
-            let dev = st.device.context("no device")?;
+            let dev = promote_alpha(&lab)?.device.context("no device")?;
             let mut standby = (snapshots > 0).then(|| Standby::prepare(&lab, &dev, snapshots)).transpose()?;
             let label = format!("tandem-{cfg}");
             let rows = workloads(&label, &dev, args, Some(&lab), standby.as_mut())?;

@@ -213,16 +213,7 @@ fn run_stack(
             if names.len() > 1 {
                 lab.wait_connected("alpha", Duration::from_secs(60))?;
             }
-            let p = lab.promote("alpha", false)?;
-            if !p.ok {
-                bail!("promote: {:?}", p.error);
-            }
-            let dev = lab
-                .wait_for("alpha", "replicating", Duration::from_secs(60), |r| {
-                    r.device.is_some() && r.peers.iter().all(|p| p.replication == "established")
-                })?
-                .device
-                .context("no device")?;
+            let dev = crate::stacks::promote_alpha(&lab)?.device.context("no device")?;
             let mut r = measure((stack, round), &dev, &dir, args, messages, &run)?;
             lab.wait_for("alpha", "peers caught up", Duration::from_secs(300), |r| {
                 r.peers.iter().all(|p| p.pending_requests == 0 && p.out_of_sync_bytes == 0)
