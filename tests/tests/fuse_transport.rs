@@ -58,14 +58,8 @@ fn next_lookup(dev: &Device, buf: &mut [u8]) -> abi::InHeader {
 
 #[test]
 fn an_unanswered_request_is_read_again_after_notify_resend() {
-    tandem_tests::require_real_devices();
-    let dir = tempfile::tempdir_in(tandem_tests::lab_parent()).unwrap();
-    let mp = dir.path().join("mnt");
-    std::fs::create_dir(&mp).unwrap();
-    let opts = mount::MountOptions { fsname: "tandem-test".into(), subtype: None, read_only: true };
-    let fd = mount::mount(&mp, &opts).expect("mount FUSE");
-    let unmount = scopeguard(&mp);
-    let conn = Connection::negotiate(fd, &WANTED).expect("answer FUSE_INIT");
+    let (mounted, conn) = mount_answering_init();
+    let mp = &mounted.mp;
     let params = *conn.params();
     assert!(
         params.kernel_flags & init_flags::HAS_RESEND != 0,
@@ -94,21 +88,14 @@ fn an_unanswered_request_is_read_again_after_notify_resend() {
         std::io::ErrorKind::NotFound,
         "the answer to the resent request counts"
     );
-    drop(unmount);
 }
 
 /// Why a takeover holder must keep every device, clones included: a request read from a
 /// device that is then closed is failed at once (ECONNABORTED), not kept for a resend.
 #[test]
 fn closing_the_device_a_request_was_read_from_fails_that_request() {
-    tandem_tests::require_real_devices();
-    let dir = tempfile::tempdir_in(tandem_tests::lab_parent()).unwrap();
-    let mp = dir.path().join("mnt");
-    std::fs::create_dir(&mp).unwrap();
-    let opts = mount::MountOptions { fsname: "tandem-test".into(), subtype: None, read_only: true };
-    let fd = mount::mount(&mp, &opts).expect("mount FUSE");
-    let unmount = scopeguard(&mp);
-    let conn = Connection::negotiate(fd, &WANTED).expect("answer FUSE_INIT");
+    let (mounted, conn) = mount_answering_init();
+    let mp = &mounted.mp;
     let clone = conn.device().try_clone().expect("clone the device");
 
     let target = mp.join("missing");
@@ -119,16 +106,30 @@ fn closing_the_device_a_request_was_read_from_fails_that_request() {
     let got = stat.join().unwrap();
     assert_eq!(got.unwrap_err().raw_os_error(), Some(libc::ECONNABORTED));
     drop(conn);
-    drop(unmount);
 }
 
-/// Unmounts `mp` when dropped, also when an assertion fails.
-fn scopeguard(mp: &std::path::Path) -> impl Drop + '_ {
-    struct Unmount<'a>(&'a std::path::Path);
-    impl Drop for Unmount<'_> {
-        fn drop(&mut self) {
-            let _ = mount::unmount(self.0);
-        }
+/// A FUSE mount of the test's own at a fresh directory, unmounted when dropped (also when
+/// an assertion fails).
+struct TestMount {
+    mp: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for TestMount {
+    fn drop(&mut self) {
+        let _ = mount::unmount(&self.mp);
     }
-    Unmount(mp)
+}
+
+/// Mounts a read-only FUSE filesystem and answers its FUSE_INIT with [`WANTED`].
+fn mount_answering_init() -> (TestMount, Connection) {
+    tandem_tests::require_real_devices();
+    let dir = tempfile::tempdir_in(tandem_tests::lab_parent()).unwrap();
+    let mp = dir.path().join("mnt");
+    std::fs::create_dir(&mp).unwrap();
+    let opts = mount::MountOptions { fsname: "tandem-test".into(), subtype: None, read_only: true };
+    let fd = mount::mount(&mp, &opts).expect("mount FUSE");
+    let mounted = TestMount { mp, _dir: dir };
+    let conn = Connection::negotiate(fd, &WANTED).expect("answer FUSE_INIT");
+    (mounted, conn)
 }
