@@ -37,6 +37,9 @@ pub enum Command {
         /// How long to keep the connections with no agent attached.
         #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
         grace: std::time::Duration,
+        /// Write the holder's pid here while it runs.
+        #[arg(long)]
+        pid_file: Option<PathBuf>,
     },
     /// Generate a node's key and self-signed certificate: DIR/NAME.crt and DIR/NAME.key.
     Keygen {

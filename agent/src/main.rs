@@ -73,10 +73,11 @@ fn run(cli: Cli) -> Result<ExitCode> {
             })?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Holder { socket, grace } => {
+        Command::Holder { socket, grace, pid_file } => {
             tandem_agent::holder::server::run(&tandem_agent::holder::server::HolderSettings {
                 socket: socket.clone(),
                 grace: *grace,
+                pid_file: pid_file.clone(),
             })?;
             Ok(ExitCode::SUCCESS)
         }

@@ -44,6 +44,10 @@ pub const fn max_mtu() -> u16 {
     9000
 }
 
+pub const fn takeover_grace() -> Duration {
+    Duration::from_secs(60)
+}
+
 pub const fn hook_timeout() -> Duration {
     Duration::from_secs(60)
 }

@@ -212,6 +212,11 @@ pub struct Options {
     /// How long a handler may run; `fence-peer` past it refuses the promotion.
     #[serde(deserialize_with = "units::parsed")]
     pub hook_timeout: Duration,
+    /// How long a primary's device waits for a new agent after its agent stopped
+    /// uncleanly or for a restart (its FUSE connection kept by the descriptor holder);
+    /// past it, requests fail with EIO. Zero: no holder, requests fail at once.
+    #[serde(deserialize_with = "units::parsed")]
+    pub takeover_grace: Duration,
     /// QUIC congestion control.
     pub congestion: Congestion,
 }
@@ -234,6 +239,7 @@ impl Default for Options {
             stream_window: defaults::stream_window(),
             max_mtu: defaults::max_mtu(),
             hook_timeout: defaults::hook_timeout(),
+            takeover_grace: defaults::takeover_grace(),
             congestion: defaults::congestion(),
         }
     }

@@ -660,7 +660,7 @@ fn the_documented_defaults_are_the_parsers() {
             panic!("a literal default for {key}, which this test does not know where to put");
         }
     }
-    assert!(options.lines().count() == 7 && resource.lines().count() > 8 && !disk.is_empty());
+    assert!(options.lines().count() == 8 && resource.lines().count() > 8 && !disk.is_empty());
     let text = with_options(&options)
         .replace("size = \"512MiB\"\n", &format!("size = \"512MiB\"\n{resource}"))
         .replace(".meta\"\n", &format!(".meta\"\n{disk}"))

@@ -1,7 +1,7 @@
 //! The agent's side of the holder: store a connection's descriptor, take it back after a
 //! restart, forget it when the device is removed.
 
-use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 
@@ -18,6 +18,15 @@ pub enum HolderError {
     Refused(String),
     #[error("holder answered {0:?}, which does not answer the request")]
     Unexpected(Box<Message>),
+}
+
+/// What [`HolderClient::take`] hands back.
+#[derive(Debug)]
+pub struct Taken {
+    pub fds: Vec<OwnedFd>,
+    pub state: Vec<u8>,
+    /// How long no agent had been attached to the holder before this one.
+    pub agentless: std::time::Duration,
 }
 
 /// A connection to the holder. While it is open the holder counts this agent as attached.
@@ -37,10 +46,11 @@ impl HolderClient {
     fn call(
         &self,
         msg: &Message,
-        fd: Option<BorrowedFd<'_>>,
-    ) -> Result<(Message, Option<OwnedFd>), HolderError> {
+        fds: &[BorrowedFd<'_>],
+    ) -> Result<(Message, Vec<OwnedFd>), HolderError> {
         let io = |source| HolderError::Io { path: self.path.clone(), source };
-        send(&self.sock, msg, fd.map(|f| f.as_raw_fd())).map_err(io)?;
+        let raw: Vec<RawFd> = fds.iter().map(|f| f.as_raw_fd()).collect();
+        send(&self.sock, msg, &raw).map_err(io)?;
         match recv(&self.sock).map_err(io)? {
             Some((Message::Error { reason }, _)) => Err(HolderError::Refused(reason)),
             Some(r) => Ok(r),
@@ -51,25 +61,28 @@ impl HolderClient {
         }
     }
 
-    /// Has the holder keep a copy of `fd`, with `state`, under `key`.
-    pub fn hold(&self, key: &str, fd: BorrowedFd<'_>, state: &[u8]) -> Result<(), HolderError> {
-        match self.call(&Message::Hold { key: key.into(), state: state.to_vec() }, Some(fd))? {
+    /// Has the holder keep copies of `fds` (one connection's devices), with `state`, under
+    /// `key`.
+    pub fn hold(&self, key: &str, fds: &[BorrowedFd<'_>], state: &[u8]) -> Result<(), HolderError> {
+        match self.call(&Message::Hold { key: key.into(), state: state.to_vec() }, fds)? {
             (Message::Ok, _) => Ok(()),
             (other, _) => Err(HolderError::Unexpected(Box::new(other))),
         }
     }
 
-    /// A duplicate of the descriptor held under `key` and its state.
-    pub fn take(&self, key: &str) -> Result<(OwnedFd, Vec<u8>), HolderError> {
-        match self.call(&Message::Take { key: key.into() }, None)? {
-            (Message::Held { state, .. }, Some(fd)) => Ok((fd, state)),
+    /// Duplicates of the descriptors held under `key`, in the order they were held.
+    pub fn take(&self, key: &str) -> Result<Taken, HolderError> {
+        match self.call(&Message::Take { key: key.into() }, &[])? {
+            (Message::Held { state, agentless_ms, .. }, fds) if !fds.is_empty() => {
+                Ok(Taken { fds, state, agentless: std::time::Duration::from_millis(agentless_ms) })
+            }
             (other, _) => Err(HolderError::Unexpected(Box::new(other))),
         }
     }
 
     /// Has the holder close its copy of the descriptor under `key`.
     pub fn forget(&self, key: &str) -> Result<(), HolderError> {
-        match self.call(&Message::Forget { key: key.into() }, None)? {
+        match self.call(&Message::Forget { key: key.into() }, &[])? {
             (Message::Ok, _) => Ok(()),
             (other, _) => Err(HolderError::Unexpected(Box::new(other))),
         }
@@ -77,7 +90,7 @@ impl HolderClient {
 
     /// The keys held.
     pub fn list(&self) -> Result<Vec<String>, HolderError> {
-        match self.call(&Message::List, None)? {
+        match self.call(&Message::List, &[])? {
             (Message::Keys { keys }, _) => Ok(keys),
             (other, _) => Err(HolderError::Unexpected(Box::new(other))),
         }

@@ -1,4 +1,4 @@
-//! Messages with an optional descriptor over a unix stream socket (`SCM_RIGHTS`).
+//! Messages with descriptors over a unix stream socket (`SCM_RIGHTS`).
 
 use std::io::{self, IoSlice, IoSliceMut, Read};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -8,20 +8,28 @@ use nix::sys::socket::{recvmsg, sendmsg, ControlMessage, ControlMessageOwned, Ms
 
 use super::{Message, MAX_MESSAGE};
 
+/// The most descriptors one message carries (a connection's devices: one per FUSE worker).
+/// The kernel's own limit (`SCM_MAX_FD`) is 253.
+pub const MAX_FDS: usize = 64;
+
 fn invalid(reason: String) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, reason)
 }
 
-/// Sends `msg`, with `fd` attached if given, in one `sendmsg`.
-pub fn send(sock: &UnixStream, msg: &Message, fd: Option<RawFd>) -> io::Result<()> {
+/// Sends `msg`, with `fds` attached, in one `sendmsg` (the rest of a long message follows
+/// without descriptors).
+pub fn send(sock: &UnixStream, msg: &Message, fds: &[RawFd]) -> io::Result<()> {
+    if fds.len() > MAX_FDS {
+        return Err(invalid(format!("{} descriptors in one message (the limit is {MAX_FDS})", fds.len())));
+    }
     let body = serde_json::to_vec(msg).map_err(|e| invalid(e.to_string()))?;
     let mut frame = (body.len() as u32).to_le_bytes().to_vec();
     frame.extend_from_slice(&body);
-    let fds = fd.map(|f| [f]);
-    let cmsgs: Vec<ControlMessage> = fds.iter().map(|f| ControlMessage::ScmRights(f)).collect();
+    let cmsgs: Vec<ControlMessage> =
+        if fds.is_empty() { Vec::new() } else { vec![ControlMessage::ScmRights(fds)] };
     let mut sent = 0;
     while sent < frame.len() {
-        // The descriptor goes with the first bytes only.
+        // The descriptors go with the first bytes only.
         let c = if sent == 0 { &cmsgs[..] } else { &[] };
         let n =
             sendmsg::<()>(sock.as_raw_fd(), &[IoSlice::new(&frame[sent..])], c, MsgFlags::MSG_NOSIGNAL, None)
@@ -31,32 +39,33 @@ pub fn send(sock: &UnixStream, msg: &Message, fd: Option<RawFd>) -> io::Result<(
     Ok(())
 }
 
-/// Receives one message and the descriptor that came with it. `Ok(None)`: the peer closed
-/// the socket between messages.
-pub fn recv(sock: &UnixStream) -> io::Result<Option<(Message, Option<OwnedFd>)>> {
+/// Receives one message and the descriptors that came with it. `Ok(None)`: the peer closed
+/// the socket between messages. A message whose descriptors did not all fit (more than
+/// [`MAX_FDS`]) is refused; those that came are closed.
+pub fn recv(sock: &UnixStream) -> io::Result<Option<(Message, Vec<OwnedFd>)>> {
     let mut len = [0u8; 4];
-    let mut space = nix::cmsg_space!([RawFd; 1]);
-    let (n, fd) = {
+    let mut space = nix::cmsg_space!([RawFd; MAX_FDS]);
+    let (n, fds, truncated) = {
         let mut iov = [IoSliceMut::new(&mut len)];
         let m = recvmsg::<()>(sock.as_raw_fd(), &mut iov, Some(&mut space), MsgFlags::MSG_CMSG_CLOEXEC)
             .map_err(io::Error::from)?;
-        let mut fd = None;
+        let mut fds = Vec::new();
         for c in m.cmsgs().map_err(io::Error::from)? {
-            if let ControlMessageOwned::ScmRights(fds) = c {
-                for (i, f) in fds.into_iter().enumerate() {
+            if let ControlMessageOwned::ScmRights(got) = c {
+                for f in got {
                     // SAFETY: the kernel just installed these descriptors in this process;
-                    // nothing else owns them. Any beyond the first are closed at once.
-                    let owned = unsafe { OwnedFd::from_raw_fd(f) };
-                    if i == 0 && fd.is_none() {
-                        fd = Some(owned);
-                    }
+                    // nothing else owns them.
+                    fds.push(unsafe { OwnedFd::from_raw_fd(f) });
                 }
             }
         }
-        (m.bytes, fd)
+        (m.bytes, fds, m.flags.contains(MsgFlags::MSG_CTRUNC))
     };
     if n == 0 {
         return Ok(None);
+    }
+    if truncated {
+        return Err(invalid(format!("more than {MAX_FDS} descriptors in one message")));
     }
     let mut reader = sock;
     if n < 4 {
@@ -69,5 +78,5 @@ pub fn recv(sock: &UnixStream) -> io::Result<Option<(Message, Option<OwnedFd>)>>
     let mut body = vec![0u8; size];
     reader.read_exact(&mut body)?;
     let msg = serde_json::from_slice(&body).map_err(|e| invalid(format!("malformed message: {e}")))?;
-    Ok(Some((msg, fd)))
+    Ok(Some((msg, fds)))
 }

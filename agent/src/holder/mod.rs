@@ -16,8 +16,14 @@
 //! - The holder does no I/O on the descriptors: it cannot corrupt anything, and if it is
 //!   killed too, the connections end as they do today (I/O errors, a failover).
 //!
-//! One message is a 4-byte little-endian length and a JSON body ([`Message`]); a
-//! descriptor travels as `SCM_RIGHTS` with the message's first bytes.
+//! - A connection is held as all of its devices (the mounted fd and every clone a worker
+//!   reads from): closing the device a request was read from fails that request, so the
+//!   holder keeps every one of them, and hands them back together.
+//! - The holder exits when the last attached agent leaves and nothing is held (a clean
+//!   stop), or when the grace time has passed with no agent attached.
+//!
+//! One message is a 4-byte little-endian length and a JSON body ([`Message`]); descriptors
+//! travel as `SCM_RIGHTS` with the message's first bytes.
 
 pub mod client;
 pub mod fdpass;
@@ -29,23 +35,26 @@ use serde::{Deserialize, Serialize};
 pub const MAX_MESSAGE: usize = 1 << 20;
 
 /// A message on the holder's socket. Requests carry the key of the connection (the
-/// resource's FUSE mountpoint); `Hold` comes with a descriptor, and so does a `Held` reply.
+/// resource's FUSE mountpoint); `Hold` comes with the connection's descriptors, and so does
+/// a `Held` reply.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "kebab-case")]
 pub enum Message {
-    /// Agent → holder: keep this descriptor (attached) and `state` under `key`, replacing
+    /// Agent → holder: keep these descriptors (attached) and `state` under `key`, replacing
     /// what was held under it.
     Hold { key: String, state: Vec<u8> },
-    /// Agent → holder: give me a duplicate of the descriptor held under `key`.
+    /// Agent → holder: give me duplicates of the descriptors held under `key`.
     Take { key: String },
-    /// Agent → holder: close the descriptor held under `key` (the device was removed).
+    /// Agent → holder: close the descriptors held under `key` (the device was removed).
     Forget { key: String },
     /// Agent → holder: the keys held.
     List,
     /// Holder → agent: done.
     Ok,
-    /// Holder → agent: the descriptor (attached) and the state stored with it.
-    Held { key: String, state: Vec<u8> },
+    /// Holder → agent: the descriptors (attached, in the order they were held) and the
+    /// state stored with them; `agentless_ms`: how long no agent had been attached before
+    /// this one (0 if one was).
+    Held { key: String, state: Vec<u8>, agentless_ms: u64 },
     /// Holder → agent: the keys held.
     Keys { keys: Vec<String> },
     /// Holder → agent: the request failed.

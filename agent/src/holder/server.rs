@@ -2,7 +2,7 @@
 //! lets go of them once the grace time has passed with no agent attached.
 
 use std::collections::BTreeMap;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex};
@@ -14,20 +14,24 @@ use tracing::{info, warn};
 use super::fdpass::{recv, send};
 use super::Message;
 
-/// What the holder is asked to hold, and for how long without an agent.
+/// Where the holder listens, and for how long it keeps connections without an agent.
 #[derive(Debug, Clone)]
 pub struct HolderSettings {
     pub socket: PathBuf,
     pub grace: Duration,
+    /// Written with the holder's pid while it runs (removed when it exits).
+    pub pid_file: Option<PathBuf>,
 }
 
 #[derive(Default)]
 struct State {
-    held: BTreeMap<String, (OwnedFd, Vec<u8>)>,
+    held: BTreeMap<String, (Vec<OwnedFd>, Vec<u8>)>,
     /// Connections that have held or taken a descriptor (agents, not a `list`).
     attached: usize,
     /// Since when no agent is attached (none ever was: since the start).
     orphaned_since: Option<Instant>,
+    /// The last agent left with nothing held: a clean stop, nothing to wait for.
+    done: bool,
 }
 
 struct Holder {
@@ -36,25 +40,30 @@ struct Holder {
 }
 
 impl Holder {
-    fn handle(&self, msg: Message, fd: Option<OwnedFd>, attached: &mut bool) -> (Message, Option<OwnedFd>) {
+    fn handle(&self, msg: Message, fds: Vec<OwnedFd>, attached: &mut bool) -> (Message, Vec<OwnedFd>) {
         let mut s = self.state.lock().unwrap();
         let reply = match msg {
-            Message::Hold { key, state } => match fd {
-                Some(fd) => {
-                    info!(key = %key, "holding the descriptor");
-                    s.held.insert(key, (fd, state));
+            Message::Hold { key, state } => {
+                if fds.is_empty() {
+                    Message::Error { reason: format!("hold {key}: no descriptor came with it") }
+                } else {
+                    info!(key = %key, descriptors = fds.len(), "holding the connection");
+                    s.held.insert(key, (fds, state));
                     self.attach(&mut s, attached);
                     Message::Ok
                 }
-                None => Message::Error { reason: format!("hold {key}: no descriptor came with it") },
-            },
+            }
             Message::Take { key } => match s.held.get(&key) {
-                Some((fd, state)) => match fd.try_clone() {
-                    Ok(dup) => {
+                Some((fds, state)) => match fds.iter().map(|f| f.try_clone()).collect::<Result<Vec<_>, _>>() {
+                    Ok(dups) => {
                         let state = state.clone();
-                        info!(key = %key, "handing the descriptor to an agent");
+                        let agentless_ms = match (s.attached, s.orphaned_since) {
+                            (0, Some(since)) => since.elapsed().as_millis() as u64,
+                            _ => 0,
+                        };
+                        info!(key = %key, agentless_ms, "handing the connection to an agent");
                         self.attach(&mut s, attached);
-                        return (Message::Held { key, state }, Some(dup));
+                        return (Message::Held { key, state, agentless_ms }, dups);
                     }
                     Err(e) => Message::Error { reason: format!("take {key}: cannot duplicate: {e}") },
                 },
@@ -62,14 +71,14 @@ impl Holder {
             },
             Message::Forget { key } => {
                 if s.held.remove(&key).is_some() {
-                    info!(key = %key, "descriptor released");
+                    info!(key = %key, "connection released");
                 }
                 Message::Ok
             }
             Message::List => Message::Keys { keys: s.held.keys().cloned().collect() },
             other => Message::Error { reason: format!("{other:?} is not a request") },
         };
-        (reply, None)
+        (reply, Vec::new())
     }
 
     fn attach(&self, s: &mut State, attached: &mut bool) {
@@ -86,7 +95,9 @@ impl Holder {
             s.attached -= 1;
             if s.attached == 0 {
                 s.orphaned_since = Some(Instant::now());
-                if !s.held.is_empty() {
+                if s.held.is_empty() {
+                    s.done = true;
+                } else {
                     warn!(held = s.held.len(), "no agent attached: requests wait for the next one");
                 }
             }
@@ -98,9 +109,10 @@ impl Holder {
         let mut attached = false;
         loop {
             match recv(&sock) {
-                Ok(Some((msg, fd))) => {
-                    let (reply, fd) = self.handle(msg, fd, &mut attached);
-                    if send(&sock, &reply, fd.as_ref().map(|f| f.as_raw_fd())).is_err() {
+                Ok(Some((msg, fds))) => {
+                    let (reply, fds) = self.handle(msg, fds, &mut attached);
+                    let raw: Vec<RawFd> = fds.iter().map(|f| f.as_raw_fd()).collect();
+                    if send(&sock, &reply, &raw).is_err() {
                         break;
                     }
                 }
@@ -108,7 +120,7 @@ impl Holder {
                 Err(e) => {
                     // A bad message ends this connection only.
                     warn!("holder connection dropped: {e}");
-                    let _ = send(&sock, &Message::Error { reason: e.to_string() }, None);
+                    let _ = send(&sock, &Message::Error { reason: e.to_string() }, &[]);
                     break;
                 }
             }
@@ -116,10 +128,14 @@ impl Holder {
         self.detach(attached);
     }
 
-    /// Waits until the grace time has passed with no agent attached; then lets go.
+    /// Waits until the grace time has passed with no agent attached, or the last agent left
+    /// with nothing held; then lets go.
     fn watch(&self, grace: Duration) {
         let mut s = self.state.lock().unwrap();
         loop {
+            if s.done {
+                return;
+            }
             if let Some(since) = s.orphaned_since {
                 let left = grace.saturating_sub(since.elapsed());
                 if left.is_zero() {
@@ -146,7 +162,8 @@ pub fn is_running(socket: &Path) -> bool {
     UnixStream::connect(socket).is_ok()
 }
 
-/// Runs the holder until the grace time has passed with no agent attached.
+/// Runs the holder until the grace time has passed with no agent attached, or the last
+/// agent has left with nothing held.
 pub fn run(settings: &HolderSettings) -> Result<()> {
     if is_running(&settings.socket) {
         bail!("a holder already runs at {}", settings.socket.display());
@@ -154,6 +171,10 @@ pub fn run(settings: &HolderSettings) -> Result<()> {
     let _ = std::fs::remove_file(&settings.socket);
     let listener = UnixListener::bind(&settings.socket)
         .with_context(|| format!("cannot listen on {}", settings.socket.display()))?;
+    if let Some(p) = &settings.pid_file {
+        std::fs::write(p, format!("{}\n", std::process::id()))
+            .with_context(|| format!("cannot write {}", p.display()))?;
+    }
     let holder = Arc::new(Holder {
         state: Mutex::new(State { orphaned_since: Some(Instant::now()), ..Default::default() }),
         changed: Condvar::new(),
@@ -175,6 +196,9 @@ pub fn run(settings: &HolderSettings) -> Result<()> {
     info!(socket = %settings.socket.display(), grace = ?settings.grace, "holder running");
     holder.watch(settings.grace);
     let _ = std::fs::remove_file(&settings.socket);
+    if let Some(p) = &settings.pid_file {
+        let _ = std::fs::remove_file(p);
+    }
     info!("holder exits");
     Ok(())
 }
