@@ -39,6 +39,37 @@ pub struct Agent {
     restart: tokio::sync::Notify,
     /// When this process started (Unix ms).
     started_ms: u64,
+    /// Held while this agent runs: one agent per node (two would both serve a held device).
+    _lock: nix::fcntl::Flock<std::fs::File>,
+}
+
+/// Takes the node's agent lock (`run_dir/agent.lock`), or says which agent holds it.
+fn lock_node(run_dir: &std::path::Path, node: &str) -> Result<nix::fcntl::Flock<std::fs::File>> {
+    std::fs::create_dir_all(run_dir).with_context(|| format!("cannot create {}", run_dir.display()))?;
+    let path = run_dir.join("agent.lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .read(true)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("cannot open {}", path.display()))?;
+    let locked = match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock) {
+        Ok(l) => l,
+        Err((_, nix::errno::Errno::EWOULDBLOCK)) => {
+            let pid = std::fs::read_to_string(&path).unwrap_or_default();
+            anyhow::bail!(
+                "another agent of node {node} is running (pid {}; lock {})",
+                pid.trim(),
+                path.display()
+            )
+        }
+        Err((_, e)) => return Err(e).with_context(|| format!("cannot lock {}", path.display())),
+    };
+    use std::io::Write;
+    locked.set_len(0)?;
+    write!(&*locked, "{}", std::process::id())?;
+    Ok(locked)
 }
 
 /// How [`Agent::run`] ended.
@@ -59,6 +90,7 @@ impl Agent {
         if cfg.resources_of(node).is_empty() {
             anyhow::bail!("node {node} has no disk in any resource of {}", cfg.path.display());
         }
+        let lock = lock_node(&me.run_dir, node)?;
         let bus = events::EventBus::new();
         let exe = std::env::current_exe().context("cannot tell which binary this agent runs")?;
         let keeper = if cfg.options.takeover_grace.is_zero() {
@@ -108,6 +140,7 @@ impl Agent {
             started_ms: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_millis() as u64),
+            _lock: lock,
         }))
     }
 
