@@ -239,7 +239,7 @@ fn held(cli: &Cli, resource: &str, release: bool) -> Result<ExitCode> {
     if cfg.resource(resource).is_none() {
         bail!("no resource {resource:?} in {}", cli.config.display());
     }
-    let key = node.run_dir.join("fuse").join(resource).display().to_string();
+    let key = daemon::resource::fuse_mountpoint(&node.run_dir, resource).display().to_string();
     let socket = tandem_agent::holder::keeper::socket_path(&node.run_dir);
     let Ok(holder) = tandem_agent::holder::client::HolderClient::connect(&socket) else {
         println!("no descriptor holder runs for node {}", node.name);

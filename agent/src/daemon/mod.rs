@@ -104,13 +104,29 @@ impl Agent {
                 }
             }
         };
-        let held = match &keeper {
+        let mut held = match &keeper {
             Some(k) => k.held().unwrap_or_else(|e| {
                 error!("{e:#}");
                 Vec::new()
             }),
             None => Vec::new(),
         };
+        // A device of a resource this configuration no longer has on this node: nobody
+        // will take it over, so it fails now rather than at the end of the grace time.
+        if let Some(k) = &keeper {
+            let ours: Vec<String> = cfg
+                .resources_of(node)
+                .iter()
+                .map(|r| resource::fuse_mountpoint(&me.run_dir, &r.name).display().to_string())
+                .collect();
+            for key in held.iter().filter(|k| !ours.contains(k)) {
+                error!(key = %key, "the holder keeps a device no resource of this node has: releasing it (its requests fail)");
+                if let Err(e) = k.forget(key) {
+                    error!("{e:#}");
+                }
+            }
+            held.retain(|k| ours.contains(k));
+        }
         let shared = resource::NodeShared {
             hook_timeout: cfg.options.hook_timeout,
             connect_retry: cfg.options.connect_retry,
