@@ -1,17 +1,27 @@
 //! The agent's own FUSE transport against the real kernel: INIT negotiation and
 //! FUSE_NOTIFY_RESEND, which agent takeover relies on (a request read but not answered is
-//! queued again and read a second time with the resend bit in its `unique`).
+//! queued again and read a second time with the resend bit in its `unique`), and
+//! `Session::resume`, which a new agent serves a held connection with: every request the
+//! previous one had read is answered, in the order the kernel first sent them.
 
 use std::time::Duration;
 
+use std::os::fd::AsFd;
+use std::sync::{Arc, Mutex};
 use tandem_agent::frontend::fuse_kernel::abi::{
     self, init_flags, FileAttr, FileKind, Operation, Request, Ttl,
 };
+
+use nix::errno::Errno;
 use tandem_agent::frontend::fuse_kernel::connection::Device;
-use tandem_agent::frontend::fuse_kernel::{mount, Connection, InitWanted};
+use tandem_agent::frontend::fuse_kernel::{mount, Connection, Handler, InitWanted, Reply, Session};
 
 const WANTED: InitWanted = InitWanted {
-    flags: init_flags::ASYNC_READ | init_flags::BIG_WRITES | init_flags::MAX_PAGES,
+    // Parallel lookups: several may wait unanswered in one directory at once.
+    flags: init_flags::ASYNC_READ
+        | init_flags::BIG_WRITES
+        | init_flags::MAX_PAGES
+        | init_flags::PARALLEL_DIROPS,
     max_write: 1 << 20,
     max_background: 16,
     congestion_threshold: 12,
@@ -108,6 +118,82 @@ fn closing_the_device_a_request_was_read_from_fails_that_request() {
     drop(conn);
 }
 
+/// Answers LOOKUPs with ENOENT and records their names in the order it is given them.
+struct RecordingLookups {
+    seen: Arc<Mutex<Vec<String>>>,
+}
+
+impl Handler for RecordingLookups {
+    fn lookup(&self, _parent: u64, name: &std::ffi::OsStr, reply: Reply) {
+        self.seen.lock().unwrap().push(name.to_string_lossy().to_string());
+        reply.error(Errno::ENOENT)
+    }
+    fn getattr(&self, _ino: u64, reply: Reply) {
+        reply.attr(&root_attr(), Ttl(Duration::from_secs(60)))
+    }
+    fn read(&self, _ino: u64, _arg: &abi::ReadIn, reply: Reply) {
+        reply.error(Errno::EIO)
+    }
+    fn readdir(&self, _ino: u64, _arg: &abi::ReadIn, reply: Reply) {
+        reply.error(Errno::EIO)
+    }
+}
+
+/// A takeover in one process: three LOOKUPs read and left unanswered (the agent that read
+/// them died; the holder's copy of the device kept them); a new session on a duplicate of
+/// the device answers all three, first to last, before it serves anything else.
+#[test]
+fn resume_answers_what_the_previous_server_read_in_the_kernels_order() {
+    let (mounted, conn) = mount_answering_init();
+    let mp = mounted.mp.clone();
+    let mut buf = vec![0u8; conn.params().read_buffer_size()];
+    let mut waiting = Vec::new();
+    let mut read = Vec::new();
+    for i in 0..3 {
+        let target = mp.join(format!("missing-{i}"));
+        waiting.push(std::thread::spawn(move || std::fs::metadata(target).map(|_| ())));
+        // Read before the next is issued: the kernel's order is 0, 1, 2.
+        loop {
+            let n = conn.device().read_request(&mut buf).unwrap();
+            let req = Request::decode(&buf[..n]).unwrap();
+            match req.op {
+                Operation::Lookup { name } => {
+                    read.push((req.header.unique, name.to_string_lossy().to_string()));
+                    break;
+                }
+                Operation::Getattr => {
+                    let body = abi::attr_out(&root_attr(), Ttl(Duration::from_secs(60)));
+                    let hdr = abi::out_header(abi::OUT_HEADER_SIZE + body.len(), 0, req.header.unique);
+                    conn.device().send(&[&hdr, &body]).unwrap();
+                }
+                op if op.expects_reply() => {
+                    let hdr = abi::out_header(abi::OUT_HEADER_SIZE, -libc::ENOSYS, req.header.unique);
+                    conn.device().send(&[&hdr]).unwrap();
+                }
+                _ => {}
+            }
+        }
+    }
+    assert!(read.windows(2).all(|w| w[0].0 < w[1].0), "uniques grow: {read:?}");
+    let held = Device::new(conn.device().as_fd().try_clone_to_owned().unwrap());
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let (mut session, replayed) =
+        Session::resume(vec![held], *conn.params(), &mp, RecordingLookups { seen: seen.clone() }, "resumed")
+            .expect("resume the session");
+    assert_eq!(replayed.resent, 3, "{replayed:?}");
+    for w in waiting {
+        let got = w.join().unwrap();
+        assert_eq!(got.unwrap_err().kind(), std::io::ErrorKind::NotFound, "answered after the takeover");
+    }
+    let want: Vec<String> = read.iter().map(|(_, n)| n.clone()).collect();
+    assert_eq!(&seen.lock().unwrap()[..3], &want[..], "answered in the kernel's order");
+    // The resumed session serves new requests too.
+    assert!(std::fs::metadata(mp.join("new")).is_err());
+    assert_eq!(seen.lock().unwrap().last().map(String::as_str), Some("new"));
+    drop(conn);
+    let _ = session.unmount_and_join();
+}
+
 /// A FUSE mount of the test's own at a fresh directory, unmounted when dropped (also when
 /// an assertion fails).
 struct TestMount {
@@ -117,6 +203,16 @@ struct TestMount {
 
 impl Drop for TestMount {
     fn drop(&mut self) {
+        // Aborted first, so requests a failed test left unanswered end (their threads
+        // would otherwise wait forever and the process never exit).
+        let minor = std::fs::read_to_string("/proc/self/mountinfo").ok().and_then(|info| {
+            info.lines()
+                .find(|l| l.split(' ').nth(4) == self.mp.to_str())
+                .and_then(|l| l.split(' ').nth(2)?.split_once(':').map(|(_, m)| m.to_string()))
+        });
+        if let Some(m) = minor.and_then(|m| m.parse().ok()) {
+            let _ = mount::abort_connection(m);
+        }
         let _ = mount::unmount(&self.mp);
     }
 }

@@ -61,7 +61,7 @@ async fn handle(agent: Arc<Agent>, s: UnixStream) {
             Ok(Request::Events { resource }) => return stream_events(&agent, resource, lines, w).await,
             Ok(Request::Restart) => {
                 // Answered before the restart begins: the exec ends this connection.
-                let checked = agent.check_restart();
+                let checked = agent.check_restart().await;
                 let resp = match &checked {
                     Ok(m) => Response::ok(m),
                     Err(e) => Response::err(format!("{e:#}")),

@@ -225,9 +225,20 @@ impl Agent {
         }
     }
 
-    /// `tandem restart`, first half: checks that the binary to exec runs (`--version`).
-    /// Refused, with the agent as it was, if it does not.
-    pub fn check_restart(&self) -> Result<String> {
+    /// `tandem restart`, first half: checks that every primary's device is kept by the
+    /// descriptor holder (else the restart would fail it) and that the binary to exec runs
+    /// (`--version`). Refused, with the agent as it was, if not.
+    pub async fn check_restart(&self) -> Result<String> {
+        for r in self.resources.values().filter(|r| r.is_primary()) {
+            if !r.device_held().await {
+                anyhow::bail!(
+                    "refusing to restart: {}'s device is not kept by a descriptor holder (takeover_grace = \"0s\", \
+                     or the holder could not start: see the agent's log), so a restart would fail it; \
+                     demote it or switch over first",
+                    r.name
+                );
+            }
+        }
         let out = std::process::Command::new(&self.exe)
             .arg("--version")
             .output()

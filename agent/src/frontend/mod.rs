@@ -41,6 +41,11 @@ pub trait Frontend: Send + Sync {
     fn leave_for_takeover(&mut self) -> bool {
         false
     }
+    /// Whether the descriptor holder keeps this frontend's connection (so the device
+    /// survives this agent).
+    fn held(&self) -> bool {
+        false
+    }
 }
 
 /// What the holder keeps beside a live frontend's connection, for the agent that takes it
@@ -251,8 +256,12 @@ impl Frontend for FuseLoop {
         Ok(())
     }
 
+    fn held(&self) -> bool {
+        self.keeper.is_some() && self.session.is_some()
+    }
+
     fn leave_for_takeover(&mut self) -> bool {
-        if self.keeper.is_some() && self.session.is_some() {
+        if self.held() {
             self.left = true;
             info!(mountpoint = %self.mountpoint.display(), "frontend left to the descriptor holder for the next agent");
         }

@@ -125,6 +125,14 @@ impl Resource {
         Ok(status)
     }
 
+    /// Whether this resource is primary here on a device the descriptor holder keeps.
+    pub async fn device_held(&self) -> bool {
+        match &*self.role.lock().await {
+            RoleState::Primary { frontend, .. } => frontend.held(),
+            RoleState::Secondary => false,
+        }
+    }
+
     /// The takeover this agent made, if any.
     pub fn takeover_status(&self) -> Option<TakeoverStatus> {
         *self.takeover.lock().unwrap()

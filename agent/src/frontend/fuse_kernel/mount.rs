@@ -85,3 +85,23 @@ pub fn unmount(mountpoint: &Path) -> Result<Unmounted, MountError> {
         Err(errno) => Err(MountError::Unmount { mountpoint: mountpoint.to_path_buf(), errno }),
     }
 }
+
+/// Where the FUSE control filesystem shows each connection (`N/abort`, `N/waiting`).
+pub const FUSECTL: &str = "/sys/fs/fuse/connections";
+
+/// Mounts the FUSE control filesystem at [`FUSECTL`] if nothing is mounted there (init
+/// systems mount it at boot; a bare container may not have). Best effort.
+pub fn ensure_fusectl() {
+    let mounted = std::fs::read_to_string("/proc/self/mountinfo")
+        .is_ok_and(|info| info.lines().any(|l| l.split(' ').nth(4) == Some(FUSECTL)));
+    if !mounted {
+        let _ = nix::mount::mount(Some("fusectl"), FUSECTL, Some("fusectl"), MsFlags::empty(), None::<&str>);
+    }
+}
+
+/// Aborts FUSE connection `id` (its number in [`FUSECTL`], the mount's device minor): every
+/// request waiting fails, the server's reads return.
+pub fn abort_connection(id: u64) -> std::io::Result<()> {
+    ensure_fusectl();
+    std::fs::write(format!("{FUSECTL}/{id}/abort"), "1")
+}

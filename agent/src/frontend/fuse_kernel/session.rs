@@ -422,9 +422,8 @@ impl Session {
     /// Aborts the connection: every request waiting fails, the workers' reads return.
     fn abort(&self) {
         let Some(id) = self.conn_id else { return };
-        let path = format!("/sys/fs/fuse/connections/{id}/abort");
-        if let Err(e) = std::fs::write(&path, "1") {
-            debug!("cannot abort the FUSE connection through {path}: {e}");
+        if let Err(e) = mount::abort_connection(id) {
+            debug!("cannot abort FUSE connection {id}: {e}");
         }
     }
 }
