@@ -369,24 +369,30 @@ fn takeover_of(lab: &Lab, node: &str) -> Option<(u64, u64)> {
     Some((t["paused_ms"].as_u64()?, t["resent"].as_u64()?))
 }
 
-/// Waits until `node` is primary on `dev` again with a takeover in its status.
-fn wait_taken_over(lab: &Lab, node: &str, dev: &str, context: &str) -> (u64, u64) {
-    let st = wait_until(lab, node, "primary again", secs(60), |r| r.role == "primary" && r.device.is_some());
-    assert_eq!(
-        st.device.as_deref(),
-        Some(dev),
-        "{context}: the new agent serves another device: no takeover of the held connection"
-    );
+/// Waits until `node` is primary on `dev` again with a takeover in its status, failing at
+/// once if the writer fails meanwhile.
+fn wait_taken_over(lab: &Lab, node: &str, dev: &str, writer: &FileWriter, context: &str) -> (u64, u64) {
     let deadline = Instant::now() + secs(60);
     loop {
-        if let Some(t) = takeover_of(lab, node) {
-            return t;
+        writer.assert_no_error(context);
+        let st = lab.resource_status(node).ok();
+        if let Some(st) = st.as_ref().filter(|s| s.role == "primary" && s.device.is_some()) {
+            assert_eq!(
+                st.device.as_deref(),
+                Some(dev),
+                "{context}: the new agent serves another device: no takeover of the held connection"
+            );
+            if let Some(t) = takeover_of(lab, node) {
+                return t;
+            }
         }
-        assert!(
-            Instant::now() < deadline,
-            "{context}: {node}'s status shows no takeover:\n{}",
-            lab.log_text(node)
-        );
+        if Instant::now() > deadline {
+            writer.stop.store(true, Ordering::SeqCst);
+            panic!(
+                "{context}: {node} is not primary with a takeover after 60 s; status: {st:#?}\nlog:\n{}",
+                lab.log_text(node)
+            );
+        }
         std::thread::sleep(Duration::from_millis(50));
     }
 }
@@ -430,7 +436,7 @@ fn kill9_agent_under_load_is_a_pause_not_an_error() {
         let away = Duration::from_millis(rng.random_range(0..800));
         std::thread::sleep(away);
         lab.start("alpha").unwrap();
-        let (paused_ms, resent) = wait_taken_over(&lab, "alpha", &dev, &format!("iteration {it}"));
+        let (paused_ms, resent) = wait_taken_over(&lab, "alpha", &dev, &writer, &format!("iteration {it}"));
         assert_eq!(lab.holder_pid("alpha"), holder, "iteration {it}: the holder was replaced");
         // The writer goes on, without an error.
         writer.wait_beyond(
@@ -535,7 +541,7 @@ fn planned_restart_under_load_prints_the_pause() {
         println!("restart {it}: paused {pause} ms, {resent} requests re-sent");
         // The same process (exec), so the lab's handle is still the agent's.
         assert_eq!(lab.pid("alpha"), pid);
-        let (st_pause, st_resent) = wait_taken_over(&lab, "alpha", &dev, &format!("restart {it}"));
+        let (st_pause, st_resent) = wait_taken_over(&lab, "alpha", &dev, &writer, &format!("restart {it}"));
         assert_eq!((st_pause, st_resent), (pause, resent), "restart {it}: the status and the CLI disagree");
         writer.wait_beyond(before.max(writer.acked_count()), secs(60), &format!("restart {it}"));
         wait_until(&lab, "alpha", "beta in sync after the restart", secs(120), in_sync);
@@ -585,6 +591,7 @@ fn grace_exceeded_fails_requests_with_eio_and_loses_nothing() {
     let run: u64 = rand::random();
     let writer = FileWriter::start(mnt.join("mail"), lab.dir.join("acks"), run);
     writer.wait_beyond(10, secs(60), "before the kill");
+    std::thread::sleep(Duration::from_millis(1000));
     assert!(lab.holder_pid("alpha").is_some(), "no holder runs for alpha:\n{}", lab.log_text("alpha"));
     writer.set_phase(1);
     // Taken before the kill: the grace time starts after it.
@@ -611,6 +618,7 @@ fn holder_killed_too_behaves_as_a_node_crash() {
     let run: u64 = rand::random();
     let writer = FileWriter::start(mnt.join("mail"), lab.dir.join("acks"), run);
     writer.wait_beyond(10, secs(60), "before the crash");
+    std::thread::sleep(Duration::from_millis(1000));
     let holder = lab.holder_pid("alpha");
     assert!(
         holder.is_some(),
