@@ -128,6 +128,14 @@ pub enum Command {
         #[arg(long, required = true)]
         discard_local: bool,
     },
+    /// Restart this node's agent in place (after an upgrade: the binary at the path it was
+    /// started from) without taking a primary's device down: its requests wait while the
+    /// new agent starts, which takes the device over. Prints each primary's pause.
+    Restart {
+        /// How long to wait for the new agent to answer.
+        #[arg(long, default_value = "120s", value_parser = humantime::parse_duration)]
+        timeout: std::time::Duration,
+    },
     /// Point-in-time snapshots of this node's copy of a resource (run on a secondary).
     #[command(subcommand)]
     Snapshot(SnapshotCommand),

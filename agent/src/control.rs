@@ -57,6 +57,9 @@ pub enum Request {
     PeerLost {
         peer: String,
     },
+    /// `tandem restart`: the agent answers, shuts down for a restart (primaries' devices
+    /// stay with the descriptor holder) and execs its binary again, which takes them over.
+    Restart,
     /// `tandem snapshot ...`.
     Snapshot {
         resource: String,

@@ -48,6 +48,9 @@ pub enum Kind {
     SnapshotDeleted,
     /// A snapshot could not preserve a block (`reason`) and no longer shows one instant.
     SnapshotInvalid,
+    /// This agent took the primary's device over from the previous agent (`device`,
+    /// `paused-ms`, `resent`).
+    TakenOver,
     /// The reader fell behind by `lost` records; the stream ends after this record.
     Lost,
 }
@@ -66,6 +69,7 @@ impl Kind {
             Kind::SnapshotTaken => "snapshot-taken",
             Kind::SnapshotDeleted => "snapshot-deleted",
             Kind::SnapshotInvalid => "snapshot-invalid",
+            Kind::TakenOver => "taken-over",
             Kind::Lost => "lost",
         }
     }
@@ -216,6 +220,13 @@ pub struct Record {
     /// The change stream's position a snapshot holds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub seq: Option<u64>,
+    // -- takeover
+    /// How long the device had no agent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub paused_ms: Option<u64>,
+    /// Requests the previous agent had read and not answered, queued again by the kernel.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resent: Option<u64>,
     // -- split brain
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resolution: Option<SplitBrainResolution>,
@@ -249,6 +260,16 @@ impl Record {
     /// `exists -`: the initial dump is complete.
     pub fn end_of_dump() -> Self {
         Self { time: now(), kind: Kind::Exists, object: Object::None, ..Default::default() }
+    }
+
+    /// `taken-over`: resource `name`'s device was taken over from the previous agent.
+    pub fn takeover(name: &str, device: &str, t: crate::status::TakeoverStatus) -> Self {
+        Self {
+            device: Some(Some(device.to_string())),
+            paused_ms: Some(t.paused_ms),
+            resent: Some(t.resent),
+            ..Self::new(Kind::TakenOver, Object::Resource, name)
+        }
     }
 
     /// `lost`: the reader missed `n` records; its stream ends.
@@ -299,6 +320,8 @@ impl Record {
             opt("total", self.total.map(|v| v.to_string())),
             opt("percent", self.percent.map(|v| format!("{v:.1}"))),
             opt("result", self.result.map(|v| word(&v))),
+            opt("paused-ms", self.paused_ms.map(|v| v.to_string())),
+            opt("resent", self.resent.map(|v| v.to_string())),
             opt("resolution", self.resolution.map(|v| word(&v))),
             opt("loser", self.loser.clone()),
             opt("outcome", self.outcome.map(|v| word(&v))),

@@ -69,7 +69,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 .context("cannot start the runtime")?;
             rt.block_on(async move {
                 let agent = daemon::Agent::new(cfg, &node)?;
-                agent.run().await
+                agent.run().await.map(|daemon::Exit::Stopped| ())
             })?;
             Ok(ExitCode::SUCCESS)
         }
@@ -141,6 +141,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             verb(resp)
         }
         Command::Snapshot(op) => snapshot(&cli, op),
+        Command::Restart { timeout } => restart(&cli, *timeout),
         Command::CreateMd { resource } => {
             let cfg = Config::load(&cli.config)?;
             let node = node_name(&cli, &cfg)?;
@@ -174,6 +175,60 @@ fn run(cli: Cli) -> Result<ExitCode> {
             Ok(if ok { ExitCode::SUCCESS } else { ExitCode::from(1) })
         }
     }
+}
+
+/// `tandem restart`: see its help. Exit 1 if a primary's device was not taken over.
+fn restart(cli: &Cli, timeout: Duration) -> Result<ExitCode> {
+    let cfg = Config::load(&cli.config)?;
+    let socket = cfg.node(&node_name(cli, &cfg)?)?.control.clone();
+    let before = control::call(&socket, &Request::Status, Duration::from_secs(30))?
+        .status
+        .ok_or_else(|| anyhow!("the agent sent no status"))?;
+    let primaries: Vec<String> = before
+        .resources
+        .iter()
+        .filter(|r| r.role == tandem_agent::status::Role::Primary)
+        .map(|r| r.name.clone())
+        .collect();
+    let asked = std::time::Instant::now();
+    let resp = control::call(&socket, &Request::Restart, Duration::from_secs(30))?;
+    if !resp.ok {
+        return verb(resp);
+    }
+    if let Some(m) = &resp.message {
+        println!("{m}");
+    }
+    let after = loop {
+        // The old agent answers until it execs; the new one has a later start.
+        let now =
+            control::call(&socket, &Request::Status, Duration::from_secs(5)).ok().and_then(|r| r.status);
+        if let Some(st) = now.filter(|s| s.agent_started_ms != before.agent_started_ms) {
+            break st;
+        }
+        if asked.elapsed() > timeout {
+            bail!(
+                "the new agent did not answer on {} within {timeout:?}; see its log (primaries' devices wait \
+                 until takeover_grace has passed)",
+                socket.display()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    println!("agent restarted: answering after {} ms", asked.elapsed().as_millis());
+    let mut all = true;
+    for name in &primaries {
+        match after.resources.iter().find(|r| &r.name == name).and_then(|r| r.takeover) {
+            Some(t) => println!(
+                "{name}: taken over after a pause of {} ms ({} requests re-sent, {} waiting)",
+                t.paused_ms, t.resent, t.waited
+            ),
+            None => {
+                all = false;
+                println!("{name}: NOT taken over: the device was lost (see the agent's log)");
+            }
+        }
+    }
+    Ok(if all { ExitCode::SUCCESS } else { ExitCode::from(1) })
 }
 
 /// `tandem state`: see its help. Exit codes: 0, 2 (no such resource), 3 (no agent).

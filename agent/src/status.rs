@@ -91,6 +91,9 @@ impl From<tandem_protocol::Role> for Role {
 pub struct NodeStatus {
     pub node: String,
     pub cluster: String,
+    /// When this agent process started (Unix ms): a restarted agent has a later one.
+    #[serde(default)]
+    pub agent_started_ms: u64,
     pub resources: Vec<ResourceStatus>,
 }
 
@@ -114,8 +117,26 @@ pub struct ResourceStatus {
     /// This copy's snapshots: how many, the space they use, and the recovery point.
     #[serde(default)]
     pub snapshots: SnapshotSummary,
+    /// Set when this agent took the primary's device over from the previous agent.
+    #[serde(default)]
+    pub takeover: Option<TakeoverStatus>,
     pub peers: Vec<PeerStatus>,
     pub stats: ResourceStats,
+}
+
+/// How this agent took a primary's device over from the agent before it (which crashed,
+/// was killed, or was restarted): the device stayed, its requests waited.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TakeoverStatus {
+    /// How long the device had no agent: from the previous agent's end to this one
+    /// answering again.
+    pub paused_ms: u64,
+    /// Requests the previous agent had read and not answered, queued again by the kernel.
+    pub resent: u64,
+    /// Requests that waited unread.
+    pub waited: u64,
+    /// When (Unix ms).
+    pub at_ms: u64,
 }
 
 /// The copy's snapshots in brief (`tandem snapshot list` has them one by one).

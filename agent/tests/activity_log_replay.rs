@@ -73,6 +73,8 @@ fn reopen_with_8mib_extents(dir: &Path) -> tandem_replicator::DirtyBitmap {
         hook_timeout: Duration::from_secs(5),
         connect_retry: Duration::from_secs(1),
         events: EventBus::new(),
+        keeper: None,
+        held: Vec::new(),
     };
     let r = Resource::open(&c.cluster, "alpha", &dir.join("run"), &dir.join("dev"), &c.resources[0], &shared)
         .expect("open the resource");

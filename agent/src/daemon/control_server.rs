@@ -57,8 +57,23 @@ async fn handle(agent: Arc<Agent>, s: UnixStream) {
     let (r, mut w) = s.into_split();
     let mut lines = BufReader::new(r).lines();
     while let Ok(Some(line)) = lines.next_line().await {
-        if let Ok(Request::Events { resource }) = serde_json::from_str::<Request>(&line) {
-            return stream_events(&agent, resource, lines, w).await;
+        match serde_json::from_str::<Request>(&line) {
+            Ok(Request::Events { resource }) => return stream_events(&agent, resource, lines, w).await,
+            Ok(Request::Restart) => {
+                // Answered before the restart begins: the exec ends this connection.
+                let checked = agent.check_restart();
+                let resp = match &checked {
+                    Ok(m) => Response::ok(m),
+                    Err(e) => Response::err(format!("{e:#}")),
+                };
+                let _ = w.write_all(line_of(&resp).as_bytes()).await;
+                let _ = w.flush().await;
+                if checked.is_ok() {
+                    agent.trigger_restart();
+                }
+                return;
+            }
+            _ => {}
         }
         let resp = match serde_json::from_str::<Request>(&line) {
             Ok(req) => dispatch(&agent, req).await,
@@ -132,6 +147,7 @@ async fn dispatch(agent: &Arc<Agent>, req: Request) -> Response {
     match req {
         Request::Status => Response { ok: true, status: Some(agent.status()), ..Default::default() },
         Request::Events { .. } => Response::err("events is a stream; it is served by itself"),
+        Request::Restart => Response::err("restart is served by itself"),
         Request::Promote { resource: name, force } => {
             run(resource(&name), |r| async move { r.promote(force).await }).await
         }

@@ -299,6 +299,7 @@ mod tests {
             generation: "0".into(),
             down: false,
             snapshots: Default::default(),
+            takeover: None,
             peers: vec![PeerStatus {
                 node: "beta".into(),
                 connection,

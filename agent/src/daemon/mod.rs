@@ -32,6 +32,20 @@ pub struct Agent {
     pub redial: tokio::sync::Notify,
     /// What `tandem events` reads.
     pub events: Arc<events::EventBus>,
+    /// The binary this agent runs (resolved at start, so an upgrade that replaces the
+    /// file is what `tandem restart` execs).
+    exe: std::path::PathBuf,
+    /// `tandem restart`: shut down for a restart, then exec `exe`.
+    restart: tokio::sync::Notify,
+    /// When this process started (Unix ms).
+    started_ms: u64,
+}
+
+/// How [`Agent::run`] ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exit {
+    /// SIGTERM or SIGINT.
+    Stopped,
 }
 
 impl Agent {
@@ -46,10 +60,31 @@ impl Agent {
             anyhow::bail!("node {node} has no disk in any resource of {}", cfg.path.display());
         }
         let bus = events::EventBus::new();
+        let exe = std::env::current_exe().context("cannot tell which binary this agent runs")?;
+        let keeper = if cfg.options.takeover_grace.is_zero() {
+            None
+        } else {
+            match crate::holder::keeper::Keeper::attach(&exe, &me.run_dir, cfg.options.takeover_grace) {
+                Ok(k) => Some(Arc::new(k)),
+                Err(e) => {
+                    error!("{e:#}: a primary's device will fail if this agent stops while it is in use");
+                    None
+                }
+            }
+        };
+        let held = match &keeper {
+            Some(k) => k.held().unwrap_or_else(|e| {
+                error!("{e:#}");
+                Vec::new()
+            }),
+            None => Vec::new(),
+        };
         let shared = resource::NodeShared {
             hook_timeout: cfg.options.hook_timeout,
             connect_retry: cfg.options.connect_retry,
             events: bus.clone(),
+            keeper,
+            held,
         };
         let mut resources = BTreeMap::new();
         for r in cfg.resources_of(node) {
@@ -68,6 +103,11 @@ impl Agent {
             shutdown: CancellationToken::new(),
             redial: tokio::sync::Notify::new(),
             events: bus,
+            exe,
+            restart: tokio::sync::Notify::new(),
+            started_ms: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64),
         }))
     }
 
@@ -131,12 +171,53 @@ impl Agent {
         NodeStatus {
             node: self.me.name.clone(),
             cluster: self.cfg.cluster.clone(),
+            agent_started_ms: self.started_ms,
             resources: self.resources.values().map(|r| r.status()).collect(),
         }
     }
 
-    /// Runs until SIGTERM/SIGINT, then shuts down cleanly.
-    pub async fn run(self: Arc<Self>) -> Result<()> {
+    /// `tandem restart`, first half: checks that the binary to exec runs (`--version`).
+    /// Refused, with the agent as it was, if it does not.
+    pub fn check_restart(&self) -> Result<String> {
+        let out = std::process::Command::new(&self.exe)
+            .arg("--version")
+            .output()
+            .with_context(|| format!("refusing to restart: cannot run {}", self.exe.display()))?;
+        if !out.status.success() {
+            anyhow::bail!(
+                "refusing to restart: `{} --version` failed ({}): {}",
+                self.exe.display(),
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(format!(
+            "restarting the agent of {} (pid {}) as {}",
+            self.me.name,
+            std::process::id(),
+            String::from_utf8_lossy(&out.stdout).trim()
+        ))
+    }
+
+    /// `tandem restart`, second half: [`Agent::run`] shuts down for a restart and execs the
+    /// binary.
+    pub fn trigger_restart(&self) {
+        self.restart.notify_one();
+    }
+
+    /// Serves every device the previous agent left with the holder, before anything else.
+    async fn take_over_held(&self) {
+        for r in self.resources.values().filter(|r| r.has_held_device()) {
+            if let Err(e) = r.take_over().await {
+                error!(resource = %r.name, "{e:#}");
+            }
+        }
+    }
+
+    /// Runs until SIGTERM/SIGINT, then shuts down cleanly; or until `tandem restart`, then
+    /// shuts down for a restart and execs the binary (it only returns if that fails).
+    pub async fn run(self: Arc<Self>) -> Result<Exit> {
+        self.take_over_held().await;
         let control = control_server::ControlServer::bind(&self.me.control)?;
         info!(node = %self.me.name, address = %self.me.address, control = %self.me.control.display(),
               resources = ?self.resources.keys().collect::<Vec<_>>(), "agent started");
@@ -202,19 +283,39 @@ impl Agent {
                 }
             });
         }
-        wait_for_signal().await;
-        sd_notify::notify("STOPPING=1");
-        info!("shutting down");
+        let restarting = tokio::select! {
+            _ = wait_for_signal() => false,
+            _ = self.restart.notified() => true,
+        };
+        sd_notify::notify(if restarting { "RELOADING=1" } else { "STOPPING=1" });
+        info!(restarting, "shutting down");
         self.shutdown.cancel();
         for r in self.resources.values() {
-            r.shutdown().await;
+            r.shutdown(restarting).await;
         }
         self.transport.close();
         let _ = tokio::time::timeout(std::time::Duration::from_secs(2), self.transport.wait_idle()).await;
         tasks.abort_all();
         let _ = std::fs::remove_file(&self.me.control);
+        if restarting {
+            return Err(self.exec_again());
+        }
         info!("agent stopped");
-        Ok(())
+        Ok(Exit::Stopped)
+    }
+
+    /// Replaces this process with `exe` and the same arguments; the new agent takes over
+    /// every device left with the holder. Returns only if the exec failed.
+    fn exec_again(&self) -> anyhow::Error {
+        use std::os::unix::process::CommandExt;
+        info!(exe = %self.exe.display(), "agent restarting");
+        let err = std::process::Command::new(&self.exe).args(std::env::args_os().skip(1)).exec();
+        anyhow::Error::new(err).context(format!(
+            "cannot exec {} for the restart; start `tandem agent` again within takeover_grace \
+             ({:?}) and it takes the devices over",
+            self.exe.display(),
+            self.cfg.options.takeover_grace
+        ))
     }
 }
 

@@ -13,8 +13,9 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use tandem_replicator::{LatencyHistogram, Volume};
 
+use crate::holder::keeper::Keeper;
 use crate::volume_set::VolumeLayout;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 /// A running frontend exposing the primary's volume as block devices. Used as a trait
 /// object (`Box<dyn Frontend>`), so a resource can be exported by other frontends (an NBD
@@ -33,6 +34,34 @@ pub trait Frontend: Send + Sync {
     /// the frontend as it was (still serving). On `Ok` no request is in flight from this
     /// frontend and it serves nothing more.
     fn stop(&mut self) -> Result<()>;
+    /// The agent is going away (a restart, or a stop while the device is in use): if the
+    /// descriptor holder keeps this frontend's connection, leave everything in place for
+    /// the next agent — dropping the frontend then tears nothing down — and say so.
+    /// Requests not answered before this process ends are resent to the next agent.
+    fn leave_for_takeover(&mut self) -> bool {
+        false
+    }
+}
+
+/// What the holder keeps beside a live frontend's connection, for the agent that takes it
+/// over: the INIT parameters (INIT comes once per connection) and the loop devices.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct HeldFrontend {
+    /// Bumped when a field changes meaning; an agent refuses a state of another format.
+    pub format: u32,
+    pub params: fuse_kernel::InitParams,
+    /// (volume name, loop device), as [`Frontend::devices`].
+    pub devices: Vec<(String, String)>,
+}
+
+impl HeldFrontend {
+    pub const FORMAT: u32 = 1;
+}
+
+/// A frontend taken over: what was waiting when the new agent started serving.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TakenOver {
+    pub replayed: fuse_kernel::session::Replayed,
 }
 
 /// How long the application's requests take, as the frontend sees them: from the request
@@ -53,6 +82,10 @@ pub struct FuseLoop {
     mountpoint: PathBuf,
     /// (volume name, loop device)
     devices: Vec<(String, String)>,
+    /// Keeps the connection while no agent runs, if the node has a holder.
+    keeper: Option<Arc<Keeper>>,
+    /// Left to the holder for the next agent: nothing is torn down.
+    left: bool,
 }
 
 fn is_mountpoint(p: &Path) -> bool {
@@ -81,12 +114,14 @@ pub fn clean_stale(mountpoint: &Path) -> Result<()> {
 }
 
 impl FuseLoop {
-    /// Mounts the FUSE files of `volumes` at `mountpoint` and attaches a loop device to each.
+    /// Mounts the FUSE files of `volumes` at `mountpoint` and attaches a loop device to each;
+    /// then, with a `keeper`, has the holder keep the connection.
     pub fn start(
         volume: Arc<Volume>,
         mountpoint: &Path,
         volumes: &[VolumeLayout],
         latency: Arc<RequestLatency>,
+        keeper: Option<Arc<Keeper>>,
     ) -> Result<Self> {
         std::fs::create_dir_all(mountpoint)
             .with_context(|| format!("cannot create {}", mountpoint.display()))?;
@@ -100,8 +135,13 @@ impl FuseLoop {
         // Each thread performs its request's local I/O itself, so enough threads are needed
         // to keep a deep queue busy; idle ones cost nothing but a stack.
         let session = serve(mountpoint, &opts, &fuse::ImageFs::init_wanted(), fs, FUSE_THREADS, "fuse")?;
-        let mut me =
-            Self { session: Some(session), mountpoint: mountpoint.to_path_buf(), devices: Vec::new() };
+        let mut me = Self {
+            session: Some(session),
+            mountpoint: mountpoint.to_path_buf(),
+            devices: Vec::new(),
+            keeper: None,
+            left: false,
+        };
         for v in volumes {
             // On an error `me` is dropped: the devices attached so far are detached and the
             // FUSE mount removed.
@@ -109,7 +149,89 @@ impl FuseLoop {
             info!(device = %dev, volume = %v.name, "frontend up");
             me.devices.push((v.name.clone(), dev));
         }
+        if let Some(k) = keeper {
+            // Without the holder the device works; only a takeover is impossible.
+            match me.hold(&k) {
+                Ok(()) => me.keeper = Some(k),
+                Err(e) => error!(
+                    mountpoint = %mountpoint.display(),
+                    "{e:#}: the device will fail if this agent stops while it is in use"
+                ),
+            }
+        }
         Ok(me)
+    }
+
+    fn key(&self) -> String {
+        self.mountpoint.display().to_string()
+    }
+
+    fn hold(&self, keeper: &Keeper) -> Result<()> {
+        let session = self.session.as_ref().context("no FUSE session")?;
+        let state = HeldFrontend {
+            format: HeldFrontend::FORMAT,
+            params: *session.params(),
+            devices: self.devices.clone(),
+        };
+        let fds: Vec<_> = session.devices().iter().map(|d| std::os::fd::AsFd::as_fd(&**d)).collect();
+        keeper.hold(&self.key(), &fds, &serde_json::to_vec(&state)?)
+    }
+
+    /// Serves the connection a previous agent left with the holder (`taken`), on the same
+    /// mount and loop devices: answers what waits (see [`fuse_kernel::Session::resume`]) and
+    /// starts the workers. On an error the connection is not served; the caller releases it.
+    pub fn resume(
+        volume: Arc<Volume>,
+        mountpoint: &Path,
+        volumes: &[VolumeLayout],
+        latency: Arc<RequestLatency>,
+        keeper: Arc<Keeper>,
+        taken: crate::holder::client::Taken,
+    ) -> Result<(Self, TakenOver)> {
+        let held: HeldFrontend = serde_json::from_slice(&taken.state)
+            .context("the state held beside the FUSE connection does not parse")?;
+        if held.format != HeldFrontend::FORMAT {
+            bail!(
+                "the FUSE connection was held in format {} by another version of tandem; this one reads {}",
+                held.format,
+                HeldFrontend::FORMAT
+            );
+        }
+        let want: Vec<&str> = volumes.iter().map(|v| v.name.as_str()).collect();
+        let have: Vec<&str> = held.devices.iter().map(|(v, _)| v.as_str()).collect();
+        if want != have {
+            bail!("the held connection serves volumes {have:?}, the configuration {want:?}");
+        }
+        // Not `losetup -j` (it stats the FUSE file, which nobody serves yet): the loop
+        // driver's own record of its backing files.
+        let attached = loopdev::attached_under(mountpoint);
+        if let Some((_, d)) = held.devices.iter().find(|(_, d)| !attached.contains(d)) {
+            bail!("loop device {d} is no longer attached to {}", mountpoint.display());
+        }
+        let devices = taken.fds.into_iter().map(fuse_kernel::connection::Device::new).collect();
+        let fs = fuse::ImageFs::new(volume, volumes.to_vec(), latency);
+        let (session, replayed) = fuse_kernel::Session::resume(devices, held.params, mountpoint, fs, "fuse")
+            .with_context(|| format!("cannot take over the FUSE connection at {}", mountpoint.display()))?;
+        for (v, d) in &held.devices {
+            info!(device = %d, volume = %v, resent = replayed.resent, "frontend taken over");
+        }
+        let me = Self {
+            session: Some(session),
+            mountpoint: mountpoint.to_path_buf(),
+            devices: held.devices,
+            keeper: Some(keeper),
+            left: false,
+        };
+        Ok((me, TakenOver { replayed }))
+    }
+
+    /// The holder no longer needs to keep this connection (it was unmounted).
+    fn release(&mut self) {
+        if let Some(k) = self.keeper.take() {
+            if let Err(e) = k.forget(&self.key()) {
+                warn!("{e:#}");
+            }
+        }
     }
 }
 
@@ -124,14 +246,31 @@ impl Frontend for FuseLoop {
 
     fn stop(&mut self) -> Result<()> {
         stop_serving(&mut self.devices, &mut self.session, &self.mountpoint)?;
+        self.release();
         info!(mountpoint = %self.mountpoint.display(), "frontend down");
         Ok(())
+    }
+
+    fn leave_for_takeover(&mut self) -> bool {
+        if self.keeper.is_some() && self.session.is_some() {
+            self.left = true;
+            info!(mountpoint = %self.mountpoint.display(), "frontend left to the descriptor holder for the next agent");
+        }
+        self.left
     }
 }
 
 impl Drop for FuseLoop {
     fn drop(&mut self) {
+        if self.left {
+            // The workers go on until the process ends; the holder keeps the connection.
+            if let Some(s) = self.session.take() {
+                std::mem::forget(s);
+            }
+            return;
+        }
         drop_serving(&self.devices, &mut self.session);
+        self.release();
     }
 }
 

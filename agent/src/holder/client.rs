@@ -43,11 +43,7 @@ impl HolderClient {
         Ok(Self { sock, path })
     }
 
-    fn call(
-        &self,
-        msg: &Message,
-        fds: &[BorrowedFd<'_>],
-    ) -> Result<(Message, Vec<OwnedFd>), HolderError> {
+    fn call(&self, msg: &Message, fds: &[BorrowedFd<'_>]) -> Result<(Message, Vec<OwnedFd>), HolderError> {
         let io = |source| HolderError::Io { path: self.path.clone(), source };
         let raw: Vec<RawFd> = fds.iter().map(|f| f.as_raw_fd()).collect();
         send(&self.sock, msg, &raw).map_err(io)?;
@@ -83,6 +79,15 @@ impl HolderClient {
     /// Has the holder close its copy of the descriptor under `key`.
     pub fn forget(&self, key: &str) -> Result<(), HolderError> {
         match self.call(&Message::Forget { key: key.into() }, &[])? {
+            (Message::Ok, _) => Ok(()),
+            (other, _) => Err(HolderError::Unexpected(Box::new(other))),
+        }
+    }
+
+    /// Counts this connection as an attached agent (the grace time does not run while it
+    /// is open), even before it holds anything.
+    pub fn attach(&self) -> Result<(), HolderError> {
+        match self.call(&Message::Attach, &[])? {
             (Message::Ok, _) => Ok(()),
             (other, _) => Err(HolderError::Unexpected(Box::new(other))),
         }

@@ -27,6 +27,7 @@
 
 pub mod client;
 pub mod fdpass;
+pub mod keeper;
 pub mod server;
 
 use serde::{Deserialize, Serialize};
@@ -49,6 +50,8 @@ pub enum Message {
     Forget { key: String },
     /// Agent → holder: the keys held.
     List,
+    /// Agent → holder: count me as an attached agent until this connection closes.
+    Attach,
     /// Holder → agent: done.
     Ok,
     /// Holder → agent: the descriptors (attached, in the order they were held) and the

@@ -26,7 +26,7 @@ pub struct HolderSettings {
 #[derive(Default)]
 struct State {
     held: BTreeMap<String, (Vec<OwnedFd>, Vec<u8>)>,
-    /// Connections that have held or taken a descriptor (agents, not a `list`).
+    /// Connections that attached, held or took a descriptor (agents, not a `list`).
     attached: usize,
     /// Since when no agent is attached (none ever was: since the start).
     orphaned_since: Option<Instant>,
@@ -54,19 +54,21 @@ impl Holder {
                 }
             }
             Message::Take { key } => match s.held.get(&key) {
-                Some((fds, state)) => match fds.iter().map(|f| f.try_clone()).collect::<Result<Vec<_>, _>>() {
-                    Ok(dups) => {
-                        let state = state.clone();
-                        let agentless_ms = match (s.attached, s.orphaned_since) {
-                            (0, Some(since)) => since.elapsed().as_millis() as u64,
-                            _ => 0,
-                        };
-                        info!(key = %key, agentless_ms, "handing the connection to an agent");
-                        self.attach(&mut s, attached);
-                        return (Message::Held { key, state, agentless_ms }, dups);
+                Some((fds, state)) => {
+                    match fds.iter().map(|f| f.try_clone()).collect::<Result<Vec<_>, _>>() {
+                        Ok(dups) => {
+                            let state = state.clone();
+                            let agentless_ms = match (s.attached, s.orphaned_since) {
+                                (0, Some(since)) => since.elapsed().as_millis() as u64,
+                                _ => 0,
+                            };
+                            info!(key = %key, agentless_ms, "handing the connection to an agent");
+                            self.attach(&mut s, attached);
+                            return (Message::Held { key, state, agentless_ms }, dups);
+                        }
+                        Err(e) => Message::Error { reason: format!("take {key}: cannot duplicate: {e}") },
                     }
-                    Err(e) => Message::Error { reason: format!("take {key}: cannot duplicate: {e}") },
-                },
+                }
                 None => Message::Error { reason: format!("nothing is held under {key}") },
             },
             Message::Forget { key } => {
@@ -76,6 +78,10 @@ impl Holder {
                 Message::Ok
             }
             Message::List => Message::Keys { keys: s.held.keys().cloned().collect() },
+            Message::Attach => {
+                self.attach(&mut s, attached);
+                Message::Ok
+            }
             other => Message::Error { reason: format!("{other:?} is not a request") },
         };
         (reply, Vec::new())

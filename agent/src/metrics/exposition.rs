@@ -402,6 +402,7 @@ mod tests {
         let status = NodeStatus {
             node: "alpha".into(),
             cluster: "c".into(),
+            agent_started_ms: 0,
             resources: vec![ResourceStatus {
                 name: "mail".into(),
                 role: Role::Primary,
@@ -412,6 +413,7 @@ mod tests {
                 generation: "0".into(),
                 down: false,
                 snapshots: Default::default(),
+                takeover: None,
                 peers: vec![peer("beta", ReplicationState::SyncSource)],
                 stats: ResourceStats { write_bytes: 12288, split_brains: 1, ..Default::default() },
             }],

@@ -9,6 +9,8 @@
 //! - `verify`: online verify;
 //! - `persist`: the activity log's and bitmaps' way to the metadata file;
 //! - `device_links`: the stable device paths of a primary (`/dev/tandem/RESOURCE`);
+//! - `takeover`: serving again, as the same primary, a device the previous agent left with
+//!   the descriptor holder;
 //! - `snapshots`: point-in-time snapshots of this copy (taken, listed, exposed, restored,
 //!   scheduled, and taken before it becomes a resync target).
 
@@ -18,6 +20,7 @@ mod relation;
 mod roles;
 mod snapshots;
 mod sync;
+mod takeover;
 mod verify;
 
 use std::collections::BTreeMap;
@@ -135,6 +138,13 @@ pub struct Resource {
     events: Arc<ResourceEvents>,
     /// Split brains detected since the agent started.
     split_brains: AtomicU64,
+    /// The node's descriptor holder, if it has one: keeps a primary's connection.
+    keeper: Option<Arc<crate::holder::keeper::Keeper>>,
+    /// The holder keeps this resource's connection from the previous agent, which was
+    /// primary: [`Resource::take_over`] serves it again.
+    held_at_start: AtomicBool,
+    /// The takeover this agent made, if it made one.
+    takeover: Mutex<Option<crate::status::TakeoverStatus>>,
 }
 
 /// See [`Resource::latency`].
@@ -152,6 +162,10 @@ pub struct NodeShared {
     /// How long a session that ended for a passing reason waits before it is offered again.
     pub connect_retry: Duration,
     pub events: Arc<EventBus>,
+    /// The node's descriptor holder (none with `takeover_grace = "0s"` or if it could not
+    /// start), and the keys (FUSE mountpoints) it held when the agent started.
+    pub keeper: Option<Arc<crate::holder::keeper::Keeper>>,
+    pub held: Vec<String>,
 }
 
 fn new_generation() -> u64 {
@@ -212,9 +226,10 @@ impl Resource {
                 },
             );
         }
+        let was_primary = meta.record().primary;
         // Crash recovery: every block of a hot extent may differ from every peer. The log's
         // extents are in the size it was written with, which the metadata records.
-        if meta.record().primary {
+        if was_primary {
             let recorded = meta
                 .load_al()
                 .inspect_err(|e| warn!(resource = %cfg.name, "{e:#}; treating the whole volume as hot"))
@@ -285,8 +300,24 @@ impl Resource {
             down: AtomicBool::new(false),
             events,
             split_brains: AtomicU64::new(0),
+            keeper: node.keeper.clone(),
+            held_at_start: AtomicBool::new(false),
+            takeover: Mutex::new(None),
         });
-        crate::frontend::prepare_mountpoint(&r.mountpoint)?;
+        let key = r.mountpoint.display().to_string();
+        match (node.held.contains(&key), &node.keeper) {
+            (true, Some(_)) if was_primary => r.held_at_start.store(true, Ordering::SeqCst),
+            (true, Some(k)) => {
+                warn!(resource = %r.name, "the holder keeps a connection for {key}, but this node was not primary: releasing it");
+                if let Err(e) = k.forget(&key) {
+                    warn!(resource = %r.name, "{e:#}");
+                }
+            }
+            _ => {}
+        }
+        if !r.held_at_start.load(Ordering::SeqCst) {
+            crate::frontend::prepare_mountpoint(&r.mountpoint)?;
+        }
         // Snapshots a killed agent had exposed: their loop devices and FUSE mounts are dead.
         for stale in r.stale_exposures() {
             warn!(resource = %r.name, mountpoint = %stale.display(), "removing a snapshot exposure left by a previous agent");
@@ -545,6 +576,7 @@ impl Resource {
             generation: format!("{:016x}", rec.current_generation),
             down: self.is_down(),
             snapshots: self.snapshot_summary(),
+            takeover: self.takeover_status(),
             peers,
             stats,
         }

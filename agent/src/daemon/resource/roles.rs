@@ -77,44 +77,22 @@ impl Resource {
             m.primary = true;
             m.disk = DiskState::UpToDate;
         })?;
-        let peer_cfgs = self
-            .bitmaps
-            .iter()
-            .map(|(n, bm)| {
-                let link = self.cfg.link_to(n);
-                PeerConfig {
-                    name: n.clone(),
-                    mode: link.mode,
-                    bitmap: bm.clone(),
-                    backlog: link.backlog,
-                    ack_latency: self.ack_latency[n].clone(),
-                }
-            })
-            .collect();
-        let volume = Volume::with_activity_log(
-            self.store.clone(),
-            peer_cfgs,
-            self.seq.load(Ordering::SeqCst),
-            self.cfg.timeout,
-            (!self.bitmaps.is_empty()).then(|| self.al.clone()),
-            self.volume_stats.clone(),
-        );
+        let volume = self.new_volume();
         let (v, mp) = (volume.clone(), self.mountpoint.clone());
         let volumes = self.cfg.volumes.clone();
         let latency = self.request_latency.clone();
+        let keeper = self.keeper.clone();
         let frontend: Box<dyn Frontend> =
-            match tokio::task::spawn_blocking(move || FuseLoop::start(v, &mp, &volumes, latency)).await? {
+            match tokio::task::spawn_blocking(move || FuseLoop::start(v, &mp, &volumes, latency, keeper))
+                .await?
+            {
                 Ok(f) => Box::new(f),
                 Err(e) => {
                     self.update_meta(|m| m.primary = false)?;
                     return Err(e.context(format!("cannot start the device for {}", self.name)));
                 }
             };
-        let device = frontend.device().to_string();
-        *self.devices.lock().unwrap() = frontend.devices().to_vec();
-        self.link_devices(frontend.devices());
-        *self.current.lock().unwrap() = Some((volume.clone(), device.clone()));
-        *role = RoleState::Primary { volume, frontend };
+        let device = self.become_primary(&mut role, volume, frontend);
         drop(role);
         self.publish();
         info!(resource = %self.name, device = %device, "promoted to primary");
@@ -135,9 +113,51 @@ impl Resource {
         })
     }
 
+    /// The engine's volume for a primary: every peer's mode, bitmap and backlog, the
+    /// activity log, and the change stream continuing from where it stands.
+    pub(super) fn new_volume(&self) -> Arc<Volume> {
+        let peer_cfgs = self
+            .bitmaps
+            .iter()
+            .map(|(n, bm)| {
+                let link = self.cfg.link_to(n);
+                PeerConfig {
+                    name: n.clone(),
+                    mode: link.mode,
+                    bitmap: bm.clone(),
+                    backlog: link.backlog,
+                    ack_latency: self.ack_latency[n].clone(),
+                }
+            })
+            .collect();
+        Volume::with_activity_log(
+            self.store.clone(),
+            peer_cfgs,
+            self.seq.load(Ordering::SeqCst),
+            self.cfg.timeout,
+            (!self.bitmaps.is_empty()).then(|| self.al.clone()),
+            self.volume_stats.clone(),
+        )
+    }
+
+    /// Records the role as primary on `frontend`'s devices; returns the first device.
+    pub(super) fn become_primary(
+        &self,
+        role: &mut RoleState,
+        volume: Arc<Volume>,
+        frontend: Box<dyn Frontend>,
+    ) -> String {
+        let device = frontend.device().to_string();
+        *self.devices.lock().unwrap() = frontend.devices().to_vec();
+        self.link_devices(frontend.devices());
+        *self.current.lock().unwrap() = Some((volume.clone(), device.clone()));
+        *role = RoleState::Primary { volume, frontend };
+        device
+    }
+
     /// While primary: every [`AL_COOL_INTERVAL`], extents idle for a whole interval leave
     /// the activity log, so a crash resyncs the recent working set only.
-    fn start_al_cooling(self: &Arc<Self>) {
+    pub(super) fn start_al_cooling(self: &Arc<Self>) {
         let me = Arc::downgrade(self);
         tokio::spawn(async move {
             loop {
@@ -304,11 +324,20 @@ impl Resource {
         format!("{} is up on {} (secondary) and connects to its peers", self.name, self.me)
     }
 
-    /// Agent shutdown: demote if possible; if the device is in use, tear it down anyway
-    /// (the filesystem on it will see I/O errors) after making peers durable.
-    pub async fn shutdown(self: &Arc<Self>) {
+    /// Agent shutdown. For a restart, a primary whose connection the holder keeps is left
+    /// as it is for the next agent. For a stop: demote if possible; if the device is in use,
+    /// leave it to the holder if there is one (the next agent takes it over within the
+    /// grace time), else tear it down anyway (the filesystem on it will see I/O errors)
+    /// after making peers durable.
+    pub async fn shutdown(self: &Arc<Self>, restarting: bool) {
+        if restarting && self.leave_for_takeover().await {
+            return;
+        }
         if self.is_primary() {
             match self.demote().await {
+                Err(e) if self.leave_for_takeover().await => {
+                    warn!(resource = %self.name, "stopping while primary and in use ({e:#}): the device waits for the next agent");
+                }
                 Ok(m) => info!("{m}"),
                 Err(e) => {
                     error!(resource = %self.name, "shutting down while primary and in use: {e:#}");
@@ -328,5 +357,19 @@ impl Resource {
         let me = self.clone();
         let _ = tokio::task::spawn_blocking(move || me.snapshot_shutdown()).await;
         self.persist_bitmaps();
+    }
+
+    /// Leaves a primary's device, with its connection, to the holder (see
+    /// [`Frontend::leave_for_takeover`]): the metadata still says primary, so the next
+    /// agent recovers from the activity log as after a crash and takes the device over.
+    async fn leave_for_takeover(&self) -> bool {
+        let mut role = self.role.lock().await;
+        let RoleState::Primary { frontend, .. } = &mut *role else { return false };
+        if !frontend.leave_for_takeover() {
+            return false;
+        }
+        drop(role);
+        self.persist_bitmaps();
+        true
     }
 }

@@ -87,6 +87,10 @@ pub enum ConnectionError {
     ResendUnsupported,
     #[error("sending FUSE_NOTIFY_RESEND failed: {0}")]
     Notify(io::Error),
+    #[error("taking the FUSE connection over: reading what waits on it failed: {0}")]
+    Takeover(io::Error),
+    #[error("no /dev/fuse device to serve")]
+    NoDevice,
 }
 
 /// One `/dev/fuse` fd of a connection: the one mounted, or a clone of it with its own

@@ -8,17 +8,19 @@
 //!   for takeover), FUSE_NOTIFY_RESEND.
 //! - [`session`]: worker threads, the [`Handler`] trait and [`Reply`].
 //!
-//! # Takeover (not built yet)
+//! # Takeover
 //!
-//! A holder process keeps the connection's devices so the mount outlives a crashed agent.
-//! What a new agent needs from it: every device requests are read from (the mounted fd and
-//! each `FUSE_DEV_IOC_CLONE` of it — closing a device fails the requests read from it and
-//! not answered, with ECONNABORTED, in `fuse_dev_release`; only requests on devices still
-//! open can be resent), the [`InitParams`] (INIT is sent once per connection), and the
-//! mountpoint. It builds the connection with [`Connection::from_fd`], starts its workers on
-//! those devices, then sends [`Connection::notify_resend`]: the kernel queues again what the
-//! dead agent had read, with [`abi::UNIQUE_RESEND`] in `unique`. The engine must treat a
-//! resent WRITE like a new one (it was never acknowledged, so replaying it is allowed).
+//! The descriptor holder (`crate::holder`) keeps the connection's devices so the mount
+//! outlives a crashed agent. What a new agent needs from it: every device requests are read
+//! from (the mounted fd and each `FUSE_DEV_IOC_CLONE` of it — closing the last copy of a
+//! device fails the requests read from it and not answered, with ECONNABORTED, in
+//! `fuse_dev_release`; only requests on devices still open can be resent), the
+//! [`InitParams`] (INIT is sent once per connection), and the mountpoint.
+//! [`Session::resume`] sends FUSE_NOTIFY_RESEND — the kernel queues again what the dead
+//! agent had read, with [`abi::UNIQUE_RESEND`] in `unique` — answers everything waiting in
+//! the order the kernel first issued it, then starts the workers on the held devices. A
+//! resent WRITE was never acknowledged, so admitting it again is allowed; admitting it in
+//! its original order keeps overlapping requests in the order the kernel sent them.
 //!
 //! # FUSE over io_uring (not built yet)
 //!

@@ -15,6 +15,7 @@
 //! unanswered answers EIO and logs the request.
 
 use std::ffi::OsStr;
+use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -205,31 +206,77 @@ fn serve<H: Handler>(device: Arc<Device>, handler: &H, buf_size: usize) {
                 return;
             }
         };
-        let bytes = &buf[..n];
-        match Request::decode(bytes) {
-            Ok(req) => {
-                if !req.op.expects_reply() {
-                    continue;
-                }
-                let reply = Reply::new(device.clone(), req.header.unique, req.header.opcode);
-                dispatch(handler, req, reply);
+        handle_request(&device, handler, &buf[..n]);
+    }
+}
+
+/// Decodes one request read from `device` and hands it to `handler` (or answers it here).
+fn handle_request<H: Handler>(device: &Arc<Device>, handler: &H, bytes: &[u8]) {
+    match Request::decode(bytes) {
+        Ok(req) => {
+            if !req.op.expects_reply() {
+                return;
             }
-            Err(e) => {
-                warn!("{e}; answering EIO");
-                // Answer what can be answered, so the kernel does not wait forever.
-                if n >= 16 {
-                    let opcode = u32::from_ne_bytes(bytes[4..8].try_into().unwrap_or_default());
-                    let unique = u64::from_ne_bytes(bytes[8..16].try_into().unwrap_or_default());
-                    let no_reply = [abi::Opcode::Forget, abi::Opcode::BatchForget, abi::Opcode::Interrupt]
-                        .iter()
-                        .any(|o| *o as u32 == opcode);
-                    if !no_reply {
-                        Reply::new(device.clone(), unique, opcode).error(Errno::EIO);
-                    }
+            let reply = Reply::new(device.clone(), req.header.unique, req.header.opcode);
+            dispatch(handler, req, reply);
+        }
+        Err(e) => {
+            warn!("{e}; answering EIO");
+            // Answer what can be answered, so the kernel does not wait forever.
+            if bytes.len() >= 16 {
+                let opcode = u32::from_ne_bytes(bytes[4..8].try_into().unwrap_or_default());
+                let unique = u64::from_ne_bytes(bytes[8..16].try_into().unwrap_or_default());
+                let no_reply = [abi::Opcode::Forget, abi::Opcode::BatchForget, abi::Opcode::Interrupt]
+                    .iter()
+                    .any(|o| *o as u32 == opcode);
+                if !no_reply {
+                    Reply::new(device.clone(), unique, opcode).error(Errno::EIO);
                 }
             }
         }
     }
+}
+
+/// FUSE_NOTIFY_RESEND on `device`, then every request waiting on the connection, read
+/// without blocking, as `(unique, bytes)` sorted by the order the kernel first issued them.
+/// The kernel puts resent requests at the head of the pending queue (in hash-bucket order,
+/// not their original one; hence the sort) before the write of the notification returns.
+fn drain_after_resend(device: &Device, params: &InitParams) -> Result<Vec<(u64, Vec<u8>)>, ConnectionError> {
+    let fd = device.as_fd();
+    let flags = nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_GETFL)
+        .map_err(|e| ConnectionError::Takeover(e.into()))?;
+    let blocking = nix::fcntl::OFlag::from_bits_truncate(flags);
+    let set = |f: nix::fcntl::OFlag| {
+        nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_SETFL(f))
+            .map_err(|e| ConnectionError::Takeover(e.into()))
+    };
+    super::connection::send_resend(device, params)?;
+    set(blocking | nix::fcntl::OFlag::O_NONBLOCK)?;
+    let mut waiting = Vec::new();
+    let mut buf = vec![0u8; params.read_buffer_size()];
+    let drained = loop {
+        if waiting.len() >= MAX_REPLAYED {
+            break Ok(());
+        }
+        match nix::unistd::read(fd, &mut buf) {
+            Ok(n) if n >= abi::IN_HEADER_SIZE => {
+                let unique = u64::from_ne_bytes(buf[8..16].try_into().unwrap_or_default());
+                waiting.push((unique, buf[..n].to_vec()));
+            }
+            Ok(n) => {
+                // Too short to carry a unique: nothing to answer.
+                warn!(bytes = n, "a truncated FUSE request while taking over; ignored");
+            }
+            Err(Errno::EAGAIN) => break Ok(()),
+            Err(Errno::EINTR) => continue,
+            Err(e) => break Err(ConnectionError::Takeover(e.into())),
+        }
+    };
+    // The file is shared with the holder's copy: leave it as it was.
+    set(blocking)?;
+    drained?;
+    waiting.sort_by_key(|(unique, _)| unique & !abi::UNIQUE_RESEND);
+    Ok(waiting)
 }
 
 /// The device minor of the mount at `mountpoint`, from /proc/self/mountinfo (field 3 is
@@ -247,13 +294,30 @@ fn mount_minor(mountpoint: &Path) -> Option<u64> {
 pub struct Session {
     mountpoint: PathBuf,
     params: InitParams,
+    /// Every device a worker reads from (the first is the mounted fd): what a holder must
+    /// keep for the connection to outlive this process.
+    devices: Vec<Arc<Device>>,
     workers: Vec<JoinHandle<()>>,
     /// The connection's number in /sys/fs/fuse/connections (the mount's device minor).
     conn_id: Option<u64>,
 }
 
+/// The most requests [`Session::resume`] replays before it starts the workers; the kernel
+/// keeps at most `max_background` plus the synchronous ones in flight, far fewer.
+const MAX_REPLAYED: usize = 4096;
+
+/// What [`Session::resume`] found waiting.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Replayed {
+    /// Requests the previous process had read and not answered, queued again by the kernel.
+    pub resent: usize,
+    /// Requests the previous process had not read yet.
+    pub pending: usize,
+}
+
 impl Session {
-    /// Serves `conn` (mounted at `mountpoint`) with `threads` workers named `name`.
+    /// Serves `conn` (mounted at `mountpoint`) with `threads` workers named `name`, each on
+    /// a device of its own (the first the connection's, the others clones of it).
     pub fn spawn<H: Handler>(
         conn: Connection,
         mountpoint: &Path,
@@ -261,26 +325,68 @@ impl Session {
         threads: usize,
         name: &str,
     ) -> Result<Self, ConnectionError> {
-        // Not stat(2): that may ask the filesystem, which has no workers yet.
-        let conn_id = mount_minor(mountpoint);
         let (first, params) = conn.into_parts();
         let mut devices = Vec::with_capacity(threads.max(1));
         for _ in 1..threads.max(1) {
             devices.push(first.try_clone()?);
         }
         devices.insert(0, first);
+        Self::start(devices.into_iter().map(Arc::new).collect(), params, mountpoint, Arc::new(handler), name)
+    }
+
+    /// Takes over a connection another process served (its devices, from a holder, and the
+    /// parameters it negotiated): asks the kernel to queue again every request that process
+    /// read and did not answer (FUSE_NOTIFY_RESEND), answers everything waiting in the
+    /// order the kernel first issued it (`unique`, without the resend bit) — so a request
+    /// replayed is admitted before any later one — and then starts one worker per device.
+    pub fn resume<H: Handler>(
+        devices: Vec<Device>,
+        params: InitParams,
+        mountpoint: &Path,
+        handler: H,
+        name: &str,
+    ) -> Result<(Self, Replayed), ConnectionError> {
+        let devices: Vec<Arc<Device>> = devices.into_iter().map(Arc::new).collect();
+        let Some(first) = devices.first().cloned() else {
+            return Err(ConnectionError::NoDevice);
+        };
         let handler = Arc::new(handler);
+        let waiting = drain_after_resend(&first, &params)?;
+        let replayed = Replayed {
+            resent: waiting.iter().filter(|r| r.0 & abi::UNIQUE_RESEND != 0).count(),
+            pending: waiting.iter().filter(|r| r.0 & abi::UNIQUE_RESEND == 0).count(),
+        };
+        for (_, bytes) in &waiting {
+            handle_request(&first, &*handler, bytes);
+        }
+        Ok((Self::start(devices, params, mountpoint, handler, name)?, replayed))
+    }
+
+    fn start<H: Handler>(
+        devices: Vec<Arc<Device>>,
+        params: InitParams,
+        mountpoint: &Path,
+        handler: Arc<H>,
+        name: &str,
+    ) -> Result<Self, ConnectionError> {
+        // Not stat(2): that may ask the filesystem, which has no workers yet.
+        let conn_id = mount_minor(mountpoint);
         let buf_size = params.read_buffer_size();
         let mut workers = Vec::new();
-        for (i, d) in devices.into_iter().enumerate() {
-            let (d, h) = (Arc::new(d), handler.clone());
+        for (i, d) in devices.iter().enumerate() {
+            let (d, h) = (d.clone(), handler.clone());
             let w = std::thread::Builder::new()
                 .name(format!("{name}-{i}"))
                 .spawn(move || serve(d, &*h, buf_size))
                 .map_err(ConnectionError::Clone)?;
             workers.push(w);
         }
-        Ok(Self { mountpoint: mountpoint.to_path_buf(), params, workers, conn_id })
+        Ok(Self { mountpoint: mountpoint.to_path_buf(), params, devices, workers, conn_id })
+    }
+
+    /// The devices the workers read from, the mounted one first.
+    pub fn devices(&self) -> &[Arc<Device>] {
+        &self.devices
     }
 
     pub fn params(&self) -> &InitParams {
