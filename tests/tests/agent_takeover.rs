@@ -11,7 +11,8 @@
 //!   sets the number of kills.
 //! - `planned_restart_under_load_prints_the_pause`: `tandem restart`, the same checks.
 //! - `grace_exceeded_fails_requests_with_eio_and_loses_nothing`: no agent within the grace
-//!   time: requests fail with EIO (only then), and the promoted standby holds every file.
+//!   time: requests fail with EIO (only then), the promoted standby holds every file, and
+//!   the old primary returns as a secondary as after a crash.
 //! - `holder_killed_too_behaves_as_a_node_crash`: I/O errors, failover, and the old primary
 //!   returns as a secondary that cleans the dead mount up and resyncs.
 //!
@@ -357,11 +358,6 @@ fn other_errors(mark: Option<u64>) -> Vec<String> {
         .collect()
 }
 
-/// The takeover `node`'s agent reports, if it took the device over.
-fn takeover_of(lab: &Lab, node: &str) -> Option<TakeoverStatus> {
-    lab.resource_status(node).ok()?.takeover
-}
-
 /// Waits until `node` is primary on `dev` again with a takeover in its status, failing at
 /// once if the writer fails meanwhile.
 fn wait_taken_over(lab: &Lab, node: &str, dev: &str, writer: &FileWriter, context: &str) -> TakeoverStatus {
@@ -591,6 +587,31 @@ fn fail_over_to_beta(lab: &mut Lab, mnt: &Path, run: u64, acked: &[(u64, String)
     dev_b
 }
 
+/// After a failover to beta: alpha's agent starts again, removes its dead FUSE mount (and
+/// the loop device on it), comes up secondary without a takeover (nothing was held) and
+/// takes a delta resync from beta; then the images are equal.
+fn alpha_returns_as_secondary(lab: &mut Lab, what: &str) {
+    let sent_before = resync_bytes_sent(lab, "beta");
+    lab.start("alpha").unwrap();
+    assert!(
+        lab.log_text("alpha").contains("removing FUSE mount left by a previous agent"),
+        "the restarted alpha did not clean its dead mount up:\n{}",
+        lab.log_text("alpha")
+    );
+    let st = lab.resource_status("alpha").unwrap();
+    assert_eq!(st.role, "secondary", "{what} came back as primary");
+    assert_eq!(st.device, None);
+    assert!(st.takeover.is_none(), "nothing was held: no takeover: {:?}", st.takeover);
+    assert!(!is_mounted(&fuse_mountpoint(lab, "alpha")), "alpha's dead FUSE mount is still there");
+    wait_until(lab, "beta", "alpha resynced", secs(120), all_caught_up);
+    wait_until(lab, "alpha", "up to date", secs(60), |r| r.disk == "up_to_date");
+    let moved = resync_bytes_sent(lab, "beta") - sent_before;
+    println!("alpha resynced from beta: {moved} bytes of {SIZE}");
+    assert!(moved > 0, "{what}'s activity-log extents must be resynced from beta");
+    assert!(moved < SIZE / 4, "{moved} bytes resynced: not a delta");
+    assert_eq!(sha256_file(&lab.image("alpha")), sha256_file(&lab.image("beta")), "images differ");
+}
+
 #[test]
 fn grace_exceeded_fails_requests_with_eio_and_loses_nothing() {
     let grace = Duration::from_secs(2);
@@ -616,7 +637,11 @@ fn grace_exceeded_fails_requests_with_eio_and_loses_nothing() {
     let acked = writer.finish();
     println!("{} files acknowledged before the error", acked.len());
     let dev_b = fail_over_to_beta(&mut lab, &mnt, run, &acked);
-    println!("alpha's device {dev}, beta's {dev_b}; holder of alpha now: {:?}", lab.holder_pid("alpha"));
+    println!(
+        "alpha's device was {dev}, beta's is {dev_b}; holder of alpha now: {:?}",
+        lab.holder_pid("alpha")
+    );
+    alpha_returns_as_secondary(&mut lab, "the primary whose agent stayed away");
 }
 
 #[test]
@@ -651,25 +676,6 @@ fn holder_killed_too_behaves_as_a_node_crash() {
     println!("{} files acknowledged before the crash; alpha sent {sent_before} resync bytes", acked.len());
     let dev_b = fail_over_to_beta(&mut lab, &mnt, run, &acked);
 
-    // Alpha returns: a secondary that removes the dead mount and takes a resync from beta.
-    let sent_before = resync_bytes_sent(&lab, "beta");
-    lab.start("alpha").unwrap();
-    assert!(
-        lab.log_text("alpha").contains("removing FUSE mount left by a previous agent"),
-        "the restarted alpha did not clean its dead mount up:\n{}",
-        lab.log_text("alpha")
-    );
-    let st = lab.resource_status("alpha").unwrap();
-    assert_eq!(st.role, "secondary", "the crashed primary came back as primary");
-    assert_eq!(st.device, None);
-    assert!(takeover_of(&lab, "alpha").is_none(), "nothing was held: no takeover");
-    assert!(!is_mounted(&fuse_mountpoint(&lab, "alpha")), "alpha's dead FUSE mount is still there");
-    wait_until(&lab, "beta", "alpha resynced", secs(120), all_caught_up);
-    wait_until(&lab, "alpha", "up to date", secs(60), |r| r.disk == "up_to_date");
-    let moved = resync_bytes_sent(&lab, "beta") - sent_before;
-    println!("alpha resynced from beta: {moved} bytes of {SIZE}");
-    assert!(moved > 0, "the crashed primary's activity-log extents must be resynced from beta");
-    assert!(moved < SIZE / 2, "{moved} bytes resynced: not a delta");
-    assert_eq!(sha256_file(&lab.image("alpha")), sha256_file(&lab.image("beta")), "images differ");
-    let _ = (dev, dev_b);
+    alpha_returns_as_secondary(&mut lab, "the crashed primary");
+    println!("alpha's device was {dev}, beta's is {dev_b}");
 }
