@@ -136,6 +136,16 @@ pub enum Command {
         #[arg(long, default_value = "120s", value_parser = humantime::parse_duration)]
         timeout: std::time::Duration,
     },
+    /// For scripts (the OCF agent): whether the descriptor holder keeps RESOURCE's device
+    /// for the next agent (exit 0) or not (exit 1). With `--release`, and no agent running:
+    /// have the holder let go of it now — its requests fail with EIO, as without a holder,
+    /// and the next agent starts secondary.
+    #[command(hide = true)]
+    Held {
+        resource: String,
+        #[arg(long)]
+        release: bool,
+    },
     /// Point-in-time snapshots of this node's copy of a resource (run on a secondary).
     #[command(subcommand)]
     Snapshot(SnapshotCommand),

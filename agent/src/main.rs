@@ -142,6 +142,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::Snapshot(op) => snapshot(&cli, op),
         Command::Restart { timeout } => restart(&cli, *timeout),
+        Command::Held { resource, release } => held(&cli, resource, *release),
         Command::CreateMd { resource } => {
             let cfg = Config::load(&cli.config)?;
             let node = node_name(&cli, &cfg)?;
@@ -229,6 +230,36 @@ fn restart(cli: &Cli, timeout: Duration) -> Result<ExitCode> {
         }
     }
     Ok(if all { ExitCode::SUCCESS } else { ExitCode::from(1) })
+}
+
+/// `tandem held`: see its help.
+fn held(cli: &Cli, resource: &str, release: bool) -> Result<ExitCode> {
+    let cfg = Config::load(&cli.config)?;
+    let node = cfg.node(&node_name(cli, &cfg)?)?.clone();
+    if cfg.resource(resource).is_none() {
+        bail!("no resource {resource:?} in {}", cli.config.display());
+    }
+    let key = daemon::resource::fuse_mountpoint(&node.run_dir, resource).display().to_string();
+    let socket = tandem_agent::holder::keeper::socket_path(&node.run_dir);
+    let Ok(holder) = tandem_agent::holder::client::HolderClient::connect(&socket) else {
+        println!("no descriptor holder runs for node {}", node.name);
+        return Ok(ExitCode::from(1));
+    };
+    let is_held = holder.list()?.contains(&key);
+    if !release {
+        println!("{}", if is_held { "held" } else { "not held" });
+        return Ok(if is_held { ExitCode::SUCCESS } else { ExitCode::from(1) });
+    }
+    if control::call(&node.control, &Request::Status, Duration::from_secs(5)).is_ok() {
+        bail!("the agent of node {} is running: it serves the device (use `tandem demote`)", node.name);
+    }
+    if is_held {
+        holder.forget(&key)?;
+        println!("released {resource}'s device: its requests fail from now on");
+    } else {
+        println!("{resource}'s device is not held");
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 /// `tandem state`: see its help. Exit codes: 0, 2 (no such resource), 3 (no agent).

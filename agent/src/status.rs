@@ -413,6 +413,12 @@ impl NodeStatus {
                     r.snapshots.newest_age_secs().map_or("-".to_string(), |a| format!("{a:.0}s ago"))
                 );
             }
+            if let Some(t) = r.takeover {
+                out += &format!(
+                    "    taken over from the previous agent: device paused {} ms, {} requests re-sent\n",
+                    t.paused_ms, t.resent
+                );
+            }
             for p in &r.peers {
                 out += &format!(
                     "    {}  connection:{}  replication:{}  mode:{}  out-of-sync:{}",

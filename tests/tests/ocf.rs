@@ -5,8 +5,9 @@
 //!   against the OCF DTD, probes, start/stop twice, promote/demote twice, notify) on one
 //!   node, whose agent the OCF `start` itself launches; the peer stays up throughout.
 //! - `monitor_reports_a_dead_agent_by_what_it_was`: monitor after `kill -9` of the agent
-//!   says 9 under a promoted instance, 1 under a started one, 7 after a clean stop; the
-//!   stable device path follows the role.
+//!   under a promoted instance whose device the descriptor holder keeps starts a new agent,
+//!   which takes the same device over (8); with the holder killed too it says 9; under a
+//!   started instance 1; 7 after a clean stop; the stable device path follows the role.
 //!
 //! Both need root, FUSE, loop devices and the Pacemaker packages; they fail with the
 //! reason without them.
@@ -189,7 +190,24 @@ fn monitor_reports_a_dead_agent_by_what_it_was() {
     let device = lab.resource_status("alpha").unwrap().device.expect("primary has a device");
     assert_eq!(link_target(&stable), Some(PathBuf::from(&device)), "stable path of the primary");
 
-    // The agent dies under the promoted instance: a failed primary.
+    // The agent dies under the promoted instance, but the descriptor holder keeps its
+    // device: the monitor starts a new agent, which takes the same device over.
+    let killed = launched.pid();
+    launched.kill9();
+    ocf.expect("monitor", OCF_RUNNING_MASTER);
+    assert!(launched.alive() && launched.pid() != killed, "the monitor started a new agent");
+    let st = lab.resource_status("alpha").unwrap();
+    assert_eq!(st.device.as_deref(), Some(device.as_str()), "the same device: {st:?}");
+    assert!(st.takeover.is_some(), "the new agent took the device over: {st:?}");
+    assert_eq!(link_target(&stable), Some(PathBuf::from(&device)), "stable path of the primary");
+
+    // The agent and the holder die (what a crash of the node does to them): a failed primary.
+    let holder: i32 = std::fs::read_to_string(lab.dir.join("alpha/run/holder.pid"))
+        .expect("the holder's pid file")
+        .trim()
+        .parse()
+        .unwrap();
+    kill(Pid::from_raw(holder), Signal::SIGKILL).unwrap();
     launched.kill9();
     assert_eq!(ocf.rc("monitor"), OCF_FAILED_MASTER);
     // Pacemaker's recovery: demote (the agent is gone: nothing to demote, it fails), stop,

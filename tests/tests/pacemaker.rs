@@ -16,10 +16,11 @@
 //!   under the load: exactly one node is fenced — the one without the Promoted instance —
 //!   the agents are never both primary, the primary goes on acknowledging writes, none is
 //!   lost; the fenced node boots, rejoins Unpromoted, resyncs, and the images end equal.
-//! - `switchover_moves_zero_bytes_and_a_killed_agent_is_recovered_locally`: moving the
-//!   service group moves the Promoted role with it and resyncs nothing; then `kill -9` of
-//!   the agent under the Promoted instance is reported by monitor and Pacemaker restarts
-//!   the instance on that node (a new agent there) and the service comes back.
+//! - `switchover_moves_zero_bytes_and_a_killed_agent_is_taken_over_in_place`: moving the
+//!   service group moves the Promoted role with it and resyncs nothing; then after `kill
+//!   -9` of the agent under the Promoted instance the next monitor starts a new agent,
+//!   which takes the device over: no failure (fail-count 0), the service stays, and the
+//!   mounted filesystem takes writes again.
 //!
 //! Settings: corosync token 1000 ms (consensus 1200 ms), `dc-deadtime` 5 s, stonith off
 //! except in the partition test; Tandem's own peer timeout is 20 s (5 s in the partition
@@ -360,7 +361,7 @@ fn fail_count(lab: &PacemakerLab, node: &str) -> u32 {
 }
 
 #[test]
-fn switchover_moves_zero_bytes_and_a_killed_agent_is_recovered_locally() {
+fn switchover_moves_zero_bytes_and_a_killed_agent_is_taken_over_in_place() {
     let mut lab = lab();
     let (primary, mnt) = cluster_with_service(&mut lab);
     let standby = other(&primary);
@@ -390,26 +391,36 @@ fn switchover_moves_zero_bytes_and_a_killed_agent_is_recovered_locally() {
     let out = lab.x_ok(standby, &["cat", &file]).unwrap();
     assert_eq!(out, "kept\n");
 
-    // kill -9 of the agent under the Promoted instance: monitor reports it, and Pacemaker
-    // recovers the instance on the same node (a new agent there) before anything else.
+    // kill -9 of the agent under the Promoted instance: the descriptor holder keeps the
+    // device, so the mounted filesystem waits; the next monitor starts a new agent there,
+    // which takes the device over. Nothing failed for Pacemaker to recover: the service
+    // stays where it is and the filesystem takes writes again.
     let old_pid = agent_pid(&lab, standby).expect("the OCF agent's pid file");
     let t = Instant::now();
     lab.x_ok(standby, &["kill", "-9", &old_pid]).unwrap();
-    let new_pid = lab
-        .wait("the instance recovered on the same node", Duration::from_secs(120), |l| {
-            (fail_count(l, standby) >= 1 && l.locate(standby, CLONE).len() == 2).then_some(())?;
-            agent_pid(l, standby).filter(|p| *p != old_pid && l.tandem.status(standby).is_ok())
+    let (new_pid, takeover) = lab
+        .wait("a new agent serving the device", Duration::from_secs(120), |l| {
+            let pid = agent_pid(l, standby).filter(|p| *p != old_pid)?;
+            let st = l.tandem.resource_status(standby).ok()?;
+            (st.role == "primary").then_some((pid, st.takeover?))
         })
         .unwrap();
     let promoted = lab
-        .wait("a Promoted instance with the service", Duration::from_secs(120), |l| {
+        .wait("the Promoted instance with the service", Duration::from_secs(120), |l| {
             let p = l.promoted(standby)?;
             (running_on(l, &p, "mail-daemon")? == p && promoted_on(l, &p, &p)).then_some(p)
         })
         .unwrap();
+    assert_eq!(promoted, standby, "the service did not move");
+    assert_eq!(fail_count(&lab, standby), 0, "a takeover is not a failure");
+    let after = mnt.join("after-agent-kill").to_string_lossy().to_string();
+    lab.x_ok(standby, &["sh", "-c", &format!("echo written > {after} && sync -f {after}")])
+        .expect("the filesystem takes writes after the takeover");
     lab.note(&format!(
-        "agent killed on {standby}: restarted there (pid {old_pid} -> {new_pid}, fail-count {}), service up on {promoted} after {:.2}s",
-        fail_count(&lab, standby),
+        "agent killed on {standby}: a new agent took the device over (pid {old_pid} -> {new_pid}, device paused \
+         {} ms, {} requests re-sent), serving again after {:.2}s, fail-count 0",
+        takeover.paused_ms,
+        takeover.resent,
         t.elapsed().as_secs_f64()
     ));
     let out = lab.x_ok(&promoted, &["cat", &file]).unwrap();

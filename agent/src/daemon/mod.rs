@@ -39,6 +39,37 @@ pub struct Agent {
     restart: tokio::sync::Notify,
     /// When this process started (Unix ms).
     started_ms: u64,
+    /// Held while this agent runs: one agent per node (two would both serve a held device).
+    _lock: nix::fcntl::Flock<std::fs::File>,
+}
+
+/// Takes the node's agent lock (`run_dir/agent.lock`), or says which agent holds it.
+fn lock_node(run_dir: &std::path::Path, node: &str) -> Result<nix::fcntl::Flock<std::fs::File>> {
+    std::fs::create_dir_all(run_dir).with_context(|| format!("cannot create {}", run_dir.display()))?;
+    let path = run_dir.join("agent.lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .read(true)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("cannot open {}", path.display()))?;
+    let locked = match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock) {
+        Ok(l) => l,
+        Err((_, nix::errno::Errno::EWOULDBLOCK)) => {
+            let pid = std::fs::read_to_string(&path).unwrap_or_default();
+            anyhow::bail!(
+                "another agent of node {node} is running (pid {}; lock {})",
+                pid.trim(),
+                path.display()
+            )
+        }
+        Err((_, e)) => return Err(e).with_context(|| format!("cannot lock {}", path.display())),
+    };
+    use std::io::Write;
+    locked.set_len(0)?;
+    write!(&*locked, "{}", std::process::id())?;
+    Ok(locked)
 }
 
 /// How [`Agent::run`] ended.
@@ -59,6 +90,7 @@ impl Agent {
         if cfg.resources_of(node).is_empty() {
             anyhow::bail!("node {node} has no disk in any resource of {}", cfg.path.display());
         }
+        let lock = lock_node(&me.run_dir, node)?;
         let bus = events::EventBus::new();
         let exe = std::env::current_exe().context("cannot tell which binary this agent runs")?;
         let keeper = if cfg.options.takeover_grace.is_zero() {
@@ -72,13 +104,29 @@ impl Agent {
                 }
             }
         };
-        let held = match &keeper {
+        let mut held = match &keeper {
             Some(k) => k.held().unwrap_or_else(|e| {
                 error!("{e:#}");
                 Vec::new()
             }),
             None => Vec::new(),
         };
+        // A device of a resource this configuration no longer has on this node: nobody
+        // will take it over, so it fails now rather than at the end of the grace time.
+        if let Some(k) = &keeper {
+            let ours: Vec<String> = cfg
+                .resources_of(node)
+                .iter()
+                .map(|r| resource::fuse_mountpoint(&me.run_dir, &r.name).display().to_string())
+                .collect();
+            for key in held.iter().filter(|k| !ours.contains(k)) {
+                error!(key = %key, "the holder keeps a device no resource of this node has: releasing it (its requests fail)");
+                if let Err(e) = k.forget(key) {
+                    error!("{e:#}");
+                }
+            }
+            held.retain(|k| ours.contains(k));
+        }
         let shared = resource::NodeShared {
             hook_timeout: cfg.options.hook_timeout,
             connect_retry: cfg.options.connect_retry,
@@ -108,6 +156,7 @@ impl Agent {
             started_ms: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_millis() as u64),
+            _lock: lock,
         }))
     }
 

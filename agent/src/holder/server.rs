@@ -34,13 +34,23 @@ struct State {
     done: bool,
 }
 
+/// One connection's standing with the holder.
+#[derive(Default)]
+struct Attachment {
+    /// It attached (an agent, not a `list`).
+    attached: bool,
+    /// How long no agent had been attached when it attached: the pause its agent reports.
+    agentless: Duration,
+}
+
 struct Holder {
     state: Mutex<State>,
     changed: Condvar,
 }
 
 impl Holder {
-    fn handle(&self, msg: Message, fds: Vec<OwnedFd>, attached: &mut bool) -> (Message, Vec<OwnedFd>) {
+    /// `conn`: this connection's attachment (see [`Attachment`]).
+    fn handle(&self, msg: Message, fds: Vec<OwnedFd>, conn: &mut Attachment) -> (Message, Vec<OwnedFd>) {
         let mut s = self.state.lock().unwrap();
         let reply = match msg {
             Message::Hold { key, state } => {
@@ -49,7 +59,7 @@ impl Holder {
                 } else {
                     info!(key = %key, descriptors = fds.len(), "holding the connection");
                     s.held.insert(key, (fds, state));
-                    self.attach(&mut s, attached);
+                    self.attach(&mut s, conn);
                     Message::Ok
                 }
             }
@@ -58,12 +68,9 @@ impl Holder {
                     match fds.iter().map(|f| f.try_clone()).collect::<Result<Vec<_>, _>>() {
                         Ok(dups) => {
                             let state = state.clone();
-                            let agentless_ms = match (s.attached, s.orphaned_since) {
-                                (0, Some(since)) => since.elapsed().as_millis() as u64,
-                                _ => 0,
-                            };
+                            self.attach(&mut s, conn);
+                            let agentless_ms = conn.agentless.as_millis() as u64;
                             info!(key = %key, agentless_ms, "handing the connection to an agent");
-                            self.attach(&mut s, attached);
                             return (Message::Held { key, state, agentless_ms }, dups);
                         }
                         Err(e) => Message::Error { reason: format!("take {key}: cannot duplicate: {e}") },
@@ -75,11 +82,16 @@ impl Holder {
                 if s.held.remove(&key).is_some() {
                     info!(key = %key, "connection released");
                 }
+                if s.held.is_empty() && s.attached == 0 && !conn.attached {
+                    // Released with no agent: nothing left to wait for.
+                    s.done = true;
+                    self.changed.notify_all();
+                }
                 Message::Ok
             }
             Message::List => Message::Keys { keys: s.held.keys().cloned().collect() },
             Message::Attach => {
-                self.attach(&mut s, attached);
+                self.attach(&mut s, conn);
                 Message::Ok
             }
             other => Message::Error { reason: format!("{other:?} is not a request") },
@@ -87,9 +99,12 @@ impl Holder {
         (reply, Vec::new())
     }
 
-    fn attach(&self, s: &mut State, attached: &mut bool) {
-        if !*attached {
-            *attached = true;
+    fn attach(&self, s: &mut State, conn: &mut Attachment) {
+        if !conn.attached {
+            conn.attached = true;
+            if s.attached == 0 {
+                conn.agentless = s.orphaned_since.map_or(Duration::ZERO, |since| since.elapsed());
+            }
             s.attached += 1;
             s.orphaned_since = None;
         }
@@ -112,11 +127,11 @@ impl Holder {
     }
 
     fn serve(self: Arc<Self>, sock: UnixStream) {
-        let mut attached = false;
+        let mut conn = Attachment::default();
         loop {
             match recv(&sock) {
                 Ok(Some((msg, fds))) => {
-                    let (reply, fds) = self.handle(msg, fds, &mut attached);
+                    let (reply, fds) = self.handle(msg, fds, &mut conn);
                     let raw: Vec<RawFd> = fds.iter().map(|f| f.as_raw_fd()).collect();
                     if send(&sock, &reply, &raw).is_err() {
                         break;
@@ -131,7 +146,7 @@ impl Holder {
                 }
             }
         }
-        self.detach(attached);
+        self.detach(conn.attached);
     }
 
     /// Waits until the grace time has passed with no agent attached, or the last agent left

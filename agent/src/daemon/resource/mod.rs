@@ -168,6 +168,12 @@ pub struct NodeShared {
     pub held: Vec<String>,
 }
 
+/// Where a resource's FUSE files are mounted on a node: also the key the descriptor holder
+/// keeps its connection under.
+pub fn fuse_mountpoint(run_dir: &std::path::Path, resource: &str) -> PathBuf {
+    run_dir.join("fuse").join(resource)
+}
+
 fn new_generation() -> u64 {
     loop {
         let g: u64 = rand::random();
@@ -290,7 +296,7 @@ impl Resource {
             al,
             applier_stats,
             apply_lock: Arc::new(tokio::sync::Mutex::new(())),
-            mountpoint: run_dir.join("fuse").join(&cfg.name),
+            mountpoint: fuse_mountpoint(run_dir, &cfg.name),
             seq,
             hooks: Hooks::new(&cfg.name, me, cfg.handlers.clone(), hook_timeout, events.clone()),
             discard_local: AtomicBool::new(false),
