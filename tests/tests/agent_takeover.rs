@@ -132,7 +132,8 @@ struct WriterError {
 
 /// Files written one by one into a directory of the volume — create, write, fsync the
 /// file, fsync the directory — each acknowledged file (name and checksum) appended to a
-/// log outside the volume and kept in memory, until it is stopped or an operation fails.
+/// log outside the volume (the lab's `acks`, for inspection with TANDEM_KEEP_LAB=1) and
+/// kept in memory, until it is stopped or an operation fails.
 struct FileWriter {
     stop: Arc<AtomicBool>,
     /// Acknowledged files: (n, sha256 of the content).
@@ -283,7 +284,7 @@ fn check_files(dir: &Path, run: u64, acked: &[(u64, String)]) -> Vec<String> {
 }
 
 /// Mounts `dev` read-only at `mnt` (the filesystem unmounted before, so nothing is cached),
-/// checks the acknowledged files under `sub`, unmounts; panics with the problems.
+/// checks the acknowledged files in its `mail/`, unmounts; panics with the problems.
 fn assert_files_on(lab: &mut Lab, dev: &str, mnt: &Path, run: u64, acked: &[(u64, String)], what: &str) {
     // Cached blocks of the device would hide what is on it.
     let _ = Command::new("blockdev").args(["--flushbufs", dev]).status();
