@@ -8,6 +8,11 @@
 //! their FUSE mounts and loop devices are visible here, and their control sockets are
 //! plain paths in the cluster's directory.
 //!
+//! [`LocalCluster::kill9`] is a node crash: the agent and its descriptor holder die, and the
+//! FUSE connections with them (requests fail with EIO at once).
+//! [`LocalCluster::kill9_agent`] is an agent crash: the holder keeps the connections, and
+//! requests wait for the next agent of the node.
+//!
 //! The integration tests build their lab (network namespaces, cut links, relays) on this
 //! type rather than on a copy of it: the config it writes and the way it runs, stops and
 //! cleans up agents are the same for the demo and for the tests.
@@ -276,13 +281,67 @@ impl LocalCluster {
         self.node(node).ok()?.child.as_ref().map(|c| c.id())
     }
 
-    /// SIGKILL, and reap.
+    /// The directory of `node`'s runtime files (its `run_dir`): the holder's socket, pid
+    /// file and log among them.
+    pub fn run_dir(&self, node: &str) -> PathBuf {
+        self.dir.join(node).join("run")
+    }
+
+    /// The process id of `node`'s descriptor holder, while one runs: the pid its pid file
+    /// names, if that process exists, is not a zombie, and is a `tandem holder` of this
+    /// node (its command line names the holder and this node's run directory — a pid left
+    /// in the file by a holder that is gone may since belong to anything).
+    pub fn holder_pid(&self, node: &str) -> Option<u32> {
+        let run_dir = self.run_dir(node);
+        let pid: u32 = std::fs::read_to_string(run_dir.join("holder.pid")).ok()?.trim().parse().ok()?;
+        holder_process(pid, &run_dir).then_some(pid)
+    }
+
+    /// A node crash: SIGKILL to `node`'s agent and to its descriptor holder, so that the
+    /// FUSE connections end at once (the loop device fails its requests with EIO), as
+    /// they do when the machine dies. Returns once both are gone (the agent reaped).
     pub fn kill9(&mut self, node: &str) -> Result<()> {
+        let holder = self.holder_pid(node);
+        // The agent first, at once followed by the holder: a holder killed first could
+        // be replaced by the agent in the moment before it dies.
+        let child = self.node_mut(node)?.child.take();
+        if let Some(mut c) = child {
+            let _ = c.kill();
+            if let Some(pid) = holder {
+                kill_holder(pid);
+            }
+            let _ = c.wait();
+        } else if let Some(pid) = holder {
+            kill_holder(pid);
+        }
+        if let Some(pid) = holder {
+            wait_gone(pid, node)?;
+        }
+        Ok(())
+    }
+
+    /// SIGKILL to `node`'s agent only, and reap: the agent crashes, the machine does not.
+    /// Its descriptor holder (if one runs) keeps the FUSE connections, so requests wait in
+    /// the kernel for the next agent (or until the holder's grace time ends).
+    pub fn kill9_agent(&mut self, node: &str) -> Result<()> {
         if let Some(mut c) = self.node_mut(node)?.child.take() {
             let _ = c.kill();
             let _ = c.wait();
         }
         Ok(())
+    }
+
+    /// SIGKILL to every node's holder that still runs, and waits until they are gone.
+    fn kill_holders(&self, only_without_agent: bool) {
+        for n in &self.nodes {
+            if only_without_agent && n.child.is_some() {
+                continue;
+            }
+            if let Some(pid) = self.holder_pid(&n.name) {
+                kill_holder(pid);
+                let _ = wait_gone(pid, &n.name);
+            }
+        }
     }
 
     /// SIGTERM and wait for a clean exit (SIGKILL after `grace`). Returns whether it exited
@@ -420,13 +479,61 @@ impl LocalCluster {
     }
 }
 
+/// How long [`LocalCluster::kill9`] waits for a killed holder to be gone.
+const HOLDER_EXIT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Whether process `pid` runs: it exists and is not a zombie (a zombie's descriptors are
+/// closed already).
+fn running(pid: u32) -> bool {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    // The state follows the command name, which is in parentheses and may hold spaces.
+    let state = stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().next());
+    !matches!(state, None | Some("Z") | Some("X"))
+}
+
+/// Whether process `pid` runs and is the `tandem holder` of the node whose run directory
+/// is `run_dir`.
+fn holder_process(pid: u32, run_dir: &Path) -> bool {
+    let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+        return false;
+    };
+    let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+    let run_dir = run_dir.as_os_str().as_encoded_bytes();
+    running(pid) && args.contains(&&b"holder"[..]) && args.iter().any(|a| a.starts_with(run_dir))
+}
+
+fn kill_holder(pid: u32) {
+    let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
+}
+
+/// Waits until the holder `pid` has exited — its descriptors closed, the FUSE connections
+/// aborted. It is not our child (it runs in a session of its own; init reaps it).
+fn wait_gone(pid: u32, node: &str) -> Result<()> {
+    let deadline = Instant::now() + HOLDER_EXIT_TIMEOUT;
+    while running(pid) {
+        if Instant::now() > deadline {
+            bail!("the holder of {node} (pid {pid}) still runs {HOLDER_EXIT_TIMEOUT:?} after SIGKILL");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    Ok(())
+}
+
 impl Drop for LocalCluster {
     fn drop(&mut self) {
+        // A holder whose agent is gone keeps its connections: requests to its loop device
+        // — the unmounts below among them — would wait for its grace time.
+        self.kill_holders(true);
         for m in self.mounts.drain(..).rev() {
             let _ = Command::new("umount").arg(&m).status();
             let _ = Command::new("umount").arg("-l").arg(&m).stderr(Stdio::null()).status();
         }
         self.stop_all();
+        // Whatever holder is left (one a stopped agent left behind) lets go of its FUSE
+        // connections before the cleanup of what the agents left.
+        self.kill_holders(false);
         for d in self.loops.drain(..) {
             let _ = Command::new("losetup").args(["-d", &d]).status();
         }

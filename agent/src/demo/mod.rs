@@ -2,10 +2,11 @@
 //!
 //! Two agents on 127.0.0.1 with their own keys, a sync-mode resource, ext4 on the primary's
 //! device, a Maildir written like an MDA does (each message fsync'd, then renamed into new/).
-//! Then the primary's agent is killed (-9), the standby promoted and every message checked
-//! on it, more mail delivered there, the old primary brought back as the new mirror by a
-//! delta resync, and finally both images compared byte for byte and the mirror's copy
-//! mounted read-only and every message checked against what was written.
+//! Then the primary node crashes (its agent and descriptor holder killed with -9, so the
+//! mail filesystem gets I/O errors as on a dead machine), the standby is promoted and every
+//! message checked on it, more mail delivered there, the old primary brought back as the
+//! new mirror by a delta resync, and finally both images compared byte for byte and the
+//! mirror's copy mounted read-only and every message checked against what was written.
 //!
 //! The agents run as a [`cluster::LocalCluster`], which removes every process, mount, loop
 //! device and file of the run when it is dropped: on success, on an error and on Ctrl-C
@@ -231,7 +232,7 @@ fn run_in(cluster: &mut LocalCluster, o: &DemoOptions) -> Result<bool> {
         st.stats.al_hot_extents
     );
 
-    step(8, "failover: kill -9 alpha's agent, as if the active mail server died");
+    step(8, "failover: kill -9 alpha's agent and its holder, as if the active mail server died");
     cluster.kill9("alpha")?;
     // The filesystem on the dead node's device can only be detached now.
     cluster.umount_lazy(&mnt)?;
