@@ -38,6 +38,9 @@ pub struct Keeper {
     socket: PathBuf,
     /// How long the holder keeps connections without an agent.
     pub grace: Duration,
+    /// When this agent attached: what the holder reports as its time without an agent
+    /// ends here, so a takeover's pause is that plus the time since.
+    attached_at: Instant,
 }
 
 impl Keeper {
@@ -70,7 +73,7 @@ impl Keeper {
         client
             .attach()
             .with_context(|| format!("attaching to the descriptor holder at {}", socket.display()))?;
-        Ok(Self { client: Mutex::new(client), socket, grace })
+        Ok(Self { client: Mutex::new(client), socket, grace, attached_at: Instant::now() })
     }
 
     /// The keys of the connections held.
@@ -91,6 +94,11 @@ impl Keeper {
     /// Has the holder close its copies of `key`'s devices.
     pub fn forget(&self, key: &str) -> Result<()> {
         self.client.lock().unwrap().forget(key).with_context(|| format!("releasing {key}"))
+    }
+
+    /// When this agent attached to the holder.
+    pub fn attached_at(&self) -> Instant {
+        self.attached_at
     }
 
     pub fn socket(&self) -> &Path {

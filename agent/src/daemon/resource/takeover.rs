@@ -23,7 +23,7 @@
 //! a holder, the stale mount is cleaned up, and the resource stays secondary.
 
 use std::sync::Arc;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context, Result};
 use tandem_replicator::relation::Event;
@@ -91,10 +91,12 @@ impl Resource {
         );
         let started = tokio::task::spawn_blocking(move || {
             let taken = k.take(&key_owned)?;
-            let took_at = Instant::now();
+            // No agent until the holder saw this one attach, then this agent's start-up
+            // and the takeover itself.
             let agentless = taken.agentless;
+            let attached_at = k.attached_at();
             let (frontend, taken_over) = FuseLoop::resume(v, &mp, &volumes, latency, k, taken)?;
-            Ok::<_, anyhow::Error>((frontend, taken_over, agentless + took_at.elapsed()))
+            Ok::<_, anyhow::Error>((frontend, taken_over, agentless + attached_at.elapsed()))
         })
         .await?;
         let (frontend, taken_over, paused) = match started {
