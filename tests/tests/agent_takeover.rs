@@ -551,6 +551,15 @@ fn planned_restart_under_load_prints_the_pause() {
         writer.wait_beyond(before.max(writer.acked_count()), secs(60), &format!("restart {it}"));
         wait_until(&lab, "alpha", "beta in sync after the restart", secs(120), in_sync);
         println!("restart {it}: {} bytes resynced", resync_bytes_sent(&lab, "alpha"));
+        // A planned restart drains and records an empty activity log: the new agent has
+        // nothing to mark (what it resyncs is only what it wrote before the standby was
+        // back), unlike after a kill.
+        let log = lab.log_text("alpha");
+        assert_eq!(
+            log.matches("its activity log is empty: nothing to resync").count() as u64,
+            it as u64,
+            "restart {it}: the handover was not clean:\n{log}"
+        );
     }
     writer.assert_no_error("after the restarts");
     let acked = writer.finish();

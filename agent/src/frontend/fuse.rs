@@ -10,6 +10,7 @@
 //! punch-hole / zero-range is a replicated discard.
 
 use std::ffi::OsStr;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -122,11 +123,67 @@ pub struct ImageFs {
     volume: Arc<Volume>,
     files: VolumeFiles,
     latency: Arc<RequestLatency>,
+    /// Closed when this agent hands the connection to the next one.
+    gate: Arc<HandoverGate>,
+}
+
+/// Closed when this agent hands its connection to the next one: I/O requests are left
+/// unanswered from then on (the kernel resends them to the next agent), so what was
+/// admitted can drain and nothing new reaches this engine. A request counts as inside from
+/// before it looks at the gate until its admission is done; once the gate is closed and
+/// nothing is inside, every later request sees it closed (both sides use SeqCst).
+#[derive(Debug, Default)]
+pub struct HandoverGate {
+    closed: AtomicBool,
+    inside: AtomicUsize,
+}
+
+/// A request past the gate, until dropped.
+struct Inside<'a>(&'a HandoverGate);
+
+impl Drop for Inside<'_> {
+    fn drop(&mut self) {
+        self.0.inside.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+impl HandoverGate {
+    fn enter(&self) -> Option<Inside<'_>> {
+        self.inside.fetch_add(1, Ordering::SeqCst);
+        let inside = Inside(self);
+        (!self.closed.load(Ordering::SeqCst)).then_some(inside)
+    }
+
+    pub fn close(&self) {
+        self.closed.store(true, Ordering::SeqCst);
+    }
+
+    /// Closed, and no request between the gate and the end of its admission.
+    pub fn drained(&self) -> bool {
+        self.closed.load(Ordering::SeqCst) && self.inside.load(Ordering::SeqCst) == 0
+    }
 }
 
 impl ImageFs {
-    pub fn new(volume: Arc<Volume>, files: Vec<VolumeLayout>, latency: Arc<RequestLatency>) -> Self {
-        Self { volume, files: VolumeFiles::new(files, true), latency }
+    pub fn new(
+        volume: Arc<Volume>,
+        files: Vec<VolumeLayout>,
+        latency: Arc<RequestLatency>,
+        gate: Arc<HandoverGate>,
+    ) -> Self {
+        Self { volume, files: VolumeFiles::new(files, true), latency, gate }
+    }
+
+    /// Past the gate with `reply`, or the request is left to the next agent (see
+    /// [`HandoverGate`]).
+    fn enter(&self, reply: Reply) -> Option<(Inside<'_>, Reply)> {
+        match self.gate.enter() {
+            Some(inside) => Some((inside, reply)),
+            None => {
+                reply.leave_for_next_server();
+                None
+            }
+        }
     }
 
     fn file(&self, ino: u64) -> Option<&VolumeLayout> {
@@ -178,6 +235,7 @@ impl Handler for ImageFs {
     }
 
     fn read(&self, ino: u64, arg: &ReadIn, reply: Reply) {
+        let Some((_inside, reply)) = self.enter(reply) else { return };
         let file_size = self.file(ino).map_or(0, |f| f.size);
         let len = u64::from(arg.size).min(file_size.saturating_sub(arg.offset)) as usize;
         let at = match self.files.place(ino, arg.offset, len as u64) {
@@ -192,6 +250,7 @@ impl Handler for ImageFs {
     }
 
     fn write(&self, ino: u64, arg: &WriteIn, data: &[u8], reply: Reply) {
+        let Some((_inside, reply)) = self.enter(reply) else { return };
         let started = Instant::now();
         let at = match self.files.place(ino, arg.offset, data.len() as u64) {
             Ok(at) => at,
@@ -222,6 +281,7 @@ impl Handler for ImageFs {
     }
 
     fn fsync(&self, _ino: u64, _arg: &FsyncIn, reply: Reply) {
+        let Some((_inside, reply)) = self.enter(reply) else { return };
         let started = Instant::now();
         let latency = self.latency.clone();
         let done = Box::new(move |r: Result<u64, VolumeError>| {
@@ -235,6 +295,7 @@ impl Handler for ImageFs {
     }
 
     fn fallocate(&self, ino: u64, arg: &abi::FallocateIn, reply: Reply) {
+        let Some((_inside, reply)) = self.enter(reply) else { return };
         let mode = arg.mode as i32;
         let punch = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
         let zero = libc::FALLOC_FL_ZERO_RANGE;

@@ -46,6 +46,16 @@ pub trait Frontend: Send + Sync {
     fn held(&self) -> bool {
         false
     }
+    /// The agent hands the connection to its successor (a planned restart): from now on
+    /// I/O requests are left unanswered for it (the kernel resends them), so the engine
+    /// can drain. Only for a held frontend; returns whether it did.
+    fn begin_handover(&self) -> bool {
+        false
+    }
+    /// After [`Frontend::begin_handover`]: no request is still on its way into the engine.
+    fn handover_drained(&self) -> bool {
+        true
+    }
 }
 
 /// What the holder keeps beside a live frontend's connection, for the agent that takes it
@@ -91,6 +101,8 @@ pub struct FuseLoop {
     keeper: Option<Arc<Keeper>>,
     /// Left to the holder for the next agent: nothing is torn down.
     left: bool,
+    /// Closed for a planned restart (see [`fuse::HandoverGate`]).
+    gate: Arc<fuse::HandoverGate>,
 }
 
 fn is_mountpoint(p: &Path) -> bool {
@@ -136,7 +148,8 @@ impl FuseLoop {
             subtype: Some("tandem".into()),
             read_only: false,
         };
-        let fs = fuse::ImageFs::new(volume, volumes.to_vec(), latency);
+        let gate = Arc::new(fuse::HandoverGate::default());
+        let fs = fuse::ImageFs::new(volume, volumes.to_vec(), latency, gate.clone());
         // Each thread performs its request's local I/O itself, so enough threads are needed
         // to keep a deep queue busy; idle ones cost nothing but a stack.
         let session = serve(mountpoint, &opts, &fuse::ImageFs::init_wanted(), fs, FUSE_THREADS, "fuse")?;
@@ -146,6 +159,7 @@ impl FuseLoop {
             devices: Vec::new(),
             keeper: None,
             left: false,
+            gate,
         };
         for v in volumes {
             // On an error `me` is dropped: the devices attached so far are detached and the
@@ -214,7 +228,8 @@ impl FuseLoop {
             bail!("loop device {d} is no longer attached to {}", mountpoint.display());
         }
         let devices = taken.fds.into_iter().map(fuse_kernel::connection::Device::new).collect();
-        let fs = fuse::ImageFs::new(volume, volumes.to_vec(), latency);
+        let gate = Arc::new(fuse::HandoverGate::default());
+        let fs = fuse::ImageFs::new(volume, volumes.to_vec(), latency, gate.clone());
         let (session, replayed) = fuse_kernel::Session::resume(devices, held.params, mountpoint, fs, "fuse")
             .with_context(|| format!("cannot take over the FUSE connection at {}", mountpoint.display()))?;
         for (v, d) in &held.devices {
@@ -226,6 +241,7 @@ impl FuseLoop {
             devices: held.devices,
             keeper: Some(keeper),
             left: false,
+            gate,
         };
         Ok((me, TakenOver { replayed }))
     }
@@ -258,6 +274,17 @@ impl Frontend for FuseLoop {
 
     fn held(&self) -> bool {
         self.keeper.is_some() && self.session.is_some()
+    }
+
+    fn begin_handover(&self) -> bool {
+        if self.held() {
+            self.gate.close();
+        }
+        self.held()
+    }
+
+    fn handover_drained(&self) -> bool {
+        self.gate.drained()
     }
 
     fn leave_for_takeover(&mut self) -> bool {

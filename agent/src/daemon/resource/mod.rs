@@ -39,7 +39,7 @@ use tandem_replicator::{
     TargetState, Volume, VolumeStats,
 };
 use tokio_util::sync::CancellationToken;
-use tracing::{error, warn};
+use tracing::{error, info, warn};
 
 use crate::config;
 use crate::daemon::events::{EventBus, ResourceEvents};
@@ -248,14 +248,23 @@ impl Resource {
                 locked.iter_mut().map(|bm| &mut **bm),
             );
             drop(locked);
-            warn!(resource = %cfg.name, hot_bytes = marked,
-                  "this node was primary when its agent stopped uncleanly: marking its activity log out of sync for every peer");
+            // An empty log (a planned restart drained and recorded it so; or an idle
+            // primary): by the log's invariant every block that may differ from a peer is
+            // in the persisted bitmaps, so nothing more is marked and no side needs to be
+            // told a primary crashed.
+            let clean = recorded.as_deref().is_some_and(|hot| hot.is_empty());
+            if clean {
+                info!(resource = %cfg.name, "this node was primary and its activity log is empty: nothing to resync");
+            } else {
+                warn!(resource = %cfg.name, hot_bytes = marked,
+                      "this node was primary when its agent stopped uncleanly: marking its activity log out of sync for every peer");
+            }
             let meta_m = Mutex::new(meta);
             persist_all_bitmaps(&meta_m, &bitmaps)?;
             meta = meta_m.into_inner().unwrap();
             meta.update(|m| {
                 m.primary = false;
-                m.crashed_primary = true;
+                m.crashed_primary |= !clean;
             })?;
         }
         meta.store_al(&[])?;

@@ -12,6 +12,9 @@ use super::{device_links, Resource, RoleState};
 use crate::daemon::hooks::HookEvent;
 use tandem_replicator::relation::{Event, Phase};
 
+/// How long a planned restart waits for the requests already admitted to complete.
+const HANDOVER_DRAIN: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// How often idle extents leave the activity log while primary.
 const AL_COOL_INTERVAL: std::time::Duration = std::time::Duration::from_secs(2);
 use crate::frontend::{Frontend, FuseLoop};
@@ -330,7 +333,7 @@ impl Resource {
     /// grace time), else tear it down anyway (the filesystem on it will see I/O errors)
     /// after making peers durable.
     pub async fn shutdown(self: &Arc<Self>, restarting: bool) {
-        if restarting && self.leave_for_takeover().await {
+        if restarting && self.hand_over().await {
             return;
         }
         if self.is_primary() {
@@ -357,6 +360,58 @@ impl Resource {
         let me = self.clone();
         let _ = tokio::task::spawn_blocking(move || me.snapshot_shutdown()).await;
         self.persist_bitmaps();
+    }
+
+    /// A planned restart of a primary on a held device: new requests are left for the next
+    /// agent, what was admitted drains, a last barrier makes every peer durable (what a
+    /// peer lacks is in its bitmap once its session is closed), and the activity log is
+    /// recorded empty — so the next agent takes the device over with nothing to resync.
+    /// If the drain does not finish, the device is left as after a crash (the next agent
+    /// replays the activity log). Returns whether the device was left to the holder.
+    async fn hand_over(&self) -> bool {
+        let mut role = self.role.lock().await;
+        let RoleState::Primary { volume, frontend } = &mut *role else { return false };
+        if !frontend.begin_handover() {
+            return false;
+        }
+        let volume = volume.clone();
+        let deadline = std::time::Instant::now() + HANDOVER_DRAIN;
+        let drained = |f: &dyn Frontend| f.handover_drained() && volume.inflight() == 0;
+        while !drained(frontend.as_ref()) && std::time::Instant::now() < deadline {
+            tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+        }
+        let mut clean = drained(frontend.as_ref());
+        if clean {
+            if let Err(e) = volume.submit_flush().await {
+                warn!(resource = %self.name, "last barrier before the restart failed: {e}");
+                clean = false;
+            }
+        } else {
+            warn!(resource = %self.name, in_flight = volume.inflight(), "requests still in flight after {HANDOVER_DRAIN:?}: the next agent recovers from the activity log");
+        }
+        let sessions: Vec<PeerHandle> =
+            self.peers.lock().unwrap().values_mut().filter_map(|p| p.session.take()).collect();
+        for s in &sessions {
+            s.close("agent restarting");
+        }
+        for s in &sessions {
+            s.closed().await;
+        }
+        let next_seq = volume.next_seq();
+        self.seq.store(next_seq, Ordering::SeqCst);
+        self.persist_bitmaps();
+        if clean {
+            let emptied = self.meta.lock().unwrap().store_al(&[]);
+            let recorded = emptied
+                .map_err(anyhow::Error::from)
+                .and_then(|()| self.update_meta(|m| m.next_seq = next_seq));
+            if let Err(e) = recorded {
+                error!(resource = %self.name, "cannot record the clean handover: {e:#}");
+            }
+        }
+        frontend.leave_for_takeover();
+        info!(resource = %self.name, clean, "device handed over to the next agent");
+        true
     }
 
     /// Leaves a primary's device, with its connection, to the holder (see

@@ -144,6 +144,12 @@ impl Reply {
     pub fn directory(mut self, entries: DirEntries) {
         self.send(0, &entries.into_bytes())
     }
+
+    /// Leaves the request unanswered, on purpose: this process is handing the connection
+    /// over, and the kernel resends the request to the next one (FUSE_NOTIFY_RESEND).
+    pub fn leave_for_next_server(mut self) {
+        self.sent = true;
+    }
 }
 
 impl Drop for Reply {
