@@ -557,7 +557,7 @@ fn planned_restart_under_load_prints_the_pause() {
         let log = lab.log_text("alpha");
         assert_eq!(
             log.matches("its activity log is empty: nothing to resync").count() as u64,
-            it as u64,
+            it,
             "restart {it}: the handover was not clean:\n{log}"
         );
     }
