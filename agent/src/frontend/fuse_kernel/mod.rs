@@ -22,16 +22,18 @@
 //! resent WRITE was never acknowledged, so admitting it again is allowed; admitting it in
 //! its original order keeps overlapping requests in the order the kernel sent them.
 //!
-//! # FUSE over io_uring (not built yet)
+//! # FUSE over io_uring (measured, not kept)
 //!
-//! A second queue type behind the same [`Handler`]: the INIT reply asks for
-//! [`abi::init_flags::OVER_IO_URING`] (only offered with
-//! `/sys/module/fuse/parameters/enable_uring` set), then one queue per possible CPU
-//! registers ring entries with `IORING_OP_URING_CMD` / `FUSE_IO_URING_CMD_REGISTER` and
-//! answers with `COMMIT_AND_FETCH`. The kernel uses the ring only once every queue has an
-//! entry registered (`is_ring_ready` in fs/fuse/dev_uring.c); until then, and whenever
-//! registration fails, requests keep coming through the device reads here, which is the
-//! fallback.
+//! A second queue type behind the same [`Handler`] was prototyped and measured
+//! (docs/benchmarks.md, "What was tried and not kept"): no gain for synchronous writes,
+//! slower at queue depth 32, and no takeover. What it takes, for a next attempt: the INIT
+//! reply asks for [`abi::init_flags::OVER_IO_URING`] (offered only with
+//! `/sys/module/fuse/parameters/enable_uring` set); from then on the kernel holds every new
+//! request until each per-CPU queue has a ring entry registered (`IORING_OP_URING_CMD`,
+//! `FUSE_IO_URING_CMD_REGISTER`; `fuse_block_alloc`), so registering is not optional once
+//! asked for — only a failed REGISTER turns the ring off and the device reads back on. A
+//! reply is committed (`COMMIT_AND_FETCH`) by the thread that owns the ring entry, and
+//! requests in flight on the ring are not resent by FUSE_NOTIFY_RESEND.
 
 pub mod abi;
 pub mod connection;
