@@ -327,18 +327,18 @@ impl Resource {
         format!("{} is up on {} (secondary) and connects to its peers", self.name, self.me)
     }
 
-    /// Agent shutdown. For a restart, a primary whose connection the holder keeps is left
-    /// as it is for the next agent. For a stop: demote if possible; if the device is in use,
-    /// leave it to the holder if there is one (the next agent takes it over within the
-    /// grace time), else tear it down anyway (the filesystem on it will see I/O errors)
-    /// after making peers durable.
+    /// Agent shutdown. For a restart, a primary whose connection the holder keeps is handed
+    /// over to the next agent ([`Resource::hand_over`]). For a stop: demote if possible; if
+    /// the device is in use, hand it over if the holder keeps it (the next agent takes it
+    /// over within the grace time), else tear it down anyway (the filesystem on it will see
+    /// I/O errors) after making peers durable.
     pub async fn shutdown(self: &Arc<Self>, restarting: bool) {
         if restarting && self.hand_over().await {
             return;
         }
         if self.is_primary() {
             match self.demote().await {
-                Err(e) if self.leave_for_takeover().await => {
+                Err(e) if self.hand_over().await => {
                     warn!(resource = %self.name, "stopping while primary and in use ({e:#}): the device waits for the next agent");
                 }
                 Ok(m) => info!("{m}"),
@@ -411,20 +411,6 @@ impl Resource {
         }
         frontend.leave_for_takeover();
         info!(resource = %self.name, clean, "device handed over to the next agent");
-        true
-    }
-
-    /// Leaves a primary's device, with its connection, to the holder (see
-    /// [`Frontend::leave_for_takeover`]): the metadata still says primary, so the next
-    /// agent recovers from the activity log as after a crash and takes the device over.
-    async fn leave_for_takeover(&self) -> bool {
-        let mut role = self.role.lock().await;
-        let RoleState::Primary { frontend, .. } = &mut *role else { return false };
-        if !frontend.leave_for_takeover() {
-            return false;
-        }
-        drop(role);
-        self.persist_bitmaps();
         true
     }
 }
