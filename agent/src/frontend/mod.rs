@@ -73,12 +73,6 @@ impl HeldFrontend {
     pub const FORMAT: u32 = 1;
 }
 
-/// A frontend taken over: what was waiting when the new agent started serving.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct TakenOver {
-    pub replayed: fuse_kernel::session::Replayed,
-}
-
 /// How long the application's requests take, as the frontend sees them: from the request
 /// reaching the frontend to its reply (local I/O and every ack the peers' modes need).
 /// Kept by the resource across promotions; the metrics export it.
@@ -206,7 +200,7 @@ impl FuseLoop {
         latency: Arc<RequestLatency>,
         keeper: Arc<Keeper>,
         taken: crate::holder::client::Taken,
-    ) -> Result<(Self, TakenOver)> {
+    ) -> Result<(Self, fuse_kernel::session::Replayed)> {
         let held: HeldFrontend = serde_json::from_slice(&taken.state)
             .context("the state held beside the FUSE connection does not parse")?;
         if held.format != HeldFrontend::FORMAT {
@@ -243,7 +237,7 @@ impl FuseLoop {
             left: false,
             gate,
         };
-        Ok((me, TakenOver { replayed }))
+        Ok((me, replayed))
     }
 
     /// The holder no longer needs to keep this connection (it was unmounted).

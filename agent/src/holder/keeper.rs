@@ -35,7 +35,6 @@ pub fn pid_path(run_dir: &Path) -> PathBuf {
 /// The agent's attachment to the node's holder.
 pub struct Keeper {
     client: Mutex<HolderClient>,
-    socket: PathBuf,
     /// How long the holder keeps connections without an agent.
     pub grace: Duration,
     /// When this agent attached: what the holder reports as its time without an agent
@@ -73,7 +72,7 @@ impl Keeper {
         client
             .attach()
             .with_context(|| format!("attaching to the descriptor holder at {}", socket.display()))?;
-        Ok(Self { client: Mutex::new(client), socket, grace, attached_at: Instant::now() })
+        Ok(Self { client: Mutex::new(client), grace, attached_at: Instant::now() })
     }
 
     /// The keys of the connections held.
@@ -99,10 +98,6 @@ impl Keeper {
     /// When this agent attached to the holder.
     pub fn attached_at(&self) -> Instant {
         self.attached_at
-    }
-
-    pub fn socket(&self) -> &Path {
-        &self.socket
     }
 }
 

@@ -254,10 +254,23 @@ impl Resource {
         if let Err(e) = volume.submit_flush().await {
             warn!(resource = %self.name, "final flush failed: {e}");
         }
+        let next_seq = self.end_sessions(volume, "primary demoted").await;
+        if let Err(e) = self.update_meta(|m| {
+            m.primary = false;
+            m.next_seq = next_seq;
+        }) {
+            error!(resource = %self.name, "cannot record the demotion: {e:#}");
+        }
+    }
+
+    /// Closes every replication session of `volume` (what a peer did not acknowledge is
+    /// marked in its bitmap), records where the change stream stands and persists the
+    /// bitmaps; returns the stream's next sequence number.
+    async fn end_sessions(&self, volume: &Arc<Volume>, reason: &str) -> u64 {
         let sessions: Vec<PeerHandle> =
             self.peers.lock().unwrap().values_mut().filter_map(|p| p.session.take()).collect();
         for s in &sessions {
-            s.close("primary demoted");
+            s.close(reason);
         }
         for s in &sessions {
             s.closed().await;
@@ -265,12 +278,7 @@ impl Resource {
         let next_seq = volume.next_seq();
         self.seq.store(next_seq, Ordering::SeqCst);
         self.persist_bitmaps();
-        if let Err(e) = self.update_meta(|m| {
-            m.primary = false;
-            m.next_seq = next_seq;
-        }) {
-            error!(resource = %self.name, "cannot record the demotion: {e:#}");
-        }
+        next_seq
     }
 
     /// The stable device paths (`device_links`) for `devices`. A failure is logged, not
@@ -389,17 +397,7 @@ impl Resource {
         } else {
             warn!(resource = %self.name, in_flight = volume.inflight(), "requests still in flight after {HANDOVER_DRAIN:?}: the next agent recovers from the activity log");
         }
-        let sessions: Vec<PeerHandle> =
-            self.peers.lock().unwrap().values_mut().filter_map(|p| p.session.take()).collect();
-        for s in &sessions {
-            s.close("agent restarting");
-        }
-        for s in &sessions {
-            s.closed().await;
-        }
-        let next_seq = volume.next_seq();
-        self.seq.store(next_seq, Ordering::SeqCst);
-        self.persist_bitmaps();
+        let next_seq = self.end_sessions(&volume, "agent restarting").await;
         if clean {
             let emptied = self.meta.lock().unwrap().store_al(&[]);
             let recorded = emptied

@@ -95,11 +95,11 @@ impl Resource {
             // and the takeover itself.
             let agentless = taken.agentless;
             let attached_at = k.attached_at();
-            let (frontend, taken_over) = FuseLoop::resume(v, &mp, &volumes, latency, k, taken)?;
-            Ok::<_, anyhow::Error>((frontend, taken_over, agentless + attached_at.elapsed()))
+            let (frontend, replayed) = FuseLoop::resume(v, &mp, &volumes, latency, k, taken)?;
+            Ok::<_, anyhow::Error>((frontend, replayed, agentless + attached_at.elapsed()))
         })
         .await?;
-        let (frontend, taken_over, paused) = match started {
+        let (frontend, replayed, paused) = match started {
             Ok(s) => s,
             Err(e) => {
                 self.update_meta(|m| m.primary = false)?;
@@ -110,8 +110,8 @@ impl Resource {
         let device = self.become_primary(&mut role, volume, frontend);
         let status = TakeoverStatus {
             paused_ms: paused.as_millis() as u64,
-            resent: taken_over.replayed.resent as u64,
-            waited: taken_over.replayed.pending as u64,
+            resent: replayed.resent as u64,
+            waited: replayed.pending as u64,
             at_ms: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64),
         };
         *self.takeover.lock().unwrap() = Some(status);
