@@ -117,6 +117,24 @@ pub fn new_lab(names: &[&str], opts: &LabOptions) -> Lab {
 }
 
 /// `e2fsck -fn DEV`: Ok when the filesystem is clean, else its report.
+/// mkfs.ext4 for a test load on `dev`: a small journal and the inode tables written now
+/// (not by ext4lazyinit after mount), so the filesystem's writes stay where the load puts
+/// them.
+pub fn mkfs_ext4_for_load(dev: &str) {
+    crate::lab::run_cmd(std::process::Command::new("mkfs.ext4").args([
+        "-q",
+        "-F",
+        "-b",
+        "4096",
+        "-J",
+        "size=4",
+        "-E",
+        "lazy_itable_init=0,lazy_journal_init=0,nodiscard",
+        dev,
+    ]))
+    .unwrap();
+}
+
 pub fn e2fsck_clean(dev: &str) -> Result<(), String> {
     let out = std::process::Command::new("e2fsck").args(["-f", "-n", dev]).output().expect("run e2fsck");
     if out.status.success() {

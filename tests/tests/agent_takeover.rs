@@ -33,7 +33,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use sha2::{Digest, Sha256};
 use tandem_agent::status::{ResourceStatus, TakeoverStatus};
-use tandem_tests::lab::{run_cmd, Lab, LabOptions};
+use tandem_tests::lab::{Lab, LabOptions};
 use tandem_tests::*;
 
 const MIB: u64 = 1 << 20;
@@ -73,20 +73,7 @@ fn in_sync(r: &ResourceStatus) -> bool {
 /// device and mounts it (tracked by the lab for cleanup); returns the device and the mount.
 fn up_with_ext4(lab: &mut Lab) -> (String, PathBuf) {
     let dev = start_and_promote_alpha(lab, &["alpha", "beta"], in_sync);
-    // A small journal and the inode tables written now (not by ext4lazyinit after mount):
-    // the filesystem's writes stay where the load puts them.
-    run_cmd(Command::new("mkfs.ext4").args([
-        "-q",
-        "-F",
-        "-b",
-        "4096",
-        "-J",
-        "size=4",
-        "-E",
-        "lazy_itable_init=0,lazy_journal_init=0,nodiscard",
-        &dev,
-    ]))
-    .unwrap();
+    mkfs_ext4_for_load(&dev);
     let mnt = lab.dir.join("mnt");
     lab.mount(&dev, &mnt, "").unwrap();
     (dev, mnt)
@@ -398,18 +385,34 @@ fn is_mounted(p: &Path) -> bool {
     info.lines().any(|l| l.split(' ').nth(4) == Some(&p))
 }
 
+/// A pair under load: `takeover_lab(grace)`, ext4 mounted on alpha's device, the kernel
+/// log's position after the mount, and a file-per-fsync writer (run `run`) that has
+/// acknowledged more than 10 files.
+struct Loaded {
+    lab: Lab,
+    dev: String,
+    mnt: PathBuf,
+    mark: Option<u64>,
+    writer: FileWriter,
+}
+
+fn loaded(grace: &str, run: u64, what: &str) -> Loaded {
+    let mut lab = takeover_lab(grace);
+    let (dev, mnt) = up_with_ext4(&mut lab);
+    let (_, mark) = kernel_log_since(None);
+    let writer = FileWriter::start(mnt.join("mail"), lab.dir.join("acks"), run);
+    writer.wait_beyond(10, secs(60), what);
+    Loaded { lab, dev, mnt, mark, writer }
+}
+
 #[test]
 fn kill9_agent_under_load_is_a_pause_not_an_error() {
     let iterations = env_u64("TANDEM_TAKEOVER_ITERATIONS").unwrap_or(5);
     let seed = env_u64("TANDEM_TAKEOVER_SEED").unwrap_or_else(rand::random);
     println!("takeover: {iterations} kills, seed {seed} (TANDEM_TAKEOVER_SEED={seed} repeats the run)");
     let mut rng = StdRng::seed_from_u64(seed);
-    let mut lab = takeover_lab("60s");
-    let (dev, mnt) = up_with_ext4(&mut lab);
-    let (_, mark) = kernel_log_since(None);
     let run: u64 = rng.random();
-    let writer = FileWriter::start(mnt.join("mail"), lab.dir.join("acks"), run);
-    writer.wait_beyond(10, secs(60), "before the first kill");
+    let Loaded { mut lab, dev, mnt, mark, writer } = loaded("60s", run, "before the first kill");
     // The first agent's own resync (none is expected on a new pair) is no takeover's.
     let initial_resync = resync_bytes_sent(&lab, "alpha");
     let mut resynced = 0u64;
@@ -522,12 +525,8 @@ fn planned_restart_under_load_prints_the_pause() {
     let seed = env_u64("TANDEM_TAKEOVER_SEED").unwrap_or_else(rand::random);
     println!("restart: seed {seed}");
     let mut rng = StdRng::seed_from_u64(seed);
-    let mut lab = takeover_lab("60s");
-    let (dev, mnt) = up_with_ext4(&mut lab);
-    let (_, mark) = kernel_log_since(None);
     let run: u64 = rng.random();
-    let writer = FileWriter::start(mnt.join("mail"), lab.dir.join("acks"), run);
-    writer.wait_beyond(10, secs(60), "before the first restart");
+    let Loaded { mut lab, dev, mnt, mark, writer } = loaded("60s", run, "before the first restart");
     let pid = lab.pid("alpha");
     for it in 1..=3 {
         writer.set_phase(it);
@@ -625,11 +624,8 @@ fn alpha_returns_as_secondary(lab: &mut Lab, what: &str) {
 #[test]
 fn grace_exceeded_fails_requests_with_eio_and_loses_nothing() {
     let grace = Duration::from_secs(2);
-    let mut lab = takeover_lab("2s");
-    let (dev, mnt) = up_with_ext4(&mut lab);
     let run: u64 = rand::random();
-    let writer = FileWriter::start(mnt.join("mail"), lab.dir.join("acks"), run);
-    writer.wait_beyond(10, secs(60), "before the kill");
+    let Loaded { mut lab, dev, mnt, writer, .. } = loaded("2s", run, "before the kill");
     std::thread::sleep(Duration::from_millis(1000));
     assert!(lab.holder_pid("alpha").is_some(), "no holder runs for alpha:\n{}", lab.log_text("alpha"));
     writer.set_phase(1);
@@ -656,11 +652,8 @@ fn grace_exceeded_fails_requests_with_eio_and_loses_nothing() {
 
 #[test]
 fn holder_killed_too_behaves_as_a_node_crash() {
-    let mut lab = takeover_lab("60s");
-    let (dev, mnt) = up_with_ext4(&mut lab);
     let run: u64 = rand::random();
-    let writer = FileWriter::start(mnt.join("mail"), lab.dir.join("acks"), run);
-    writer.wait_beyond(10, secs(60), "before the crash");
+    let Loaded { mut lab, dev, mnt, writer, .. } = loaded("60s", run, "before the crash");
     std::thread::sleep(Duration::from_millis(1000));
     let holder = lab.holder_pid("alpha");
     assert!(

@@ -64,23 +64,6 @@ fn up(lab: &mut Lab) -> String {
     start_and_promote_alpha(lab, &["alpha", "beta"], in_sync)
 }
 
-fn mkfs(dev: &str) {
-    // A small journal and inode tables written now (not by ext4lazyinit after mount), so
-    // the filesystem's writes stay where the load puts them.
-    run_cmd(Command::new("mkfs.ext4").args([
-        "-q",
-        "-F",
-        "-b",
-        "4096",
-        "-J",
-        "size=4",
-        "-E",
-        "lazy_itable_init=0,lazy_journal_init=0,nodiscard",
-        dev,
-    ]))
-    .unwrap();
-}
-
 fn env_u64(name: &str) -> Option<u64> {
     std::env::var(name).ok().map(|v| v.parse().unwrap_or_else(|_| panic!("{name}={v} is not a number")))
 }
@@ -344,7 +327,7 @@ fn kill9_primary_under_load_then_failover_loses_no_acknowledged_write() {
     let started = Instant::now();
     let mut dev = up(&mut lab);
     let run: u64 = rng.random();
-    mkfs(&dev);
+    mkfs_ext4_for_load(&dev);
     let mnt = lab.dir.join("mnt-setup");
     lab.mount(&dev, &mnt, "").unwrap();
     setup_layout(&mnt, run);
