@@ -4,14 +4,23 @@
 //! lock: the request gets its sequence number, is registered with the in-flight ranges so
 //! overlapping requests apply in sequence order, and its frame is queued to every live peer
 //! — so every peer sees the change stream in sequence order. Admission returns the request's
-//! [`LocalWork`], which the caller runs wherever suits it (the FUSE frontend runs it on its
-//! own thread: no hand-off on the hot path). The request completes — its `done` callback
-//! runs — when the local I/O and every ack its mode needs are in, on whichever thread
-//! finishes last.
+//! [`LocalWork`], which the caller runs on its own thread or dispatches (below). The request
+//! completes — its `done` callback runs — when the local I/O and every ack its mode needs
+//! are in, on whichever thread finishes last.
+//!
+//! [`LocalWork::dispatch`] decides where the local I/O runs. For a request no peer was sent
+//! (the primary is alone) that finds other local I/O under way, on one of the volume's
+//! local I/O threads: a disk reaches its throughput only with many requests in flight, and
+//! the caller (a FUSE thread) goes back for the next request instead of waiting on the
+//! disk, so the number of FUSE threads no longer bounds the queue depth the image sees.
+//! Otherwise on the caller's thread: one request at a time (QD1, fsync-bound mail) pays no
+//! hand-off, and with a peer the request waits for the network anyway — measured, the
+//! extra hand-off there cost more than the queue depth it bought (docs/benchmarks.md).
 
 use std::collections::BTreeMap;
 use std::future::Future;
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -22,6 +31,7 @@ use crate::activity_log::ActivityLog;
 use crate::bitmap::DirtyBitmap;
 use crate::error::{AttachError, VolumeError};
 use crate::inflight::InflightRanges;
+use crate::io_pool::IoPool;
 use crate::latch::Latch;
 use crate::link::Link;
 use crate::mode::{Backlog, Mode};
@@ -65,10 +75,14 @@ impl Core {
         range: Option<(u64, u64)>,
         req: &Arc<Request>,
         frame: impl Fn(u8) -> Frame,
-    ) {
+    ) -> bool {
+        let mut sent = false;
         for slot in self.peers.values_mut() {
             match &slot.session {
-                Some(s) => s.enqueue(seq, frame(slot.mode.frame_flags()), range, req),
+                Some(s) => {
+                    s.enqueue(seq, frame(slot.mode.frame_flags()), range, req);
+                    sent = true;
+                }
                 None => {
                     if let Some((off, len)) = range {
                         slot.bitmap.lock().unwrap().set_range(off, len);
@@ -76,6 +90,7 @@ impl Core {
                 }
             }
         }
+        sent
     }
 
     fn take_seq(&mut self) -> u64 {
@@ -118,11 +133,35 @@ pub struct LocalWork {
     inflight_id: Option<u64>,
     /// Earlier requests that must finish locally first.
     wait_for: Vec<Arc<Latch>>,
+    /// A peer was sent the request (see [`LocalWork::dispatch`]).
+    replicated: bool,
 }
 
 impl LocalWork {
     pub fn seq(&self) -> u64 {
         self.req.seq()
+    }
+
+    /// Performs the local I/O on the calling thread, unless no peer was sent the request
+    /// and other local I/O of the volume is under way: then on one of the volume's local I/O
+    /// threads, returning at once (see the module docs).
+    pub fn dispatch(self) {
+        let v = self.volume.clone();
+        let alone = v.local_running.fetch_add(1, Ordering::SeqCst) == 0;
+        if alone || self.replicated {
+            self.run_counted();
+        } else {
+            let pool = v
+                .local_pool
+                .get_or_init(|| IoPool::with_stack_size(LOCAL_IO_THREADS, "tandem-local", LOCAL_IO_STACK));
+            pool.submit(Vec::new(), move || self.run_counted());
+        }
+    }
+
+    fn run_counted(self) {
+        let v = self.volume.clone();
+        self.run();
+        v.local_running.fetch_sub(1, Ordering::SeqCst);
     }
 
     /// Performs the local I/O on the calling thread (blocking).
@@ -156,8 +195,19 @@ impl LocalWork {
     }
 }
 
+/// Threads a volume's local I/O moves to when more than one request is under way: enough
+/// for the queue depth the loop device sends (its default `nr_requests` is 128, fio's W2 is
+/// 32); each costs a stack, no buffer — the data is the request's own copy.
+const LOCAL_IO_THREADS: usize = 32;
+/// Their stacks: the work is a store call and the request's completion (a FUSE reply).
+const LOCAL_IO_STACK: usize = 256 << 10;
+
 pub struct Volume {
     store: Arc<dyn BlockStore>,
+    /// Local I/O started and not finished (see [`LocalWork::dispatch`]).
+    local_running: AtomicUsize,
+    /// Started at the first request that finds another one running.
+    local_pool: OnceLock<IoPool>,
     size: u64,
     core: Mutex<Core>,
     timeout: Duration,
@@ -211,6 +261,8 @@ impl Volume {
             .collect();
         Arc::new(Self {
             store,
+            local_running: AtomicUsize::new(0),
+            local_pool: OnceLock::new(),
             size,
             core: Mutex::new(Core { next_seq: first_seq.max(1), inflight: InflightRanges::default(), peers }),
             timeout,
@@ -289,10 +341,10 @@ impl Volume {
             // A flush waits for everything admitted before it.
             None => (None, core.inflight.all()),
         };
-        core.fan_out(seq, range, &req, |flags| frame(seq, flags));
+        let replicated = core.fan_out(seq, range, &req, |flags| frame(seq, flags));
         drop(core);
         req.part_done(Ok(()));
-        Ok(LocalWork { volume: self.clone(), req, op, inflight_id, wait_for })
+        Ok(LocalWork { volume: self.clone(), req, op, inflight_id, wait_for, replicated })
     }
 
     /// Admits a write of `data` at `offset`. `data` must already be the request's own copy

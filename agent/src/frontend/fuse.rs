@@ -3,10 +3,12 @@
 //! and writes go to the primary's [`Volume`] at the volume's place in its address space.
 //!
 //! Requests are handled on the transport's worker threads ([`super::fuse_kernel`]): a write's data is copied once into an aligned
-//! buffer, admitted (sequence number, ordering, fan-out) right there so the change stream
-//! follows the kernel's order, and written to the local image on the same thread. The reply
-//! goes out when the request completes — from this thread if nothing else is awaited, or
-//! from the task that receives the last peer ack. FSYNC is the barrier; FALLOCATE
+//! buffer and admitted (sequence number, ordering, fan-out) right there, so the change stream
+//! follows the kernel's order; the local write runs on the same thread, or — with no peer
+//! connected and other local I/O under way — on the volume's local I/O threads
+//! ([`tandem_replicator::LocalWork::dispatch`]). The reply goes out when the request
+//! completes — from the thread that wrote it if nothing else is awaited, or from the task
+//! that receives the last peer ack. FSYNC is the barrier; FALLOCATE
 //! punch-hole / zero-range is a replicated discard.
 
 use std::ffi::OsStr;
@@ -267,10 +269,11 @@ impl Handler for ImageFs {
             }
             latency.write.observe(started.elapsed());
         });
-        // The local write runs on this thread; the reply is sent by whoever completes the
-        // request last (this thread, or the task receiving the peer's ack).
+        // The local write runs on this thread or a local I/O thread (see `dispatch`); the
+        // reply is sent by whoever completes the request last (that thread, or the task
+        // receiving the peer's ack).
         match self.volume.write(at, buf, done) {
-            Ok(work) => work.run(),
+            Ok(work) => work.dispatch(),
             Err(e) => debug!("write refused: {e}"),
         }
     }
@@ -291,7 +294,7 @@ impl Handler for ImageFs {
             }
             latency.flush.observe(started.elapsed());
         });
-        self.volume.flush(done).run();
+        self.volume.flush(done).dispatch();
     }
 
     fn fallocate(&self, ino: u64, arg: &abi::FallocateIn, reply: Reply) {
@@ -322,7 +325,7 @@ impl Handler for ImageFs {
             Err(e) => reply.error(errno(&e)),
         });
         match self.volume.discard(at, length, done) {
-            Ok(work) => work.run(),
+            Ok(work) => work.dispatch(),
             Err(e) => debug!("discard refused: {e}"),
         }
     }
