@@ -9,10 +9,11 @@
 //! are in, on whichever thread finishes last.
 //!
 //! [`LocalWork::dispatch`] decides where the local I/O runs. For a request no peer was sent
-//! (the primary is alone) that finds other local I/O under way, on one of the volume's
-//! local I/O threads: a disk reaches its throughput only with many requests in flight, and
-//! the caller (a FUSE thread) goes back for the next request instead of waiting on the
-//! disk, so the number of FUSE threads no longer bounds the queue depth the image sees.
+//! (the primary is alone), that waits for no earlier request and finds other local I/O
+//! under way, on one of the volume's local I/O threads: a disk reaches its throughput only
+//! with many requests in flight, and the caller (a FUSE thread) goes back for the next
+//! request instead of waiting on the disk, so the number of FUSE threads no longer bounds
+//! the queue depth the image sees.
 //! Otherwise on the caller's thread: one request at a time (QD1, fsync-bound mail) pays no
 //! hand-off, and with a peer the request waits for the network anyway — measured, the
 //! extra hand-off there cost more than the queue depth it bought (docs/benchmarks.md).
@@ -142,13 +143,19 @@ impl LocalWork {
         self.req.seq()
     }
 
-    /// Performs the local I/O on the calling thread, unless no peer was sent the request
-    /// and other local I/O of the volume is under way: then on one of the volume's local I/O
-    /// threads, returning at once (see the module docs).
+    /// Performs the local I/O on the calling thread, unless no peer was sent the request,
+    /// it waits for no earlier one, and other local I/O of the volume is under way: then on
+    /// one of the volume's local I/O threads, returning at once (see the module docs).
+    ///
+    /// Only requests with nothing to wait for go to those threads, so none of them ever
+    /// blocks on a latch: a request with dependencies waits on its caller's thread, as
+    /// before, and the earlier requests it waits for are either running or queued behind
+    /// threads that will finish. (Were dependent requests queued too, the threads could all
+    /// be taken by writes waiting for an earlier one still queued behind them.)
     pub fn dispatch(self) {
         let v = self.volume.clone();
-        let alone = v.local_running.fetch_add(1, Ordering::SeqCst) == 0;
-        if alone || self.replicated {
+        let disk_idle = v.local_running.fetch_add(1, Ordering::SeqCst) == 0;
+        if disk_idle || self.replicated || !self.wait_for.is_empty() {
             self.run_counted();
         } else {
             let pool = v
@@ -195,7 +202,7 @@ impl LocalWork {
     }
 }
 
-/// Threads a volume's local I/O moves to when more than one request is under way: enough
+/// Threads a lone primary's local I/O moves to when more than one request is under way: enough
 /// for the queue depth the loop device sends (its default `nr_requests` is 128, fio's W2 is
 /// 32); each costs a stack, no buffer — the data is the request's own copy.
 const LOCAL_IO_THREADS: usize = 32;

@@ -1,6 +1,7 @@
 //! Where the primary's local I/O runs (`LocalWork::dispatch`): on the calling thread unless
-//! the primary is alone and other local I/O is under way — then on the volume's local I/O
-//! threads, so the caller is free for the next request while the disk works.
+//! the primary is alone, the request waits for no earlier one, and other local I/O is under
+//! way — then on the volume's local I/O threads, so the caller is free for the next request
+//! while the disk works.
 
 use std::io;
 use std::sync::mpsc;
@@ -127,6 +128,25 @@ fn a_lone_primary_moves_a_write_off_the_caller_while_another_is_on_the_disk() {
     assert!(buf.iter().all(|b| *b == 1));
     disk.read_at(8192, &mut buf).unwrap();
     assert!(buf.iter().all(|b| *b == 2));
+}
+
+#[test]
+fn a_write_that_waits_for_an_earlier_one_waits_on_its_callers_thread() {
+    let disk = GatedStore::new();
+    let volume = Volume::new(disk.clone(), vec![], 1, Duration::from_secs(30));
+    let (_first_returned, first_done) = dispatch_from("caller-1", &volume, 0, 1);
+    assert_eq!(disk.wait_for_writers(1), ["caller-1"]);
+    // Overlaps the first: it may not start before the first is done, and it must not take
+    // a local I/O thread to wait on (all of them could end up waiting so).
+    let (second_returned, second_done) = dispatch_from("caller-2", &volume, 0, 2);
+    disk.open_gate();
+    first_done.recv_timeout(PATIENCE).unwrap().unwrap();
+    second_done.recv_timeout(PATIENCE).unwrap().unwrap();
+    second_returned.recv_timeout(PATIENCE).unwrap();
+    assert_eq!(disk.wait_for_writers(2), ["caller-1", "caller-2"]);
+    let mut buf = vec![0u8; 4096];
+    disk.read_at(0, &mut buf).unwrap();
+    assert!(buf.iter().all(|b| *b == 2), "the later write is the one that stays");
 }
 
 #[test]
