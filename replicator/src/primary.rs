@@ -526,7 +526,7 @@ impl Volume {
         data: Bytes,
     ) -> Result<impl Future<Output = Result<u64, VolumeError>> + Send + 'static, VolumeError> {
         let (done, rx) = Self::channel();
-        Self::complete_async(self.write(offset, data, done).map(|w| (w, rx)))
+        Self::complete_async(admit_in_place(|| self.write(offset, data, done)).map(|w| (w, rx)))
     }
 
     pub fn submit_discard(
@@ -535,12 +535,12 @@ impl Volume {
         len: u64,
     ) -> Result<impl Future<Output = Result<u64, VolumeError>> + Send + 'static, VolumeError> {
         let (done, rx) = Self::channel();
-        Self::complete_async(self.discard(offset, len, done).map(|w| (w, rx)))
+        Self::complete_async(admit_in_place(|| self.discard(offset, len, done)).map(|w| (w, rx)))
     }
 
     pub fn submit_flush(self: &Arc<Self>) -> impl Future<Output = Result<u64, VolumeError>> + Send + 'static {
         let (done, rx) = Self::channel();
-        let work = self.flush(done);
+        let work = admit_in_place(|| self.flush(done));
         tokio::task::spawn_blocking(move || work.run());
         async move { rx.await.unwrap_or_else(|_| Err(VolumeError::Io(std::io::Error::other("request dropped")))) }
     }
@@ -628,6 +628,18 @@ impl Volume {
     /// Requests admitted and not yet complete locally.
     pub fn inflight(&self) -> usize {
         self.core.lock().unwrap().inflight.len()
+    }
+}
+
+/// Runs an admission from async code. Admission may block — a write waits for room in the
+/// activity log, which only requests finishing elsewhere on the runtime make — so on a
+/// multi-threaded runtime the worker hands its other tasks on first (a task queued behind
+/// the blocked one could otherwise be the request it waits for).
+fn admit_in_place<T>(admit: impl FnOnce() -> T) -> T {
+    use tokio::runtime::{Handle, RuntimeFlavor};
+    match Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == RuntimeFlavor::MultiThread => tokio::task::block_in_place(admit),
+        _ => admit(),
     }
 }
 

@@ -139,6 +139,12 @@ fn a_write_that_waits_for_an_earlier_one_waits_on_its_callers_thread() {
     // Overlaps the first: it may not start before the first is done, and it must not take
     // a local I/O thread to wait on (all of them could end up waiting so).
     let (second_returned, second_done) = dispatch_from("caller-2", &volume, 0, 2);
+    // Admitted while the first is on the disk (it waits for it), before the gate opens.
+    let admitted_by = std::time::Instant::now() + PATIENCE;
+    while volume.inflight() < 2 {
+        assert!(std::time::Instant::now() < admitted_by, "the second write was never admitted");
+        std::thread::sleep(Duration::from_millis(1));
+    }
     disk.open_gate();
     first_done.recv_timeout(PATIENCE).unwrap().unwrap();
     second_done.recv_timeout(PATIENCE).unwrap().unwrap();
