@@ -8,6 +8,7 @@ mod breakdown;
 mod busy_wan;
 mod compression;
 mod fio;
+mod leftovers;
 mod mail;
 mod resync;
 mod scan;
@@ -136,10 +137,17 @@ fn main() -> Result<()> {
         bail!("tandem binary not found at {} (build it, or pass --tandem)", tandem.display());
     }
     std::fs::create_dir_all(&args.work)?;
+    for what in leftovers::clear(&args.work) {
+        eprintln!("before starting: {what}");
+    }
     let env = stacks::environment();
     println!("{env}");
+    let ticks = stacks::CpuTicks::now();
     if args.mail {
         println!("\n{}", mail::run(&args, &tandem)?);
+        if let Some(t) = ticks {
+            println!("{}", t.describe_since());
+        }
         return Ok(());
     }
     let mut rows = Vec::new();
@@ -192,6 +200,9 @@ fn main() -> Result<()> {
     }
     if let Some(script) = &args.peer {
         println!("{}", stacks::run_peer(script, args.runtime)?);
+    }
+    if let Some(t) = ticks {
+        println!("{}", t.describe_since());
     }
     let bad: u64 = checks.iter().map(|c| c.misplaced + c.standby_differs + c.standby_misplaced).sum();
     if bad > 0 {

@@ -284,12 +284,59 @@ pub fn environment() -> String {
             .unwrap_or_default()
     };
     format!(
-        "date: {}\nkernel: {}  cpus: {}\ncpu: {}\nfio: {}\nload: {}",
+        "date: {}\nkernel: {}  cpus: {}\ncpu: {}\nfio: {}\nload: {}\nidle: {}",
         sh("date -Is"),
         sh("uname -r"),
         sh("nproc"),
         sh("grep -m1 'model name' /proc/cpuinfo | cut -d: -f2-"),
         sh("fio --version"),
         sh("cat /proc/loadavg"),
+        idle_polling(),
     )
+}
+
+/// How the kernel idles its CPUs. On a VM whose guest does not poll before halting
+/// (`haltpoll` with `guest_halt_poll_ns` 0), every wake-up of an idle thread is a VM exit:
+/// on this machine that halves fsync-per-write IOPS for every stack alike (see
+/// docs/benchmarks.md), so runs with different settings cannot be compared.
+fn idle_polling() -> String {
+    let read = |p: &str| std::fs::read_to_string(p).map(|s| s.trim().to_string()).ok();
+    let driver = read("/sys/devices/system/cpu/cpuidle/current_driver").unwrap_or_else(|| "none".into());
+    match read("/sys/module/haltpoll/parameters/guest_halt_poll_ns") {
+        Some(ns) => format!("cpuidle {driver}, guest_halt_poll_ns {ns}"),
+        None => format!("cpuidle {driver}"),
+    }
+}
+
+/// CPU time the host took from this VM (`steal` in /proc/stat), to say how noisy a run was.
+#[derive(Debug, Clone, Copy)]
+pub struct CpuTicks {
+    steal: u64,
+    total: u64,
+}
+
+impl CpuTicks {
+    /// The machine's counters now; `None` where /proc/stat has no steal column.
+    pub fn now() -> Option<Self> {
+        let stat = std::fs::read_to_string("/proc/stat").ok()?;
+        let cpu = stat.lines().find(|l| l.starts_with("cpu "))?;
+        let f: Vec<u64> = cpu.split_whitespace().skip(1).filter_map(|x| x.parse().ok()).collect();
+        // user nice system idle iowait irq softirq steal [guest guest_nice, already in user]
+        let steal = *f.get(7)?;
+        Some(Self { steal, total: f.iter().take(8).sum() })
+    }
+
+    /// "host steal during the run: …" since `self`.
+    pub fn describe_since(self) -> String {
+        match Self::now() {
+            Some(n) if n.total > self.total => {
+                let (s, t) = (n.steal.saturating_sub(self.steal), n.total - self.total);
+                format!(
+                    "host steal during the run: {:.1} % of CPU time ({s} of {t} ticks)",
+                    s as f64 * 100.0 / t as f64
+                )
+            }
+            _ => "host steal during the run: not known".into(),
+        }
+    }
 }
