@@ -297,7 +297,7 @@ pub fn environment() -> String {
 
 /// How the kernel idles its CPUs. On a VM whose guest does not poll before halting
 /// (`haltpoll` with `guest_halt_poll_ns` 0), every wake-up of an idle thread is a VM exit:
-/// on this machine that halves fsync-per-write IOPS for every stack alike (see
+/// on this machine polling made fsync-per-write IOPS 1.3–2.3× higher for every stack (see
 /// docs/benchmarks.md), so runs with different settings cannot be compared.
 fn idle_polling() -> String {
     let read = |p: &str| std::fs::read_to_string(p).map(|s| s.trim().to_string()).ok();
