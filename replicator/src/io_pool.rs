@@ -19,13 +19,9 @@ pub struct IoPool {
 }
 
 impl IoPool {
-    pub fn new(threads: usize, name: &str) -> Self {
-        Self::start(threads, name, None)
-    }
-
-    /// As [`new`](Self::new), with stacks of `stack_size` bytes instead of the default 2 MiB:
-    /// for pools of many threads whose work is a store call and a completion (measured here,
-    /// each 2 MiB stack cost 2 MiB resident: 32 threads, +70 MiB).
+    /// `threads` threads named `name`-N with stacks of `stack_size` bytes instead of the
+    /// default 2 MiB: the pools' work is a store call and a completion, and measured here
+    /// each 2 MiB stack cost 2 MiB resident (32 threads, +70 MiB).
     pub fn with_stack_size(threads: usize, name: &str, stack_size: usize) -> Self {
         Self::start(threads, name, Some(stack_size))
     }

@@ -28,6 +28,11 @@ use super::abi::{self, DirEntries, FileAttr, Operation, Request, Statfs, Ttl};
 use super::connection::{Connection, ConnectionError, Device, InitParams};
 use super::mount::{self, Unmounted};
 
+/// A worker's stack. A request is decoded from the worker's heap buffer and handed to the
+/// filesystem, whose work (an engine admission, a local write) keeps no large data on the
+/// stack; the default 2 MiB cost about as much resident per thread here (docs/benchmarks.md).
+const WORKER_STACK: usize = 256 << 10;
+
 /// The operations a filesystem on this transport serves. Requests the trait has no method
 /// for are answered by the transport: FORGET/BATCH_FORGET take no reply (nothing is
 /// reference-counted here), GETXATTR/LISTXATTR are ENOSYS (the kernel stops asking),
@@ -383,6 +388,7 @@ impl Session {
             let (d, h) = (d.clone(), handler.clone());
             let w = std::thread::Builder::new()
                 .name(format!("{name}-{i}"))
+                .stack_size(WORKER_STACK)
                 .spawn(move || serve(d, &*h, buf_size))
                 .map_err(ConnectionError::Clone)?;
             workers.push(w);
