@@ -23,19 +23,13 @@ impl IoPool {
     /// default 2 MiB: the pools' work is a store call and a completion, and measured here
     /// each 2 MiB stack cost 2 MiB resident (32 threads, +70 MiB).
     pub fn with_stack_size(threads: usize, name: &str, stack_size: usize) -> Self {
-        Self::start(threads, name, Some(stack_size))
-    }
-
-    fn start(threads: usize, name: &str, stack_size: Option<usize>) -> Self {
         let (tx, rx) = mpsc::channel::<Job>();
         let rx = Arc::new(Mutex::new(rx));
         for i in 0..threads {
             let rx = rx.clone();
-            let mut builder = std::thread::Builder::new().name(format!("{name}-{i}"));
-            if let Some(bytes) = stack_size {
-                builder = builder.stack_size(bytes);
-            }
-            builder
+            std::thread::Builder::new()
+                .name(format!("{name}-{i}"))
+                .stack_size(stack_size)
                 .spawn(move || loop {
                     let job = match rx.lock().unwrap().recv() {
                         Ok(j) => j,
