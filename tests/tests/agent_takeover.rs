@@ -621,6 +621,15 @@ fn alpha_returns_as_secondary(lab: &mut Lab, what: &str) {
     assert_eq!(sha256_file(&lab.image("alpha")), sha256_file(&lab.image("beta")), "images differ");
 }
 
+/// The writer's error came from the device: EIO, or EROFS once ext4 has met an EIO in its
+/// journal first and remounted read-only (errors=remount-ro).
+fn assert_device_failed(e: &WriterError, when: &str) {
+    assert!(
+        matches!(e.errno, Some(libc::EIO) | Some(libc::EROFS)),
+        "requests fail with EIO (or EROFS after ext4's own EIO) {when}: {e:?}"
+    );
+}
+
 #[test]
 fn grace_exceeded_fails_requests_with_eio_and_loses_nothing() {
     let grace = Duration::from_secs(2);
@@ -639,12 +648,7 @@ fn grace_exceeded_fails_requests_with_eio_and_loses_nothing() {
     // Requests waited while the holder kept the connection: no error before the grace time
     // (which starts when the agent is gone, after the kill).
     assert!(after >= grace, "the writer failed {after:?} after the kill, within the grace time: {e:?}");
-    // EIO from the device, or EROFS once ext4 has met an EIO in its journal first and
-    // remounted read-only (errors=remount-ro): either way the device failed the request.
-    assert!(
-        matches!(e.errno, Some(libc::EIO) | Some(libc::EROFS)),
-        "requests fail with EIO (or EROFS after ext4's own EIO) after the grace time: {e:?}"
-    );
+    assert_device_failed(&e, "after the grace time");
     let acked = writer.finish();
     println!("{} files acknowledged before the error", acked.len());
     let dev_b = fail_over_to_beta(&mut lab, &mnt, run, &acked);
@@ -679,12 +683,7 @@ fn holder_killed_too_behaves_as_a_node_crash() {
         e.file,
         e.error
     );
-    // EIO from the device, or EROFS once ext4 has met an EIO in its journal first and
-    // remounted read-only (errors=remount-ro): either way the device failed the request.
-    assert!(
-        matches!(e.errno, Some(libc::EIO) | Some(libc::EROFS)),
-        "requests fail with EIO (or EROFS after ext4's own EIO) after the node crash: {e:?}"
-    );
+    assert_device_failed(&e, "after the node crash");
     let acked = writer.finish();
     println!("{} files acknowledged before the crash; alpha sent {sent_before} resync bytes", acked.len());
     let dev_b = fail_over_to_beta(&mut lab, &mnt, run, &acked);
