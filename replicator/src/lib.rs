@@ -38,5 +38,5 @@ pub use primary::{LocalWork, PeerConfig, PeerHandle, PeerReplication, Volume};
 pub use request::Done;
 pub use secondary::{Applier, TargetState};
 pub use stats::{ApplierStats, Counter, LatencyHistogram, LatencySnapshot, VolumeStats, LATENCY_BUCKETS};
-pub use store::{BlockStore, MemStore};
+pub use store::{BlockStore, MemStore, WriteDone};
 pub use tandem_protocol::ResyncKind;

@@ -10,10 +10,12 @@
 //!
 //! [`LocalWork::dispatch`] decides where the local I/O runs. For a request no peer was sent
 //! (the primary is alone), that waits for no earlier request and finds other local I/O
-//! under way, on one of the volume's local I/O threads: a disk reaches its throughput only
-//! with many requests in flight, and the caller (a FUSE thread) goes back for the next
-//! request instead of waiting on the disk, so the number of FUSE threads no longer bounds
-//! the queue depth the image sees.
+//! under way, off the caller's thread: a write is submitted to the store when it takes
+//! writes asynchronously (the agent's files: an io_uring, completions reaped in batches by
+//! one thread), anything else runs on one of the volume's local I/O threads. A disk reaches
+//! its throughput only with many requests in flight, and the caller (a FUSE thread) goes
+//! back for the next request instead of waiting on the disk, so the number of FUSE threads
+//! no longer bounds the queue depth the image sees.
 //! Otherwise on the caller's thread: one request at a time (QD1, fsync-bound mail) pays no
 //! hand-off, and with a peer the request waits for the network anyway — measured, the
 //! extra hand-off there cost more than the queue depth it bought (docs/benchmarks.md).
@@ -144,10 +146,11 @@ impl LocalWork {
     }
 
     /// Performs the local I/O on the calling thread, unless no peer was sent the request,
-    /// it waits for no earlier one, and other local I/O of the volume is under way: then on
-    /// one of the volume's local I/O threads, returning at once (see the module docs).
+    /// it waits for no earlier one, and other local I/O of the volume is under way: then,
+    /// returning at once, a write goes to the store if it takes writes asynchronously and
+    /// anything else to one of the volume's local I/O threads (see the module docs).
     ///
-    /// Only requests with nothing to wait for go to those threads, so none of them ever
+    /// Only requests with nothing to wait for leave the caller, so none of them ever
     /// blocks on a latch: a request with dependencies waits on its caller's thread, as
     /// before, and the earlier requests it waits for are either running or queued behind
     /// threads that will finish. (Were dependent requests queued too, the threads could all
@@ -157,6 +160,8 @@ impl LocalWork {
         let disk_idle = v.local_running.fetch_add(1, Ordering::SeqCst) == 0;
         if disk_idle || self.replicated || !self.wait_for.is_empty() {
             self.run_counted();
+        } else if matches!(self.op, LocalOp::Write { .. }) && v.store.submits_writes() {
+            self.submit_counted();
         } else {
             let pool = v
                 .local_pool
@@ -171,6 +176,27 @@ impl LocalWork {
         v.local_running.fetch_sub(1, Ordering::SeqCst);
     }
 
+    /// Hands a write with nothing to wait for to the store, which completes it on its own
+    /// thread (see [`BlockStore::submit_write`]).
+    fn submit_counted(self) {
+        debug_assert!(self.wait_for.is_empty() && !self.replicated);
+        let LocalWork { volume, req, op, inflight_id, .. } = self;
+        let LocalOp::Write { offset, data } = op else {
+            unreachable!("only writes are submitted");
+        };
+        volume.stats.writes.inc();
+        volume.stats.write_bytes.add(data.len() as u64);
+        let v = volume.clone();
+        volume.store.submit_write(
+            offset,
+            data,
+            Box::new(move |r| {
+                v.finish_local(inflight_id, &req, r);
+                v.local_running.fetch_sub(1, Ordering::SeqCst);
+            }),
+        );
+    }
+
     /// Performs the local I/O on the calling thread (blocking).
     pub fn run(self) {
         for dep in &self.wait_for {
@@ -180,10 +206,9 @@ impl LocalWork {
         let store = &v.store;
         let r = match &self.op {
             LocalOp::Write { offset, data } => {
-                let r = store.write_at(*offset, data);
                 v.stats.writes.inc();
                 v.stats.write_bytes.add(data.len() as u64);
-                r
+                store.write_at(*offset, data)
             }
             LocalOp::Discard { offset, len } => {
                 v.stats.discards.inc();
@@ -194,17 +219,14 @@ impl LocalWork {
                 store.flush()
             }
         };
-        if let Some(id) = self.inflight_id {
-            v.core.lock().unwrap().inflight.finish(id);
-        }
-        crate::stage_trace::mark(crate::stage_trace::Stage::LocalDone, self.req.seq());
-        self.req.part_done(v.local_result(r));
+        v.finish_local(self.inflight_id, &self.req, r);
     }
 }
 
-/// Threads a lone primary's local I/O moves to when more than one request is under way: enough
-/// for the queue depth the loop device sends (its default `nr_requests` is 128, fio's W2 is
-/// 32); each costs a stack, no buffer — the data is the request's own copy.
+/// Threads a lone primary's local I/O moves to when more than one request is under way and
+/// the store does not take the writes itself (then only flushes and discards come here):
+/// enough for the queue depth the loop device sends (its default `nr_requests` is 128,
+/// fio's W2 is 32); each costs a stack, no buffer — the data is the request's own copy.
 const LOCAL_IO_THREADS: usize = 32;
 /// Their stacks: the work is a store call and the request's completion (a FUSE reply).
 const LOCAL_IO_STACK: usize = 256 << 10;
@@ -405,6 +427,16 @@ impl Volume {
 
     fn local_result<T>(&self, r: std::io::Result<T>) -> Result<T, VolumeError> {
         r.map_err(|e| self.io_error(e))
+    }
+
+    /// A request's local I/O is done with `r`: later overlapping requests may go, and the
+    /// request has its local part.
+    fn finish_local(&self, inflight_id: Option<u64>, req: &Request, r: std::io::Result<()>) {
+        if let Some(id) = inflight_id {
+            self.core.lock().unwrap().inflight.finish(id);
+        }
+        crate::stage_trace::mark(crate::stage_trace::Stage::LocalDone, req.seq());
+        req.part_done(self.local_result(r));
     }
 
     /// Reads a range for a resync, as of a point in the change stream: every request

@@ -1,10 +1,18 @@
 //! The backing store of one node's copy of a resource.
 //!
 //! Blocking by design: implementations are called from the engine's I/O threads. The agent
-//! implements it over a file (O_DIRECT where possible); tests use [`MemStore`].
+//! implements it over a file (O_DIRECT where possible); tests use [`MemStore`]. A store may
+//! also take writes asynchronously ([`BlockStore::submit_write`], an io_uring for the
+//! agent's files): the engine uses that for a lone primary's concurrent writes, where a
+//! blocking call per write would cost a thread and a wake-up per write.
 
 use std::io;
 use std::sync::Mutex;
+
+use bytes::Bytes;
+
+/// What a submitted write calls with its result, on whichever thread completes it.
+pub type WriteDone = Box<dyn FnOnce(io::Result<()>) + Send>;
 
 pub trait BlockStore: Send + Sync + 'static {
     /// Size of the volume in bytes.
@@ -17,6 +25,19 @@ pub trait BlockStore: Send + Sync + 'static {
     fn flush(&self) -> io::Result<()>;
     /// Zeroes a range (deallocating it where the store can).
     fn discard(&self, offset: u64, len: u64) -> io::Result<()>;
+
+    /// Whether [`BlockStore::submit_write`] returns before the write is done (completing it
+    /// on a thread of the store's own) rather than writing on the caller's thread.
+    fn submits_writes(&self) -> bool {
+        false
+    }
+
+    /// Starts writing `data` at `offset`; `done` gets the result once the write is as
+    /// durable as [`BlockStore::write_at`] makes it, exactly once. The default writes on the
+    /// calling thread.
+    fn submit_write(&self, offset: u64, data: Bytes, done: WriteDone) {
+        done(self.write_at(offset, &data))
+    }
 }
 
 /// An in-memory volume for tests and the deterministic engine harness.

@@ -190,3 +190,106 @@ fn with_a_peer_every_write_stays_on_its_callers_thread() {
     standby.read_at(8192, &mut buf).unwrap();
     assert!(buf.iter().all(|b| *b == 2), "the standby has the second write");
 }
+
+/// A disk that takes writes asynchronously, as the agent's io_uring does: `submit_write`
+/// returns at once and a thread of the store's own writes (at the gate) and completes.
+struct SubmittingStore {
+    disk: Arc<GatedStore>,
+    /// When set, every submitted write completes with this errno instead of writing.
+    fail: Mutex<Option<i32>>,
+}
+
+impl BlockStore for SubmittingStore {
+    fn size(&self) -> u64 {
+        SIZE
+    }
+    fn write_at(&self, offset: u64, data: &[u8]) -> io::Result<()> {
+        self.disk.write_at(offset, data)
+    }
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        self.disk.read_at(offset, buf)
+    }
+    fn flush(&self) -> io::Result<()> {
+        self.disk.flush()
+    }
+    fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.disk.discard(offset, len)
+    }
+    fn submits_writes(&self) -> bool {
+        true
+    }
+    fn submit_write(&self, offset: u64, data: Bytes, done: tandem_replicator::WriteDone) {
+        let disk = self.disk.clone();
+        let fail = *self.fail.lock().unwrap();
+        std::thread::Builder::new()
+            .name("store-completer".into())
+            .spawn(move || match fail {
+                Some(errno) => done(Err(io::Error::from_raw_os_error(errno))),
+                None => done(disk.write_at(offset, &data)),
+            })
+            .unwrap();
+    }
+}
+
+#[test]
+fn a_store_that_takes_writes_asynchronously_gets_the_concurrent_ones_in_order_with_the_rest() {
+    let disk = GatedStore::new();
+    let store = Arc::new(SubmittingStore { disk: disk.clone(), fail: Mutex::new(None) });
+    let volume = Volume::new(store.clone(), vec![], 1, Duration::from_secs(30));
+
+    // Alone: on the caller's thread, as with any store.
+    let (_first_returned, first_done) = dispatch_from("caller-1", &volume, 0, 1);
+    assert_eq!(disk.wait_for_writers(1), ["caller-1"]);
+    // With the disk busy: submitted, the caller free at once, completed by the store.
+    let (second_returned, second_done) = dispatch_from("caller-2", &volume, 8192, 2);
+    second_returned.recv_timeout(PATIENCE).expect("the submitting dispatch waited for the disk");
+    assert_eq!(disk.wait_for_writers(2)[1], "store-completer");
+    // A write over the submitted one waits for it on its own caller's thread.
+    let (third_returned, third_done) = dispatch_from("caller-3", &volume, 8192, 3);
+    let admitted_by = std::time::Instant::now() + PATIENCE;
+    while volume.inflight() < 3 {
+        assert!(std::time::Instant::now() < admitted_by, "the third write was never admitted");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert!(third_returned.try_recv().is_err(), "the overlapping write did not wait");
+    disk.open_gate();
+    for done in [first_done, second_done, third_done] {
+        done.recv_timeout(PATIENCE).unwrap().unwrap();
+    }
+    third_returned.recv_timeout(PATIENCE).unwrap();
+    assert_eq!(disk.wait_for_writers(3), ["caller-1", "store-completer", "caller-3"]);
+    let mut buf = vec![0u8; 4096];
+    disk.read_at(8192, &mut buf).unwrap();
+    assert!(buf.iter().all(|b| *b == 3), "the later write is the one that stays");
+    let mut buf = vec![0u8; 4096];
+    disk.read_at(0, &mut buf).unwrap();
+    assert!(buf.iter().all(|b| *b == 1));
+}
+
+#[test]
+fn a_submitted_write_that_fails_fails_its_request_and_frees_the_disk_count() {
+    let disk = GatedStore::new();
+    let store = Arc::new(SubmittingStore { disk: disk.clone(), fail: Mutex::new(Some(libc_eio())) });
+    let volume = Volume::new(store.clone(), vec![], 1, Duration::from_secs(30));
+    let (_first_returned, first_done) = dispatch_from("caller-1", &volume, 0, 1);
+    assert_eq!(disk.wait_for_writers(1), ["caller-1"]);
+    let (_second_returned, second_done) = dispatch_from("caller-2", &volume, 8192, 2);
+    let err = second_done.recv_timeout(PATIENCE).unwrap().unwrap_err();
+    assert_eq!(err.errno(), libc_eio(), "the kernel's error reaches the request: {err}");
+    disk.open_gate();
+    first_done.recv_timeout(PATIENCE).unwrap().unwrap();
+    // Nothing is under way any more: the next write runs on its caller's thread again,
+    // which it would not if the failed write had left the disk counted busy.
+    *store.fail.lock().unwrap() = None;
+    let (_third_returned, third_done) = dispatch_from("caller-3", &volume, 16384, 3);
+    third_done.recv_timeout(PATIENCE).unwrap().unwrap();
+    assert_eq!(disk.wait_for_writers(2), ["caller-1", "caller-3"]);
+    let mut buf = vec![0u8; 4096];
+    disk.read_at(8192, &mut buf).unwrap();
+    assert!(buf.iter().all(|b| *b == 0), "the failed write left the disk as it was");
+}
+
+/// EIO, without a libc dependency in this test crate.
+fn libc_eio() -> i32 {
+    5
+}
