@@ -7,7 +7,8 @@
 use std::io;
 use std::sync::Arc;
 
-use tandem_replicator::BlockStore;
+use bytes::Bytes;
+use tandem_replicator::{BlockStore, WriteDone};
 
 /// One volume's place in the group's address space.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -77,6 +78,20 @@ impl BlockStore for VolumeSet {
 
     fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
         self.split(offset, len, |s, at, r| s.discard(at, (r.end - r.start) as u64))
+    }
+
+    fn submits_writes(&self) -> bool {
+        self.parts.iter().all(|(_, s)| s.submits_writes())
+    }
+
+    /// A write inside one volume goes to its image's writer; one crossing a boundary (never
+    /// from the loop device's requests, which stay inside a volume's device) is written here.
+    fn submit_write(&self, offset: u64, data: Bytes, done: WriteDone) {
+        let end = offset.saturating_add(data.len() as u64);
+        match self.parts.iter().find(|(l, _)| offset >= l.offset && end <= l.offset + l.size) {
+            Some((l, s)) => s.submit_write(offset - l.offset, data, done),
+            None => done(self.write_at(offset, &data)),
+        }
     }
 }
 

@@ -463,4 +463,17 @@ impl BlockStore for SnapshotStore {
         self.preserve(offset, len)?;
         self.live.discard(offset, len)
     }
+
+    fn submits_writes(&self) -> bool {
+        self.live.submits_writes()
+    }
+
+    /// Preserves the old contents for the newest snapshot first, on the caller's thread, as
+    /// [`BlockStore::write_at`] does; then the live image takes the write.
+    fn submit_write(&self, offset: u64, data: bytes::Bytes, done: tandem_replicator::WriteDone) {
+        match self.preserve(offset, data.len() as u64) {
+            Ok(()) => self.live.submit_write(offset, data, done),
+            Err(e) => done(Err(e)),
+        }
+    }
 }

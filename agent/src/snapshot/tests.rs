@@ -67,7 +67,14 @@ proptest! {
             match op {
                 Op::Write { at, len, tag } => {
                     let data: Vec<u8> = (0..len).flat_map(|i| block_data(at, tag, i)).collect();
-                    store.write_at(at * BLOCK, &data).unwrap();
+                    if tag % 2 == 0 {
+                        store.write_at(at * BLOCK, &data).unwrap();
+                    } else {
+                        // As a lone primary submits its concurrent writes.
+                        let (tx, rx) = std::sync::mpsc::channel();
+                        store.submit_write(at * BLOCK, data.into(), Box::new(move |r| tx.send(r).unwrap()));
+                        rx.recv().unwrap().unwrap();
+                    }
                 }
                 Op::Discard { at, len } => store.discard(at * BLOCK, len * BLOCK).unwrap(),
                 Op::Snapshot => {

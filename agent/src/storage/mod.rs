@@ -10,9 +10,12 @@
 //! blocks follows the image's [`Allocation`]: a fully allocated image stays fully allocated
 //! (the range is zeroed in place), a sparse one gives the blocks back (a hole is punched).
 //!
-//! Blocking `pwrite`/`pread` on the engine's I/O threads: measured in docs/benchmarks.md,
-//! the storage call is not where time goes on this path, so io_uring waits for a profile
-//! that says otherwise.
+//! Blocking `pwrite`/`pread` on the engine's threads, except the writes the engine submits
+//! ([`BlockStore::submit_write`]: a lone primary's concurrent writes), which go through an
+//! io_uring owned by one thread of the image's ([`uring`]), started at the first of them;
+//! where the kernel refuses io_uring they are written blocking as before.
+
+pub mod uring;
 
 use std::alloc::Layout;
 use std::fs::{File, OpenOptions};
@@ -21,11 +24,14 @@ use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::ptr::NonNull;
+use std::sync::OnceLock;
 
 use anyhow::{anyhow, Context, Result};
 use bytes::Bytes;
-use tandem_replicator::BlockStore;
-use tracing::info;
+use tandem_replicator::{BlockStore, WriteDone};
+use tracing::{info, warn};
+
+use self::uring::UringWriter;
 
 /// Alignment of O_DIRECT offsets, lengths and buffers. 4 KiB satisfies every device with
 /// 512-byte or 4 KiB logical sectors.
@@ -130,6 +136,9 @@ pub struct FileStore {
     buffered: File,
     size: u64,
     allocation: Allocation,
+    /// The asynchronous writer, started at the first submitted write; None where the image
+    /// has no O_DIRECT descriptor or the kernel refused a ring.
+    uring: OnceLock<Option<UringWriter>>,
 }
 
 impl FileStore {
@@ -196,7 +205,7 @@ impl FileStore {
                 return Err(e).with_context(|| format!("cannot open image {} with O_DIRECT", path.display()))
             }
         };
-        Ok(Self { path: path.to_path_buf(), direct, buffered, size, allocation })
+        Ok(Self { path: path.to_path_buf(), direct, buffered, size, allocation, uring: OnceLock::new() })
     }
 
     pub fn path(&self) -> &Path {
@@ -205,6 +214,20 @@ impl FileStore {
 
     fn direct_for(&self, off: u64, len: usize) -> Option<&File> {
         self.direct.as_ref().filter(|_| aligned(off, len))
+    }
+
+    fn uring(&self) -> Option<&UringWriter> {
+        self.uring
+            .get_or_init(|| {
+                let f = self.direct.as_ref()?;
+                UringWriter::start(f)
+                    .inspect_err(|e| {
+                        warn!(image = %self.path.display(), error = %e,
+                              "no io_uring for this image: its concurrent writes block a thread each")
+                    })
+                    .ok()
+            })
+            .as_ref()
     }
 }
 
@@ -236,6 +259,18 @@ impl BlockStore for FileStore {
 
     fn flush(&self) -> io::Result<()> {
         self.buffered.sync_data()
+    }
+
+    fn submits_writes(&self) -> bool {
+        self.uring().is_some()
+    }
+
+    /// Aligned writes of aligned buffers go to the ring; anything else is written here.
+    fn submit_write(&self, offset: u64, data: Bytes, done: WriteDone) {
+        match self.uring() {
+            Some(w) if aligned(offset, data.len()) && mem_aligned(&data) => w.submit(offset, data, done),
+            _ => done(self.write_at(offset, &data)),
+        }
     }
 
     /// Zeroes `[offset, offset+len)`; frees its blocks only if the image is sparse. The
