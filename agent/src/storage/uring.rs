@@ -194,6 +194,12 @@ impl Owner {
             let want = if self.shared.queue.lock().unwrap().is_empty() { 1 } else { 0 };
             if want == 0 {
                 self.shared.owner_sleeping.store(false, Ordering::SeqCst);
+            } else if !self.wake_armed && self.in_flight == 0 {
+                // The ring took no wake-up read (it is full and would not submit): nothing
+                // would wake us. Look again shortly instead of sleeping in the ring.
+                self.shared.owner_sleeping.store(false, Ordering::SeqCst);
+                std::thread::sleep(std::time::Duration::from_millis(1));
+                continue;
             }
             // GETEVENTS even when not waiting: with DEFER_TASKRUN that is what posts the
             // completions the kernel has ready.
