@@ -221,6 +221,9 @@ impl FileStore {
             .get_or_init(|| {
                 let f = self.direct.as_ref()?;
                 UringWriter::start(f)
+                    .inspect(
+                        |_| info!(image = %self.path.display(), "concurrent writes go through an io_uring"),
+                    )
                     .inspect_err(|e| {
                         warn!(image = %self.path.display(), error = %e,
                               "no io_uring for this image: its concurrent writes block a thread each")

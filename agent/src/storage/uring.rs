@@ -381,6 +381,18 @@ mod tests {
         }
     }
 
+    /// The writer, or a failure that says why this machine gives none.
+    fn start_or_explain(file: &File) -> UringWriter {
+        UringWriter::start(file).unwrap_or_else(|e| {
+            let disabled = std::fs::read_to_string("/proc/sys/kernel/io_uring_disabled").unwrap_or_default();
+            panic!(
+                "no io_uring here ({e}; kernel.io_uring_disabled = {}): these tests need one, \
+                 as the agent does for a lone primary's concurrent writes",
+                disabled.trim()
+            )
+        })
+    }
+
     /// Blocks that name their own offset, as the benchmarks write them.
     fn block_for(offset: u64) -> Bytes {
         let mut b = vec![0u8; DIO_ALIGN];
@@ -403,7 +415,7 @@ mod tests {
             .custom_flags(libc::O_DIRECT)
             .open(&path)
             .unwrap();
-        let writer = Arc::new(UringWriter::start(&file).unwrap());
+        let writer = Arc::new(start_or_explain(&file));
         let (tx, rx) = mpsc::channel();
         // Four threads queue in a scattered order, more at once than the ring has entries.
         let threads: Vec<_> = (0..4u64)
@@ -453,7 +465,7 @@ mod tests {
         std::fs::write(&path, vec![0u8; 4 * DIO_ALIGN]).unwrap();
         // Read-only: every write fails with EBADF, through the ring.
         let file = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_DIRECT).open(&path).unwrap();
-        let writer = UringWriter::start(&file).unwrap();
+        let writer = start_or_explain(&file);
         let (tx, rx) = mpsc::channel();
         writer.submit(0, block_for(0), Box::new(move |r| tx.send(r).unwrap()));
         let r = rx.recv_timeout(Duration::from_secs(30)).expect("the write never completed");
