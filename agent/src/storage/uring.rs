@@ -13,8 +13,10 @@
 //! - One thread owns the ring (`SINGLE_ISSUER | DEFER_TASKRUN`): it alone submits and
 //!   reaps, so completions run when it asks for them and never interrupt another thread.
 //! - Every queued write's `done` runs exactly once, with the kernel's result. A write the
-//!   ring cannot take (submission fails, a short write, `EAGAIN`) is finished with a
-//!   blocking `pwrite` on the owner thread: slower, never lost.
+//!   ring cannot take (its submission queue full and not draining, a short write, `EAGAIN`)
+//!   is finished with a blocking `pwrite` on the owner thread: slower, never lost. If
+//!   `io_uring_enter` itself fails, what is still queued is written so too; what is
+//!   already in the submission queue goes with the next enter.
 //! - The data's buffer (a [`Bytes`] the op owns) and the descriptor (the writer's own
 //!   duplicate) live until the kernel has posted the write's completion.
 //! - Queuing never misses a sleeping owner: the owner announces it is about to sleep, then
@@ -213,6 +215,8 @@ impl Owner {
                 Err(e) => {
                     tracing::error!(error = %e, "io_uring_enter failed; finishing queued writes synchronously");
                     self.finish_unsubmitted();
+                    // Not a hot loop of failing calls (and log lines) if it persists.
+                    std::thread::sleep(std::time::Duration::from_millis(10));
                 }
             }
             self.shared.owner_sleeping.store(false, Ordering::SeqCst);
