@@ -23,6 +23,12 @@ fn up(lab: &mut Lab) -> String {
     start_and_promote_alpha(lab, &["alpha", "beta"], in_sync)
 }
 
+/// Disconnects alpha from its peer and waits until it replicates to nobody.
+fn disconnect(lab: &Lab) {
+    tandem_ok(lab, "alpha", &["disconnect", "mail"]);
+    wait_until(lab, "alpha", "disconnected", secs(30), |r| r.peers[0].replication == "off");
+}
+
 /// Demotes alpha, stops both, and checks that the images are equal and hold `written`.
 fn down_and_compare(lab: &mut Lab, run: u64, written: &std::collections::BTreeMap<u64, u64>) {
     assert!(lab.demote("alpha").unwrap().ok);
@@ -41,8 +47,7 @@ fn down_and_compare(lab: &mut Lab, run: u64, written: &std::collections::BTreeMa
 fn delta_resync_after_disconnect_moves_only_what_changed() {
     let mut lab = new_lab(&["alpha", "beta"], &LabOptions { size: GIB, ..Default::default() });
     let dev = up(&mut lab);
-    tandem_ok(&lab, "alpha", &["disconnect", "mail"]);
-    wait_until(&lab, "alpha", "disconnected", secs(30), |r| r.peers[0].replication == "off");
+    disconnect(&lab);
     // 1 % of the volume in random 4 KiB blocks.
     let run = rand::random();
     let mut w = BlockWriter::open(&dev, run, false);
@@ -82,8 +87,7 @@ fn thread_names(pid: u32) -> Vec<String> {
 fn a_lone_primarys_concurrent_writes_all_land_and_are_resynced() {
     let mut lab = new_lab(&["alpha", "beta"], &LabOptions { size: GIB, ..Default::default() });
     let dev = up(&mut lab);
-    tandem_ok(&lab, "alpha", &["disconnect", "mail"]);
-    wait_until(&lab, "alpha", "disconnected", secs(30), |r| r.peers[0].replication == "off");
+    disconnect(&lab);
     let run = rand::random();
     const WRITERS: u64 = 8;
     // Blocks in the first 64 MiB, each writer's own (block % WRITERS), each written ~3 times.

@@ -220,7 +220,7 @@ impl Owner {
                 }
             }
             self.shared.owner_sleeping.store(false, Ordering::SeqCst);
-            completed.extend(self.ring.completion().map(|c| (c.user_data(), c.result())));
+            self.reap(&mut completed);
             // What was queued while we slept goes to the disk before the completions run
             // (each is a FUSE reply): the disk works while we reply.
             if !completed.is_empty() {
@@ -240,12 +240,18 @@ impl Owner {
                     std::mem::forget(std::mem::take(&mut self.wake_buf));
                     return;
                 }
-                completed.extend(self.ring.completion().map(|c| (c.user_data(), c.result())));
+                self.reap(&mut completed);
                 for (token, res) in completed.drain(..) {
                     self.complete(token, res);
                 }
             }
         }
+    }
+
+    /// Takes the completions the kernel has posted (token, result), freeing their slots in
+    /// the completion queue before any of them runs.
+    fn reap(&mut self, completed: &mut Vec<(u64, i32)>) {
+        completed.extend(self.ring.completion().map(|c| (c.user_data(), c.result())));
     }
 
     /// Moves every queued write into the submission queue.
