@@ -170,10 +170,12 @@ impl LocalWork {
         }
     }
 
+    /// Runs the local I/O and counts the disk free again before the request completes, so
+    /// that a request its completion lets in sees the disk as it is.
     fn run_counted(self) {
-        let v = self.volume.clone();
-        self.run();
-        v.local_running.fetch_sub(1, Ordering::SeqCst);
+        let r = self.perform();
+        self.volume.local_running.fetch_sub(1, Ordering::SeqCst);
+        self.volume.finish_local(self.inflight_id, &self.req, r);
     }
 
     /// Hands a write with nothing to wait for to the store, which completes it on its own
@@ -191,20 +193,26 @@ impl LocalWork {
             offset,
             data,
             Box::new(move |r| {
-                v.finish_local(inflight_id, &req, r);
                 v.local_running.fetch_sub(1, Ordering::SeqCst);
+                v.finish_local(inflight_id, &req, r);
             }),
         );
     }
 
     /// Performs the local I/O on the calling thread (blocking).
     pub fn run(self) {
+        let r = self.perform();
+        self.volume.finish_local(self.inflight_id, &self.req, r);
+    }
+
+    /// Waits for the requests this one depends on, then does its local I/O.
+    fn perform(&self) -> std::io::Result<()> {
         for dep in &self.wait_for {
             dep.wait_blocking();
         }
         let v = &self.volume;
         let store = &v.store;
-        let r = match &self.op {
+        match &self.op {
             LocalOp::Write { offset, data } => {
                 v.stats.writes.inc();
                 v.stats.write_bytes.add(data.len() as u64);
@@ -218,8 +226,7 @@ impl LocalWork {
                 v.stats.flushes.inc();
                 store.flush()
             }
-        };
-        v.finish_local(self.inflight_id, &self.req, r);
+        }
     }
 }
 
