@@ -50,3 +50,92 @@ impl IoPool {
         let _ = self.tx.lock().unwrap().send(Job { wait_for, work: Box::new(work) });
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::mpsc;
+    use std::time::Duration;
+
+    /// Long enough that a job the pool failed to start is noticed, never needed to pass.
+    const PATIENCE: Duration = Duration::from_secs(30);
+
+    #[test]
+    fn every_job_runs_exactly_once() {
+        let pool = IoPool::with_stack_size(4, "test-pool", 64 << 10);
+        let runs: Arc<Vec<AtomicUsize>> = Arc::new((0..5000).map(|_| AtomicUsize::new(0)).collect());
+        let (tx, rx) = mpsc::channel();
+        for i in 0..runs.len() {
+            let (runs, tx) = (runs.clone(), tx.clone());
+            pool.submit(Vec::new(), move || {
+                runs[i].fetch_add(1, Ordering::SeqCst);
+                tx.send(()).unwrap();
+            });
+        }
+        for _ in 0..runs.len() {
+            rx.recv_timeout(PATIENCE).expect("a submitted job never ran");
+        }
+        assert!(runs.iter().all(|r| r.load(Ordering::SeqCst) == 1));
+    }
+
+    /// As many jobs as threads run at the same time, and one more waits for a thread.
+    #[test]
+    fn jobs_run_side_by_side_up_to_the_thread_count() {
+        const THREADS: usize = 3;
+        let pool = IoPool::with_stack_size(THREADS, "test-pool", 64 << 10);
+        let gate = Latch::new();
+        let (started_tx, started) = mpsc::channel();
+        let (done_tx, done) = mpsc::channel();
+        for i in 0..THREADS + 1 {
+            let (gate, started_tx, done_tx) = (gate.clone(), started_tx.clone(), done_tx.clone());
+            pool.submit(Vec::new(), move || {
+                started_tx.send(i).unwrap();
+                if i < THREADS {
+                    gate.wait_blocking();
+                }
+                done_tx.send(i).unwrap();
+            });
+        }
+        let mut first: Vec<usize> = (0..THREADS).map(|_| started.recv_timeout(PATIENCE).unwrap()).collect();
+        first.sort();
+        assert_eq!(first, (0..THREADS).collect::<Vec<_>>(), "the first jobs must all be running");
+        assert!(
+            started.recv_timeout(Duration::from_millis(100)).is_err(),
+            "a fourth job ran with no free thread"
+        );
+        gate.open();
+        let mut finished: Vec<usize> = (0..=THREADS).map(|_| done.recv_timeout(PATIENCE).unwrap()).collect();
+        finished.sort();
+        assert_eq!(finished, (0..=THREADS).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn a_job_waits_for_its_dependencies() {
+        let pool = IoPool::with_stack_size(2, "test-pool", 64 << 10);
+        let dep = Latch::new();
+        let (tx, rx) = mpsc::channel();
+        pool.submit(vec![dep.clone()], move || tx.send(()).unwrap());
+        assert!(rx.recv_timeout(Duration::from_millis(100)).is_err(), "ran before its dependency");
+        dep.open();
+        rx.recv_timeout(PATIENCE).expect("never ran after its dependency opened");
+    }
+
+    #[test]
+    fn jobs_queued_when_the_pool_is_dropped_still_run() {
+        let pool = IoPool::with_stack_size(1, "test-pool", 64 << 10);
+        let gate = Latch::new();
+        let (tx, rx) = mpsc::channel();
+        for i in 0..3 {
+            let (gate, tx) = (gate.clone(), tx.clone());
+            pool.submit(Vec::new(), move || {
+                gate.wait_blocking();
+                tx.send(i).unwrap();
+            });
+        }
+        drop(pool);
+        gate.open();
+        let got: Vec<i32> = (0..3).map(|_| rx.recv_timeout(PATIENCE).unwrap()).collect();
+        assert_eq!(got, vec![0, 1, 2]);
+    }
+}
