@@ -14,6 +14,7 @@ mod resync;
 mod scan;
 mod snapshots;
 mod stacks;
+mod wakeups;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -60,6 +61,11 @@ pub struct Args {
     /// Only measure compression of mail-like data (no fio, no root needed).
     #[arg(long)]
     compression: bool,
+    /// Only measure what a wake-up costs here: a message and its reply between two threads
+    /// on one CPU and on two, over a channel, UDP on loopback and the agent's QUIC (no root
+    /// needed; see benches/src/wakeups.rs).
+    #[arg(long)]
+    wakeups: bool,
     /// busy-wan: the replica's `compression` (zstd; `none` shows what the busy writer costs
     /// without any compression).
     #[arg(long, default_value = "zstd")]
@@ -113,6 +119,10 @@ fn main() -> Result<()> {
     }
     if args.compression {
         println!("{}", compression::run());
+        return Ok(());
+    }
+    if args.wakeups {
+        println!("{}", wakeups::run(&args.work)?);
         return Ok(());
     }
     // SAFETY: geteuid cannot fail.
