@@ -151,16 +151,9 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_current_thread().enable_all().build()?)
 }
 
-/// The agent's defaults (CUBIC, 9000-byte packets at most).
+/// The agent's default transport settings.
 fn settings() -> TransportSettings {
-    let o = Options::default();
-    TransportSettings {
-        stream_window: o.stream_window,
-        heartbeat_interval: o.heartbeat_interval,
-        timeout: o.timeout,
-        max_mtu: o.max_mtu,
-        bbr: false,
-    }
+    TransportSettings::from_options(&Options::default())
 }
 
 /// Two nodes' identities in `dir`, each pinning the other, as the agent's are.
@@ -216,18 +209,21 @@ fn quic(server_cpu: usize, client_cpu: usize, dir: &std::path::Path) -> Result<L
                 let (mut send, mut recv) = conn.open_bi().await?;
                 let req = vec![7u8; REQUEST];
                 let mut reply = [0u8; REPLY];
+                for _ in 0..WARMUP {
+                    send.write_all(&req).await?;
+                    recv.read_exact(&mut reply).await?;
+                }
+                // As `time_rounds`, awaiting on this thread's runtime.
                 let mut rtts = Vec::with_capacity(ROUNDS);
-                for i in 0..WARMUP + ROUNDS {
-                    if i == WARMUP {
-                        rtts.clear();
-                    }
+                let start = Instant::now();
+                for _ in 0..ROUNDS {
                     let t = Instant::now();
                     send.write_all(&req).await?;
                     recv.read_exact(&mut reply).await?;
                     rtts.push(t.elapsed().as_secs_f64() * 1e6);
                 }
+                let total = start.elapsed();
                 send.finish()?;
-                let total = Duration::from_secs_f64(rtts.iter().sum::<f64>() / 1e6);
                 conn.close(0u32.into(), b"done");
                 t.wait_idle().await;
                 Ok((rtts, total))
@@ -246,14 +242,17 @@ pub fn run(work: &std::path::Path) -> Result<String> {
         bail!("--wakeups compares one CPU with two; this machine offers {cpus}");
     }
     std::fs::create_dir_all(work).with_context(|| format!("cannot create {}", work.display()))?;
-    let dir = tempfile_dir(work)?;
+    // The probe's keys; removed when dropped, on every path out.
+    let keys = tempfile::tempdir_in(work)
+        .with_context(|| format!("cannot create a directory in {}", work.display()))?;
+    let dir = keys.path();
     let mut out = String::from(
         "| path (message and reply) | one CPU: p50 µs | p99 | mean | two CPUs: p50 µs | p99 | mean |\n|---|---|---|---|---|---|---|\n",
     );
     let rows: [(&str, Measure); 3] = [
         ("std channel between two threads", Box::new(channel)),
         ("UDP on loopback, 4 KiB and 16 B", Box::new(udp)),
-        ("the agent's QUIC (mutual TLS), 4 KiB and 16 B", Box::new(|s, c| quic(s, c, &dir))),
+        ("the agent's QUIC (mutual TLS), 4 KiB and 16 B", Box::new(|s, c| quic(s, c, dir))),
     ];
     for (name, measure) in &rows {
         let same = measure(0, 0).with_context(|| format!("{name}, one CPU"))?;
@@ -263,15 +262,7 @@ pub fn run(work: &std::path::Path) -> Result<String> {
             same.p50, same.p99, same.mean, cross.p50, cross.p99, cross.mean
         ));
     }
-    let _ = std::fs::remove_dir_all(&dir);
     Ok(out)
-}
-
-/// A fresh directory for the probe's keys under `work`.
-fn tempfile_dir(work: &std::path::Path) -> Result<std::path::PathBuf> {
-    let dir = work.join(format!("wakeups-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    Ok(dir)
 }
 
 #[cfg(test)]

@@ -12,7 +12,7 @@ use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 use quinn::{Connection, Endpoint, IdleTimeout, TransportConfig, VarInt};
 use rustls::pki_types::CertificateDer;
 
-use crate::config::{Config, Node};
+use crate::config::{Config, Node, Options};
 use crate::tls::{self, Identity, PinnedPeers};
 
 /// QUIC application error codes used when closing a connection.
@@ -44,12 +44,16 @@ pub struct TransportSettings {
 
 impl TransportSettings {
     pub fn from_config(c: &Config) -> Self {
+        Self::from_options(&c.options)
+    }
+
+    pub fn from_options(o: &Options) -> Self {
         Self {
-            stream_window: c.options.stream_window,
-            heartbeat_interval: c.options.heartbeat_interval,
-            timeout: c.options.timeout,
-            max_mtu: c.options.max_mtu,
-            bbr: c.options.congestion == crate::config::Congestion::Bbr,
+            stream_window: o.stream_window,
+            heartbeat_interval: o.heartbeat_interval,
+            timeout: o.timeout,
+            max_mtu: o.max_mtu,
+            bbr: o.congestion == crate::config::Congestion::Bbr,
         }
     }
 
