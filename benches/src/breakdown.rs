@@ -1,10 +1,13 @@
-//! `tandem-bench --breakdown`: where one W1 iteration's time goes. Runs W1 (4 KiB, QD1,
-//! fsync after each write) on Tandem without a peer and with a sync standby, with a
+//! `tandem-bench --breakdown`: where one W1 iteration's time goes (or, with `--workloads`,
+//! one request of another workload). Runs W1 (4 KiB, QD1, fsync after each write) on
+//! Tandem without a peer and with a sync standby, with a
 //! `tandem` built with the `stage-trace` feature: both agents then log when each request
 //! passes each stage of the data path (see `tandem-replicator/src/stage_trace.rs`), on the
 //! machine's one monotonic clock. Requests admitted during the timed fio run are joined by
 //! sequence number across the two agents, and the table gives the median of each step,
-//! writes and flushes apart, next to what fio saw.
+//! writes and flushes apart, next to what fio saw. The gap between one request's completion
+//! and the next one's admission is given for W1 only: with more than one request in flight
+//! it measures nothing.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -96,13 +99,15 @@ const STEPS: [(&str, Stage, Stage); 9] = [
 ];
 
 /// The breakdown table of configuration `label`: fio's write and fsync p50 beside the
-/// median of every step over the requests admitted inside `window`.
+/// median of every step over the requests admitted inside `window`; `serial` when the
+/// workload keeps one request in flight (then the gap between requests is given too).
 pub fn table(
     label: &str,
     dir: &Path,
     window: (u64, u64),
     fio_write_p50: f64,
     fio_sync_p50: f64,
+    serial: bool,
 ) -> Result<String> {
     let traces = read(dir, window)?;
     if traces.is_empty() {
@@ -126,12 +131,14 @@ pub fn table(
         }
         s += &format!("| {name} | {} | {} |\n", fmt(w), fmt(f));
     }
-    let gap = |ts: &[&Trace]| median(ts.iter().filter_map(|t| t.since_previous).collect());
-    s += &format!(
-        "| between requests: previous one completed → this one admitted (kernel, loop, FUSE, fio) | {} | {} |\n",
-        fmt(gap(&writes)),
-        fmt(gap(&flushes)),
-    );
+    if serial {
+        let gap = |ts: &[&Trace]| median(ts.iter().filter_map(|t| t.since_previous).collect());
+        s += &format!(
+            "| between requests: previous one completed → this one admitted (kernel, loop, FUSE, fio) | {} | {} |\n",
+            fmt(gap(&writes)),
+            fmt(gap(&flushes)),
+        );
+    }
     let total = |ts: &[&Trace]| step(ts, Stage::Admitted, Stage::Completed);
     s += &format!(
         "| fio p50 − engine total (kernel, loop, FUSE and fio itself; a difference of medians, not a measured step) | {} | {} |\n",
@@ -174,7 +181,7 @@ mod tests {
         };
         write("stages.1", &primary);
         write("stages.2", &standby);
-        let t = table("x", dir.path(), (us(500), us(5000)), 150.0, 300.0).unwrap();
+        let t = table("x", dir.path(), (us(500), us(5000)), 150.0, 300.0, true).unwrap();
         assert!(t.contains("1 writes and 1 flushes traced"), "{t}");
         assert!(t.contains("| wire out: link writer → standby's link reader | 36 | 47 |"), "{t}");
         assert!(t.contains("| standby: write / flush on its disk | 15 | - |"), "{t}");
@@ -182,12 +189,18 @@ mod tests {
         // The flush (seq 2) was admitted 898 µs after the write (seq 1) completed.
         assert!(t.contains("→ this one admitted (kernel, loop, FUSE, fio) | - | 898 |"), "{t}");
         assert!(t.contains("fio itself; a difference of medians, not a measured step) | 48 | 99 |"), "{t}");
+        let parallel = table("x", dir.path(), (us(500), us(5000)), 150.0, 300.0, false).unwrap();
+        assert!(!parallel.contains("between requests"), "{parallel}");
+        assert!(
+            parallel.contains("| primary: admitted → completed (engine total) | 102 | 201 |"),
+            "{parallel}"
+        );
     }
 
     #[test]
     fn no_lines_says_how_to_build() {
         let dir = tempfile::tempdir().unwrap();
-        let e = table("x", dir.path(), (0, u64::MAX), 1.0, 1.0).unwrap_err().to_string();
+        let e = table("x", dir.path(), (0, u64::MAX), 1.0, 1.0, true).unwrap_err().to_string();
         assert!(e.contains("stage-trace"), "{e}");
     }
 }

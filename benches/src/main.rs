@@ -80,9 +80,10 @@ pub struct Args {
     /// Workloads to run, comma-separated (W1, W2, W3).
     #[arg(long, default_value = "W1,W2,W3")]
     workloads: String,
-    /// Where one W1 iteration's time goes: W1 on `solo` and `sync` (unless --configs says
-    /// otherwise) with a tandem built with `--features tandem-agent/stage-trace`, and the
-    /// median of every step of the data path, joined across both agents.
+    /// Where one request's time goes: W1 (unless --workloads says otherwise) on `solo` and
+    /// `sync` (unless --configs says otherwise) with a tandem built with `--features
+    /// tandem-agent/stage-trace`, and the median of every step of the data path, joined
+    /// across both agents; one table per configuration and workload.
     #[arg(long)]
     breakdown: bool,
     /// Only the mail benchmark: a real Postfix on each stack (see benches/src/mail/mod.rs).
@@ -112,7 +113,9 @@ fn main() -> Result<()> {
         args.runtime = 3;
     }
     if args.breakdown {
-        args.workloads = "W1".into();
+        if args.workloads == "W1,W2,W3" {
+            args.workloads = "W1".into();
+        }
         if args.configs == "raw,loop,solo,sync" {
             args.configs = "loop,solo,sync".into();
         }
@@ -178,9 +181,16 @@ fn main() -> Result<()> {
             stacks::run_config(cfg, &args, &tandem)?
         };
         if args.breakdown && cfg != "raw" && cfg != "loop" {
-            for row in r.iter().filter(|r| r.workload == "W1") {
+            for row in &r {
                 let dir = args.work.join(format!("stages-{cfg}"));
-                breakdown.push(breakdown::table(&row.config, &dir, row.window, row.p50_us, row.sync_p50_us)?);
+                breakdown.push(breakdown::table(
+                    &format!("{} {}", row.config, row.workload),
+                    &dir,
+                    row.window,
+                    row.p50_us,
+                    row.sync_p50_us,
+                    row.workload == "W1",
+                )?);
             }
         }
         rows.extend(r);
