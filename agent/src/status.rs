@@ -95,6 +95,56 @@ pub struct NodeStatus {
     #[serde(default)]
     pub agent_started_ms: u64,
     pub resources: Vec<ResourceStatus>,
+    /// The QUIC connection to each peer node that is connected now, by node name.
+    #[serde(default)]
+    pub links: Vec<LinkStatus>,
+}
+
+/// One QUIC connection to a peer node, as its congestion controller and loss detection see
+/// it; shared by every resource the two nodes replicate. Counters start at zero with each
+/// new connection.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct LinkStatus {
+    pub node: String,
+    /// Smoothed round-trip time, and the smallest seen, in seconds.
+    pub rtt_secs: f64,
+    pub min_rtt_secs: f64,
+    /// Largest UDP payload the path carries, as path-MTU discovery found it (bytes).
+    pub path_mtu: u16,
+    /// Bytes the congestion controller lets be in flight now.
+    pub congestion_window_bytes: u64,
+    /// Times the congestion controller backed off (loss or ECN).
+    pub congestion_events: u64,
+    pub sent_packets: u64,
+    /// Packets declared lost (and their data sent again).
+    pub lost_packets: u64,
+}
+
+impl LinkStatus {
+    /// Lost packets as a percentage of those sent.
+    pub fn loss_percent(&self) -> f64 {
+        if self.sent_packets == 0 {
+            0.0
+        } else {
+            100.0 * self.lost_packets as f64 / self.sent_packets as f64
+        }
+    }
+
+    /// One line for `status --statistics`.
+    pub fn line(&self) -> String {
+        format!(
+            "link to {}: rtt {:.2} ms (min {:.2})  path MTU {}  window {}  lost {} of {} packets ({:.3} %)  congestion events {}",
+            self.node,
+            self.rtt_secs * 1e3,
+            self.min_rtt_secs * 1e3,
+            self.path_mtu,
+            human_bytes(self.congestion_window_bytes),
+            self.lost_packets,
+            self.sent_packets,
+            self.loss_percent(),
+            self.congestion_events
+        )
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -489,6 +539,61 @@ impl NodeStatus {
                 );
             }
         }
+        if statistics {
+            for l in &self.links {
+                out += &format!("  {}\n", l.line());
+            }
+        }
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(links: Vec<LinkStatus>) -> NodeStatus {
+        NodeStatus {
+            node: "alpha".into(),
+            cluster: "c".into(),
+            agent_started_ms: 0,
+            resources: vec![],
+            links,
+        }
+    }
+
+    #[test]
+    fn links_are_shown_with_statistics_only() {
+        let l = LinkStatus {
+            node: "beta".into(),
+            rtt_secs: 0.00031,
+            min_rtt_secs: 0.00009,
+            path_mtu: 8952,
+            congestion_window_bytes: 1_258_291,
+            congestion_events: 1,
+            sent_packets: 2000,
+            lost_packets: 5,
+        };
+        let n = node(vec![l]);
+        let text = n.render(false, true);
+        assert!(
+            text.contains(
+                "  link to beta: rtt 0.31 ms (min 0.09)  path MTU 8952  window 1.2 MiB  lost 5 of 2000 packets (0.250 %)  congestion events 1\n"
+            ),
+            "{text}"
+        );
+        assert!(!n.render(false, false).contains("link to"), "plain status stays short");
+        assert_eq!(LinkStatus::default().loss_percent(), 0.0, "nothing sent, nothing lost");
+    }
+
+    #[test]
+    fn a_status_without_links_from_an_older_agent_still_parses() {
+        let old = r#"{"node":"alpha","cluster":"c","agent_started_ms":1,"resources":[]}"#;
+        let n: NodeStatus = serde_json::from_str(old).unwrap();
+        assert!(n.links.is_empty());
+        let again: NodeStatus =
+            serde_json::from_str(&serde_json::to_string(&node(vec![LinkStatus::default()])).unwrap())
+                .unwrap();
+        assert_eq!(again.links, vec![LinkStatus::default()]);
     }
 }

@@ -60,6 +60,12 @@ pub const EXPORTED_METRICS: &[&str] = &[
     "tandem_resync_done_bytes",
     "tandem_resync_total_bytes",
     "tandem_resync_rate_bytes_per_second",
+    "tandem_link_rtt_seconds",
+    "tandem_link_path_mtu_bytes",
+    "tandem_link_congestion_window_bytes",
+    "tandem_link_sent_packets_total",
+    "tandem_link_lost_packets_total",
+    "tandem_link_congestion_events_total",
 ];
 
 /// Turns on `node`'s metrics endpoint in the lab's config (before its agent starts), on a

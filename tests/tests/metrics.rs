@@ -81,6 +81,17 @@ fn metrics_follow_reality_and_pass_promtool() {
     assert!(sent(&t1) - sent(&ta) >= 40.0 * BLOCK as f64, "40 blocks sent to beta:\n{t1}");
     let tb1 = scrape(b);
     assert!(received(&tb1) - received(&tb) >= 40.0 * BLOCK as f64, "40 blocks received by beta:\n{tb1}");
+    // The connection to beta: each of the 40 writes went out in at least one packet of its
+    // own (each waited for beta's ack before the next), over a path MTU discovery measured.
+    let packets = |t: &str| must(t, r#"tandem_link_sent_packets_total{peer="beta"}"#);
+    assert!(packets(&t1) - packets(&ta) >= 40.0, "40 writes, at least 40 packets to beta:\n{t1}");
+    assert!(must(&t1, r#"tandem_link_rtt_seconds{peer="beta"}"#) > 0.0, "{t1}");
+    let mtu = must(&t1, r#"tandem_link_path_mtu_bytes{peer="beta"}"#);
+    assert!((1200.0..=9000.0).contains(&mtu), "path MTU {mtu} outside QUIC's minimum and max_mtu:\n{t1}");
+    assert!(
+        must(&tb1, r#"tandem_link_sent_packets_total{peer="alpha"}"#) > 0.0,
+        "beta's link to alpha:\n{tb1}"
+    );
     let mut ws = BlockWriter::open(&dev, run, true);
     ws.write(100 * BLOCK as u64).unwrap();
     let t2 = scrape(a);
@@ -101,6 +112,11 @@ fn metrics_follow_reality_and_pass_promtool() {
     let text = tandem_ok(&lab, "alpha", &["status", "--statistics"]);
     assert!(text.contains(&format!("writes: {} requests", writes(&t2))), "{text}");
     assert!(text.contains("acks: "), "{text}");
+    assert!(text.contains("link to beta: rtt "), "{text}");
+    let link = &st["links"][0];
+    assert_eq!(link["node"], "beta", "{st:#}");
+    assert!(link["min_rtt_secs"].as_f64().unwrap() <= link["rtt_secs"].as_f64().unwrap(), "{st:#}");
+    assert!(link["sent_packets"].as_f64() >= Some(packets(&t1)), "{st:#}");
 
     // Out of sync grows while beta is disconnected and written past, and falls to 0
     // after the resync on reconnect.

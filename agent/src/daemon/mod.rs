@@ -222,6 +222,13 @@ impl Agent {
             cluster: self.cfg.cluster.clone(),
             agent_started_ms: self.started_ms,
             resources: self.resources.values().map(|r| r.status()).collect(),
+            links: {
+                let conns = self.connections.lock().unwrap();
+                let mut links: Vec<_> =
+                    conns.iter().map(|(node, c)| crate::transport::link_status(node, c)).collect();
+                links.sort_by(|a, b| a.node.cmp(&b.node));
+                links
+            },
         }
     }
 

@@ -356,6 +356,39 @@ impl Collector for Scrape {
                 (l, if r.active { r.rate_bytes_per_sec as f64 } else { 0.0 })
             }),
         )?;
+
+        // ---- links: one QUIC connection per peer node, shared by its resources
+        let links = || node.links.iter().map(|l| (vec![("peer", l.node.clone())], l));
+        f.gauge(
+            "tandem_link_rtt_seconds",
+            "Smoothed round-trip time of the connection to the peer node.",
+            links().map(|(k, l)| (k, l.rtt_secs)),
+        )?;
+        f.gauge(
+            "tandem_link_path_mtu_bytes",
+            "Largest UDP payload the path to the peer node carries, as path-MTU discovery found it.",
+            links().map(|(k, l)| (k, l.path_mtu as f64)),
+        )?;
+        f.gauge(
+            "tandem_link_congestion_window_bytes",
+            "Bytes the congestion controller lets be in flight to the peer node now.",
+            links().map(|(k, l)| (k, l.congestion_window_bytes as f64)),
+        )?;
+        f.counter(
+            "tandem_link_sent_packets",
+            "QUIC packets sent to the peer node on this connection.",
+            links().map(|(k, l)| (k, l.sent_packets)),
+        )?;
+        f.counter(
+            "tandem_link_lost_packets",
+            "QUIC packets to the peer node declared lost (their data is sent again).",
+            links().map(|(k, l)| (k, l.lost_packets)),
+        )?;
+        f.counter(
+            "tandem_link_congestion_events",
+            "Times the congestion controller backed off on the connection to the peer node.",
+            links().map(|(k, l)| (k, l.congestion_events)),
+        )?;
         Ok(())
     }
 }
@@ -363,7 +396,7 @@ impl Collector for Scrape {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::status::{PeerStatus, ResourceStats, ResyncStatus};
+    use crate::status::{LinkStatus, PeerStatus, ResourceStats, ResyncStatus};
     use std::time::Duration;
     use tandem_replicator::LatencyHistogram;
 
@@ -417,6 +450,16 @@ mod tests {
                 peers: vec![peer("beta", ReplicationState::SyncSource)],
                 stats: ResourceStats { write_bytes: 12288, split_brains: 1, ..Default::default() },
             }],
+            links: vec![LinkStatus {
+                node: "beta".into(),
+                rtt_secs: 0.00025,
+                min_rtt_secs: 0.0001,
+                path_mtu: 8952,
+                congestion_window_bytes: 1 << 20,
+                congestion_events: 2,
+                sent_packets: 1000,
+                lost_packets: 3,
+            }],
         };
         let latency = ResourceLatency {
             write: write.snapshot(),
@@ -456,6 +499,12 @@ mod tests {
         );
         assert_eq!(sample(&t, r#"tandem_volume_size_bytes{resource="mail",volume="mail"}"#), Some(1048576.0));
         assert!(t.contains("# TYPE tandem_written_bytes_total counter"), "{t}");
+        assert_eq!(sample(&t, r#"tandem_link_rtt_seconds{peer="beta"}"#), Some(0.00025), "{t}");
+        assert_eq!(sample(&t, r#"tandem_link_path_mtu_bytes{peer="beta"}"#), Some(8952.0));
+        assert_eq!(sample(&t, r#"tandem_link_congestion_window_bytes{peer="beta"}"#), Some(1048576.0));
+        assert_eq!(sample(&t, r#"tandem_link_lost_packets_total{peer="beta"}"#), Some(3.0));
+        assert_eq!(sample(&t, r#"tandem_link_sent_packets_total{peer="beta"}"#), Some(1000.0));
+        assert_eq!(sample(&t, r#"tandem_link_congestion_events_total{peer="beta"}"#), Some(2.0));
     }
 
     #[test]

@@ -163,6 +163,21 @@ pub fn peer_node(conn: &Connection, pinned: &PinnedPeers) -> Option<String> {
     pinned.node_of(certs.first()?).map(|s| s.to_string())
 }
 
+/// What `tandem status` reports of the connection to `node`.
+pub fn link_status(node: &str, conn: &Connection) -> crate::status::LinkStatus {
+    let path = conn.stats().path;
+    crate::status::LinkStatus {
+        node: node.to_string(),
+        rtt_secs: path.rtt.as_secs_f64(),
+        min_rtt_secs: path.min_rtt.as_secs_f64(),
+        path_mtu: path.current_mtu,
+        congestion_window_bytes: path.cwnd,
+        congestion_events: path.congestion_events,
+        sent_packets: path.sent_packets,
+        lost_packets: path.lost_packets,
+    }
+}
+
 /// Human-readable reason a connection ended.
 pub fn describe_close(e: &quinn::ConnectionError) -> String {
     match e {
