@@ -199,6 +199,10 @@ pub fn run_config(cfg: &str, args: &Args, tandem: &Path) -> Result<(Vec<Row>, Ch
             lab.wait_for("alpha", "peers caught up", Duration::from_secs(300), |r| {
                 r.peers.iter().all(|p| p.pending_requests == 0 && p.out_of_sync_bytes == 0)
             })?;
+            // What the transport saw over the run (an older --baseline agent reports none).
+            for l in lab.status("alpha")?.links {
+                eprintln!("{label}: {}", l.line());
+            }
             let r = lab.demote("alpha")?;
             if !r.ok {
                 bail!("demote: {:?}", r.error);
