@@ -44,6 +44,13 @@ pub const fn max_mtu() -> u16 {
     9000
 }
 
+/// The QUIC socket's receive and send buffers: the kernel's default (~208 KiB) overflows
+/// under a burst of replication traffic while the network thread is busy
+/// (docs/benchmarks.md).
+pub const fn socket_buffer() -> u64 {
+    8 << 20
+}
+
 pub const fn takeover_grace() -> Duration {
     Duration::from_secs(60)
 }

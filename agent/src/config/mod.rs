@@ -209,6 +209,9 @@ pub struct Options {
     /// Largest UDP payload QUIC's path MTU discovery may probe for.
     #[serde(deserialize_with = "units::mtu")]
     pub max_mtu: u16,
+    /// Receive and send buffer the kernel keeps for the QUIC socket.
+    #[serde(deserialize_with = "units::socket_buffer")]
+    pub socket_buffer: u64,
     /// How long a handler may run; `fence-peer` past it refuses the promotion.
     #[serde(deserialize_with = "units::parsed")]
     pub hook_timeout: Duration,
@@ -238,6 +241,7 @@ impl Default for Options {
             connect_retry: defaults::connect_retry(),
             stream_window: defaults::stream_window(),
             max_mtu: defaults::max_mtu(),
+            socket_buffer: defaults::socket_buffer(),
             hook_timeout: defaults::hook_timeout(),
             takeover_grace: defaults::takeover_grace(),
             congestion: defaults::congestion(),

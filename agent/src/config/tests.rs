@@ -181,6 +181,7 @@ fn every_default_is_the_documented_value() {
     assert_eq!(o.connect_retry, Duration::from_secs(1));
     assert_eq!(o.stream_window, 16 << 20);
     assert_eq!(o.max_mtu, 9000);
+    assert_eq!(o.socket_buffer, 8 << 20);
     assert_eq!(o.hook_timeout, Duration::from_secs(60));
     assert_eq!(o.congestion, Congestion::Cubic);
     let r = &c.resources[0];
@@ -322,6 +323,8 @@ fn a_bad_value_names_the_file_the_item_and_the_key() {
         (with_options("heartbeat_interval = 1"), "options.heartbeat_interval", "a duration such as"),
         (with_options("stream_window = \"16 MiB per stream\""), "options.stream_window", "unknown size unit"),
         (with_options("max_mtu = 70000"), "options.max_mtu", "between 1200 and 65527"),
+        (with_options("socket_buffer = \"64KiB\""), "options.socket_buffer", "between 256KiB and 1GiB"),
+        (with_options("socket_buffer = \"lots\""), "options.socket_buffer", "not a size"),
         (with_resource_keys("timeout = \"soon\""), "resource mailstore: timeout", "not a duration"),
         (with_resource_keys("resync_min_rate = \"fast\""), "resource mailstore: resync_min_rate", "100MiB/s"),
         (with_resource_keys("al_extents = \"many\""), "resource mailstore: al_extents", "invalid type"),
@@ -660,7 +663,7 @@ fn the_documented_defaults_are_the_parsers() {
             panic!("a literal default for {key}, which this test does not know where to put");
         }
     }
-    assert!(options.lines().count() == 8 && resource.lines().count() > 8 && !disk.is_empty());
+    assert!(options.lines().count() == 9 && resource.lines().count() > 8 && !disk.is_empty());
     let text = with_options(&options)
         .replace("size = \"512MiB\"\n", &format!("size = \"512MiB\"\n{resource}"))
         .replace(".meta\"\n", &format!(".meta\"\n{disk}"))

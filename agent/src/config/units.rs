@@ -207,6 +207,17 @@ pub fn mtu<'de, D: Deserializer<'de>>(d: D) -> Result<u16, D::Error> {
         .ok_or_else(|| de::Error::custom(format!("{n} must be between 1200 and 65527")))
 }
 
+/// `deserialize_with` for `options.socket_buffer`: a size from 256 KiB (below it the
+/// kernel's own default is as good) to 1 GiB.
+pub fn socket_buffer<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    let n = size(d)?;
+    if (256 << 10..=1 << 30).contains(&n) {
+        Ok(n)
+    } else {
+        Err(de::Error::custom(format!("{} must be between 256KiB and 1GiB", format_size(n))))
+    }
+}
+
 /// `deserialize_with` for a node's address: an IP and a port, never a host name (the
 /// agent must not depend on name resolution to find its peers).
 pub fn socket_address<'de, D: Deserializer<'de>>(d: D) -> Result<std::net::SocketAddr, D::Error> {

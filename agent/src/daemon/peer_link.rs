@@ -463,6 +463,7 @@ mod tests {
             timeout: Duration::from_secs(30),
             max_mtu: 1452,
             bbr: false,
+            socket_buffer: 1 << 20,
         };
         Transport::bind(Identity::load(&me.cert, &me.key).unwrap(), pinned, settings, me.address).unwrap()
     }

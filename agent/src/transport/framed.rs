@@ -505,6 +505,7 @@ mod tests {
             timeout: Duration::from_secs(60),
             max_mtu: 1452,
             bbr: false,
+            socket_buffer: 1 << 20,
         };
         let local = "127.0.0.1:0".parse().unwrap();
         let a =

@@ -40,6 +40,8 @@ pub struct TransportSettings {
     pub max_mtu: u16,
     /// BBR instead of CUBIC congestion control (lossy WAN links).
     pub bbr: bool,
+    /// Receive and send buffer of the endpoint's UDP socket (bytes).
+    pub socket_buffer: usize,
 }
 
 impl TransportSettings {
@@ -54,6 +56,7 @@ impl TransportSettings {
             timeout: o.timeout,
             max_mtu: o.max_mtu,
             bbr: o.congestion == crate::config::Congestion::Bbr,
+            socket_buffer: o.socket_buffer as usize,
         }
     }
 
@@ -79,6 +82,69 @@ impl TransportSettings {
             t.congestion_controller_factory(Arc::new(quinn::congestion::BbrConfig::default()));
         }
         Ok(Arc::new(t))
+    }
+}
+
+/// Asks the kernel for `bytes` of receive and of send buffer on the endpoint's socket (past
+/// `net.core.rmem_max`/`wmem_max` when the agent may, as root), and says what it got.
+///
+/// The default buffers (`rmem_default`, ~208 KiB) hold a few milliseconds of replication
+/// traffic: when the network thread is busy for longer the kernel drops what arrives, QUIC
+/// counts it lost, backs its congestion window off and, losing large packets, decides the
+/// path cannot carry them and falls back to 1200-byte packets (docs/benchmarks.md).
+/// Returns the receive and send buffer granted.
+fn size_buffers(socket: &std::net::UdpSocket, bytes: usize) -> (usize, usize) {
+    use std::os::fd::AsRawFd;
+    let fd = socket.as_raw_fd();
+    let set = |force: libc::c_int, plain: libc::c_int| -> usize {
+        let v = bytes.min(libc::c_int::MAX as usize / 2) as libc::c_int;
+        let len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        let p = &v as *const libc::c_int as *const libc::c_void;
+        // SAFETY: setsockopt/getsockopt on a socket we own, with an int-sized option value.
+        unsafe {
+            if libc::setsockopt(fd, libc::SOL_SOCKET, force, p, len) != 0 {
+                libc::setsockopt(fd, libc::SOL_SOCKET, plain, p, len);
+            }
+            let mut got: libc::c_int = 0;
+            let mut got_len = len;
+            libc::getsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                plain,
+                &mut got as *mut libc::c_int as *mut libc::c_void,
+                &mut got_len,
+            );
+            // The kernel reports twice what it grants (the other half is its bookkeeping).
+            (got.max(0) as usize) / 2
+        }
+    };
+    let rcv = set(libc::SO_RCVBUFFORCE, libc::SO_RCVBUF);
+    let snd = set(libc::SO_SNDBUFFORCE, libc::SO_SNDBUF);
+    if rcv < bytes || snd < bytes {
+        tracing::warn!(
+            wanted = bytes,
+            receive = rcv,
+            send = snd,
+            "UDP socket buffers smaller than options.socket_buffer (not root? raise net.core.rmem_max and wmem_max): \
+             bursts may be dropped and count as loss"
+        );
+    } else {
+        tracing::debug!(receive = rcv, send = snd, "UDP socket buffers");
+    }
+    (rcv, snd)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Within `net.core.rmem_max` (4 MiB by default) no privilege is needed; the kernel's
+    /// default is ~208 KiB, so the size granted shows the call took effect.
+    #[test]
+    fn the_socket_gets_the_buffers_asked_for() {
+        let s = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let (rcv, snd) = size_buffers(&s, 1 << 20);
+        assert!(rcv >= 1 << 20 && snd >= 1 << 20, "granted {rcv} / {snd} bytes");
     }
 }
 
@@ -117,6 +183,7 @@ impl Transport {
         let mut endpoint_cfg = quinn::EndpointConfig::default();
         endpoint_cfg.max_udp_payload_size(settings.max_mtu).map_err(|e| anyhow!("max_mtu: {e}"))?;
         let socket = std::net::UdpSocket::bind(bind).with_context(|| format!("cannot listen on {bind}"))?;
+        size_buffers(&socket, settings.socket_buffer);
         let runtime = quinn::default_runtime().ok_or_else(|| anyhow!("no async runtime for QUIC"))?;
         let endpoint = Endpoint::new(endpoint_cfg, Some(server), socket, runtime)
             .with_context(|| format!("cannot listen on {bind}"))?;
