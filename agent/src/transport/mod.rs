@@ -134,20 +134,6 @@ fn size_buffers(socket: &std::net::UdpSocket, bytes: usize) -> (usize, usize) {
     (rcv, snd)
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// Within `net.core.rmem_max` (4 MiB by default) no privilege is needed; the kernel's
-    /// default is ~208 KiB, so the size granted shows the call took effect.
-    #[test]
-    fn the_socket_gets_the_buffers_asked_for() {
-        let s = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-        let (rcv, snd) = size_buffers(&s, 1 << 20);
-        assert!(rcv >= 1 << 20 && snd >= 1 << 20, "granted {rcv} / {snd} bytes");
-    }
-}
-
 pub struct Transport {
     endpoint: Endpoint,
     identity: Identity,
@@ -254,5 +240,19 @@ pub fn describe_close(e: &quinn::ConnectionError) -> String {
         quinn::ConnectionError::LocallyClosed => "closed locally".into(),
         quinn::ConnectionError::TimedOut => "timed out (no packets from peer)".into(),
         other => other.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Within `net.core.rmem_max` (4 MiB by default) no privilege is needed; the kernel's
+    /// default is ~208 KiB, so the size granted shows the call took effect.
+    #[test]
+    fn the_socket_gets_the_buffers_asked_for() {
+        let s = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let (rcv, snd) = size_buffers(&s, 1 << 20);
+        assert!(rcv >= 1 << 20 && snd >= 1 << 20, "granted {rcv} / {snd} bytes");
     }
 }
